@@ -1,0 +1,170 @@
+"""The backend registry: one table of every backend refattn knows, built-in or third-party.
+
+A backend is a :class:`Backend`: a name, the two namespaces ``fsat`` and ``routing`` with the
+functions of spec/interface.md, the conversions between NumPy arrays and its own arrays, and its
+capabilities. Built-in backends live in the modules of this package and are imported only when
+first loaded, so that ``import refattn`` never imports torch, CuPy or Numba. Third-party backends
+register an entry point in the group ``refattn.backends`` whose object is a :class:`Backend` or a
+callable returning one; reading the entry points imports none of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import warnings
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+ENTRY_POINT_GROUP = "refattn.backends"
+DEFAULT_BACKEND = "numpy"
+
+
+class UnknownBackendError(ValueError):
+    """A backend name that no built-in or entry point registers."""
+
+
+class BackendUnavailableError(ImportError):
+    """A registered backend whose library cannot be imported on this machine."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend supports; the conformance suite skips, with this reason, what it does not.
+
+    ``dtypes`` are NumPy-style names (``"float64"``, ``"float32"``, ``"bfloat16"``, ``"float16"``);
+    ``devices`` the devices it can compute on now (empty when it has none, ``unavailable`` says why);
+    ``gradients`` whether it provides the ``*_vjp`` functions.
+    """
+
+    dtypes: tuple[str, ...]
+    devices: tuple[str, ...]
+    gradients: bool = True
+    unavailable: str | None = None
+
+
+def _identity(array: Any, *args: Any, **kwargs: Any) -> Any:
+    return array
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend: the ``fsat`` and ``routing`` namespaces of spec/interface.md, and its array bridge.
+
+    ``from_numpy(array, dtype, device)`` makes the backend's array from a NumPy array (``dtype`` a
+    name from ``capabilities.dtypes``); ``to_numpy(x)`` returns a float64 or int64 NumPy array.
+    ``status`` is one line for ``refattn info`` (device or simulator in use).
+    """
+
+    name: str
+    fsat: ModuleType | Any
+    routing: ModuleType | Any
+    capabilities: Capabilities
+    from_numpy: Callable[..., Any] = _identity
+    to_numpy: Callable[[Any], np.ndarray] = np.asarray
+    status: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    module: str
+    requires: tuple[str, ...]
+    pip_extra: str | None
+
+
+_BUILTINS: dict[str, _Builtin] = {
+    "numpy": _Builtin("refattn.backends.numpy", (), None),
+    "torch": _Builtin("refattn.backends.torch", ("torch",), "torch"),
+    "cupy": _Builtin("refattn.backends.cupy", ("cupy",), "cupy"),
+    "numba_cuda": _Builtin("refattn.backends.numba_cuda", ("numba", "numba.cuda"), "numba"),
+}
+
+
+@functools.cache
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    found: dict[str, importlib.metadata.EntryPoint] = {}
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if not entry.name.isidentifier() or entry.name in _BUILTINS or entry.name in found:
+            warnings.warn(
+                f"refattn: ignoring entry point {entry.name!r} = {entry.value!r} in group "
+                f"{ENTRY_POINT_GROUP!r}: the name is not an identifier, or is already registered",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        found[entry.name] = entry
+    return found
+
+
+def registered() -> dict[str, str]:
+    """Every registered backend name, mapped to where it comes from (built-in or entry point)."""
+    names = {name: "built-in" for name in _BUILTINS}
+    names.update({name: f"entry point {entry.value}" for name, entry in _entry_points().items()})
+    return names
+
+
+def check_name(name: str, *, source: str = "backend") -> str:
+    """Return ``name`` if a backend is registered under it, else raise listing the valid names."""
+    if name not in registered():
+        raise UnknownBackendError(
+            f"{source}: unknown backend {name!r}; available: {', '.join(sorted(registered()))}"
+        )
+    return name
+
+
+@functools.cache
+def get_backend(name: str) -> Backend:
+    """Load (once) and return the backend registered as ``name``.
+
+    Raises :class:`UnknownBackendError` for a name nobody registers (listing the valid ones), and
+    :class:`BackendUnavailableError` when the backend's library is missing (naming the pip extra).
+    """
+    check_name(name)
+    builtin = _BUILTINS.get(name)
+    if builtin is None:
+        loaded = _entry_points()[name].load()
+        backend = loaded() if callable(loaded) and not isinstance(loaded, Backend) else loaded
+        if not isinstance(backend, Backend):
+            raise TypeError(f"entry point {name!r} gave {type(backend).__name__}, expected a refattn Backend")
+        return backend
+    for requirement in builtin.requires:
+        try:
+            importlib.import_module(requirement)
+        except ImportError as error:
+            raise BackendUnavailableError(
+                f"backend {name!r} needs the Python package {requirement.split('.')[0]!r}, which cannot be "
+                f"imported ({error}); install it with: pip install 'refattn[{builtin.pip_extra}]'"
+            ) from error
+    try:
+        module = importlib.import_module(builtin.module)
+    except ModuleNotFoundError as error:
+        if error.name != builtin.module:
+            raise
+        raise BackendUnavailableError(
+            f"backend {name!r} is registered but not implemented in refattn {_version()} yet"
+        ) from error
+    return module.backend()
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("refattn")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def availability() -> dict[str, str | None]:
+    """For every registered backend, None if it loads here, else the reason it does not."""
+    reasons: dict[str, str | None] = {}
+    for name in registered():
+        try:
+            get_backend(name)
+            reasons[name] = None
+        except (ImportError, TypeError) as error:
+            reasons[name] = str(error)
+    return reasons
