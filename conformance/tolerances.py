@@ -59,9 +59,10 @@ def compare(actual: np.ndarray, expected: np.ndarray, tolerance: Tolerance | Non
     actual = actual.astype(np.float64)
     expected = expected.astype(np.float64)
     both_infinite = np.isinf(actual) & np.isinf(expected) & (np.sign(actual) == np.sign(expected))
-    error = np.where(both_infinite, 0.0, np.abs(actual - expected))
+    with np.errstate(invalid="ignore"):  # inf - inf where both are infinite, replaced just below
+        error = np.where(both_infinite, 0.0, np.abs(actual - expected))
     error = np.where(np.isnan(error), np.inf, error)
-    scale = np.where(both_infinite, 1.0, np.abs(expected))
+    scale = np.where(np.isfinite(expected), np.abs(expected), 0.0)
     max_abs = float(error.max(initial=0.0))
     max_rel = float((error / np.maximum(scale, np.finfo(np.float64).tiny)).max(initial=0.0))
     ok = bool(np.all(error <= tolerance.atol + tolerance.rtol * scale))

@@ -1,0 +1,2 @@
+def checks(dtype, *, quick=False):
+    return iter(())

@@ -1,0 +1,68 @@
+"""Run the conformance checks against backends and report: ``refattn conformance``.
+
+For each backend: every check of every algorithm in every dtype of the tolerance table. A dtype the
+backend does not declare, a backend that does not load, or one with no device here is reported as
+skipped with the reason; nothing is dropped silently. The exit status is 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+from refattn import backends
+from refattn.conformance import checks as checks_module
+from refattn.conformance import fsat_cases, report, routing_cases, tolerances
+from refattn.conformance.report import Result
+
+ALGORITHMS = {"fsat": fsat_cases, "routing": routing_cases}
+DTYPES = tuple(tolerances.FORWARD)
+
+
+def cases(dtype: str, *, quick: bool = False) -> Iterator[checks_module.Check]:
+    """Every check of both algorithms in one dtype."""
+    for module in ALGORITHMS.values():
+        yield from module.checks(dtype, quick=quick)
+
+
+def _skipped(name: str, reason: str, dtype: str = "*") -> list[Result]:
+    return [Result(backend=name, algorithm=algorithm, function="*", case="all cases", dtype=dtype,
+                   against="-", status="skip", detail=reason) for algorithm in ALGORITHMS]
+
+
+def check_backend(name: str, *, quick: bool = False) -> list[Result]:
+    """Every check against one backend, as result rows."""
+    try:
+        backend = backends.get_backend(name)
+    except (ImportError, TypeError) as error:
+        return _skipped(name, f"backend not available: {error}")
+    if not backend.capabilities.devices:
+        return _skipped(name, f"no device: {backend.capabilities.unavailable}")
+    reference = backends.get_backend(checks_module.REFERENCE)
+    results = []
+    for dtype in DTYPES:
+        if dtype not in backend.capabilities.dtypes:
+            results += _skipped(name, f"{name} does not support {dtype}", dtype)
+            continue
+        results += [checks_module.run(check, backend, reference) for check in cases(dtype, quick=quick)]
+    return results
+
+
+def main(names: Iterable[str] | None = None, *, json_path: str | None = None, quick: bool = False) -> int:
+    """Check the named backends (default: every registered one) and print the report; the exit status."""
+    names = list(names or backends.registered())
+    for name in names:
+        backends.check_name(name, source="--backend")
+    started = time.perf_counter()
+    results: list[Result] = []
+    for name in names:
+        print(f"checking backend {name} ...", file=sys.stderr, flush=True)
+        results += check_backend(name, quick=quick)
+    print(f"conformance of {', '.join(names)} against the reference (refattn.fsat, refattn.routing); "
+          f"the reference itself against naive O(L^2) oracles and finite differences")
+    report.print_table(results, sys.stdout)
+    print(f"({time.perf_counter() - started:.0f} s)")
+    if json_path:
+        report.write_json(results, json_path)
+    return 1 if any(result.status == "fail" for result in results) else 0

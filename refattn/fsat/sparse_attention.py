@@ -1,0 +1,230 @@
+"""FSAT step 3: attention restricted to the selected diagonals, reweighted by the estimate (spec/fsat.md, step 3).
+
+For query i and selected offset tau_m (m = 0 .. K-1), with key j = i + tau_m:
+
+    z_{i,m} = q_i . k_j / sqrt(D) + bias_m,   a_{i,m} = softmax_m(z_{i,m}),   o_i = sum_m a_{i,m} v_j
+
+over the *valid* m only: 0 <= j < L, j <= i when causal, and neither i nor j padding. There are no
+index arrays of size L x K x D: for each selected offset the keys are the rows of k shifted by
+tau_m, so the logits are a shifted, masked, row-wise dot product, and the loop runs over the K
+offsets only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from refattn._validation import expect_shape, float_array, index_array, padding_mask, score_array
+
+from ._checks import sequence
+
+__all__ = ["sparse_attention", "sparse_attention_vjp"]
+
+
+class _Inputs(NamedTuple):
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    offsets: np.ndarray
+    bias: np.ndarray | None
+    causal: bool
+    mask: np.ndarray | None
+
+
+def _inputs(q: Any, k: Any, v: Any, offsets: Any, bias: Any, causal: bool, key_padding_mask: Any) -> _Inputs:
+    q = sequence(q, "q", "(B, H, L, D)")
+    batch, heads, length, dim = q.shape
+    k = sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
+    v = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
+    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))  # the row gathers reshape without copying
+    offsets = index_array(offsets, "offsets", rank=3, axes="(B, H, K)")
+    expect_shape(offsets, "offsets", (batch, heads, None), "(B, H, K)")
+    if offsets.shape[2] < 1:
+        raise ValueError(f"offsets: expected at least one offset per (batch, head), got shape {offsets.shape}")
+    if np.any(np.abs(offsets) > length - 1):
+        raise ValueError(
+            f"offsets: expected offsets in [-(L-1), L-1] = [{-(length - 1)}, {length - 1}], "
+            f"got values in [{offsets.min()}, {offsets.max()}]"
+        )
+    if np.any(np.diff(np.sort(offsets, axis=-1), axis=-1) == 0):
+        raise ValueError("offsets: expected distinct offsets within each (batch, head), got a repeated offset")
+    if bias is not None:
+        bias = score_array(bias, "bias", rank=3, axes="(B, H, K)")
+        expect_shape(bias, "bias", offsets.shape, "(B, H, K)")
+    mask = padding_mask(key_padding_mask, batch, length)
+    return _Inputs(q, k, v, offsets, bias, bool(causal), mask)
+
+
+def _shifted(x: np.ndarray, shift: np.ndarray, *, fill: bool = True) -> np.ndarray:
+    """y[b, h, i] = x[b, h, i + shift[b, h]] for x (B, H, L, F) or (B, H, L), shift (B, H) integers.
+
+    Where i + shift falls outside [0, L) the row is 0 (False for bool x), or, with ``fill=False``,
+    an arbitrary row of x (for callers that give those rows weight 0 anyway). A row gather on the
+    flattened (B * H * L, F) array: no index array has more than B * H * L entries.
+    """
+    batch, heads, length = x.shape[:3]
+    target = np.arange(length)[None, None, :] + shift[:, :, None]
+    base = (np.arange(batch * heads) * length).reshape(batch, heads, 1)
+    rows = base + np.clip(target, 0, length - 1)
+    gathered = x.reshape((batch * heads * length,) + x.shape[3:])[rows]
+    if not fill:
+        return gathered
+    outside = (target < 0) | (target >= length)
+    if x.ndim == 4:
+        outside = outside[..., None]
+    gathered[np.broadcast_to(outside, gathered.shape)] = 0
+    return gathered
+
+
+def _valid_pairs(inputs: _Inputs, shift: np.ndarray) -> np.ndarray:
+    """(B, H, L) bool: is (i, i + shift) a valid query/key pair (in range, causal, both unpadded)?"""
+    batch, heads, length, _ = inputs.q.shape
+    target = np.arange(length)[None, None, :] + shift[:, :, None]
+    valid = (target >= 0) & (target < length)
+    if inputs.causal:
+        valid &= (shift <= 0)[:, :, None]
+    if inputs.mask is not None:
+        unpadded = np.broadcast_to(~inputs.mask[:, None, :], (batch, heads, length))
+        valid &= unpadded & _shifted(unpadded, shift)
+    return valid
+
+
+class _Forward(NamedTuple):
+    valid: np.ndarray  # (B, H, L, K) bool, valid query/key pairs
+    probs: np.ndarray  # (B, H, L, K) softmax weights, 0 at invalid pairs
+    lse: np.ndarray  # (B, H, L), -inf for rows without a valid key
+    out: np.ndarray  # (B, H, L, Dv)
+
+
+def _forward(inputs: _Inputs) -> _Forward:
+    q, k, v, offsets = inputs.q, inputs.k, inputs.v, inputs.offsets
+    count = offsets.shape[2]
+    scale = 1.0 / np.sqrt(q.shape[3])
+    logits = np.full(q.shape[:3] + (count,), -np.inf)
+    valid = np.zeros(q.shape[:3] + (count,), dtype=bool)
+    for m in range(count):
+        shift = offsets[:, :, m]
+        valid[..., m] = _valid_pairs(inputs, shift)
+        z = np.einsum("bhld,bhld->bhl", q, _shifted(k, shift, fill=False)) * scale
+        if inputs.bias is not None:
+            z = z + inputs.bias[:, :, m, None]
+        logits[..., m] = np.where(valid[..., m], z, -np.inf)
+    # A bias of -inf may mask a valid pair too: such a pair gets weight 0 like an invalid one.
+    valid &= np.isfinite(logits)
+    peak = logits.max(axis=-1)
+    has_key = np.isfinite(peak)
+    peak = np.where(has_key, peak, 0.0)
+    weights = np.exp(logits - peak[..., None])  # exp(-inf) = 0 at invalid pairs
+    total = weights.sum(axis=-1)
+    safe_total = np.where(has_key, total, 1.0)
+    probs = weights / safe_total[..., None]
+    lse = np.where(has_key, peak + np.log(safe_total), -np.inf)
+    out = np.zeros(q.shape[:3] + (v.shape[3],))
+    for m in range(count):
+        out += probs[..., m, None] * _shifted(v, offsets[:, :, m], fill=False)
+    return _Forward(valid, probs, lse, out)
+
+
+def sparse_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    offsets: Any,
+    bias: Any = None,
+    *,
+    causal: bool = False,
+    key_padding_mask: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Attention of every query to the keys on the selected diagonals, with a per-offset logit bias.
+
+        z_{i,m} = q_i . k_{i+tau_m} / sqrt(D) + bias_m
+        out_i   = sum_m softmax_m(z_{i,m}) v_{i+tau_m},    lse_i = log sum_m exp(z_{i,m})
+
+    the softmax and the log-sum-exp running over the valid pairs only: 0 <= i + tau_m < L, causal
+    tau_m <= 0, i and i + tau_m both unpadded (and bias_m > -inf).
+
+    Args:
+        q, k: (B, H, L, D); v: (B, H, L, Dv), Dv may differ from D.
+        offsets: (B, H, K) integers in [-(L-1), L-1], distinct per (batch, head), any order.
+        bias: optional (B, H, K), aligned with ``offsets``: bias[b, h, m] is added to every logit of
+            offset offsets[b, h, m]; finite or -inf (-inf removes that offset). None means 0.
+        causal: keep only keys j <= i.
+        key_padding_mask: optional bool (B, L), True = padding (masks keys and queries alike).
+
+    Returns:
+        (out (B, H, L, Dv), lse (B, H, L)), float64. A padded query row, or a row with no valid
+        key (e.g. causal with only positive offsets, or all its keys padded) has out = 0 and
+        lse = -inf. The softmax is computed max-subtracted (log-sum-exp stable).
+
+    Cost O(L * K * (D + Dv)) time, O(L * (K + D + Dv)) memory per (batch, head).
+    """
+    result = _forward(_inputs(q, k, v, offsets, bias, causal, key_padding_mask))
+    return result.out, result.lse
+
+
+def sparse_attention_vjp(
+    q: Any,
+    k: Any,
+    v: Any,
+    offsets: Any,
+    bias: Any,
+    dout: Any,
+    *,
+    dlse: Any = None,
+    causal: bool = False,
+    key_padding_mask: Any = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Vector-Jacobian product of :func:`sparse_attention`.
+
+    With p_{i,m} the softmax weights (0 at invalid pairs), j = i + tau_m and s = 1/sqrt(D):
+
+        dp_{i,m} = dout_i . v_j
+        dz_{i,m} = p_{i,m} * (dp_{i,m} - dout_i . out_i + dlse_i)
+        dq_i     = s * sum_m dz_{i,m} k_j
+        dk_j     = s * sum_m dz_{j-tau_m,m} q_{j-tau_m}
+        dv_j     = sum_m p_{j-tau_m,m} dout_{j-tau_m}
+        dbias_m  = sum_i dz_{i,m}
+
+    The scatter to keys is written as a gather at i = j - tau_m (one key per query per offset, so
+    no two queries of one offset share a key). Rows without a valid key get no gradient; ``dlse``
+    there is ignored.
+
+    Args:
+        q, k, v, offsets, bias, causal, key_padding_mask: the forward inputs (bias may be None).
+        dout: cotangent of out, (B, H, L, Dv).
+        dlse: optional cotangent of lse, (B, H, L); None means 0.
+
+    Returns:
+        (dq, dk, dv, dbias) float64; dbias is None when bias is None. The offsets get no gradient.
+    """
+    inputs = _inputs(q, k, v, offsets, bias, causal, key_padding_mask)
+    q, k, v, offsets = inputs.q, inputs.k, inputs.v, inputs.offsets
+    dout = sequence(dout, "dout", "(B, H, L, Dv)", q.shape[:3], feature=v.shape[3])
+    if dlse is not None:
+        dlse = float_array(dlse, "dlse", rank=3, axes="(B, H, L)")
+        expect_shape(dlse, "dlse", q.shape[:3], "(B, H, L)")
+    fwd = _forward(inputs)
+    count = offsets.shape[2]
+    scale = 1.0 / np.sqrt(q.shape[3])
+    row_term = np.einsum("bhlv,bhlv->bhl", dout, fwd.out)
+    if dlse is not None:
+        row_term = row_term - np.where(np.isfinite(fwd.lse), dlse, 0.0)
+    dz = np.empty_like(fwd.probs)
+    for m in range(count):
+        dp = np.einsum("bhlv,bhlv->bhl", dout, _shifted(v, offsets[:, :, m]))
+        dz[..., m] = np.where(fwd.valid[..., m], fwd.probs[..., m] * (dp - row_term), 0.0)
+    dq = np.zeros_like(q)
+    dk = np.zeros_like(k)
+    dv = np.zeros_like(v)
+    for m in range(count):
+        shift = offsets[:, :, m]
+        dq += dz[..., m, None] * _shifted(k, shift)
+        # Key j hears from query i = j - tau_m; dz and p are 0 wherever that pair is invalid.
+        dk += _shifted(dz[..., m, None] * q, -shift)
+        dv += _shifted(fwd.probs[..., m, None] * dout, -shift)
+    dq *= scale
+    dk *= scale
+    dbias = dz.sum(axis=2) if inputs.bias is not None else None
+    return dq, dk, dv, dbias
