@@ -42,7 +42,7 @@ def _mask(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
 
 
 def _tie_free(s: np.ndarray, noise: np.ndarray | None, top_k: int, causal: bool, dtype: str) -> bool:
-    """True when the scores' K-th and (K+1)-th candidates differ by more than the dtype's tolerance."""
+    """True when the scores' K-th and (K+1)-th candidates differ by the decision margin."""
     scores = s if noise is None else s + noise
     length = (scores.shape[-1] + 1) // 2
     taus = np.arange(-(length - 1), length)
@@ -51,9 +51,7 @@ def _tie_free(s: np.ndarray, noise: np.ndarray | None, top_k: int, causal: bool,
         return True
     ordered = -np.sort(-candidates, axis=-1)
     above, below = ordered[..., top_k - 2], ordered[..., top_k - 1]
-    tolerance = tolerances.FORWARD[dtype]
-    margin = 4 * (tolerance.atol + tolerance.rtol * np.abs(np.where(np.isfinite(above), above, 0.0)))
-    return bool(np.all((above - below > margin) | np.isneginf(below)))
+    return bool(np.all((above - below > tolerances.decision_margin(above, dtype)) | np.isneginf(below)))
 
 
 def _sequences(rng: np.random.Generator, shape: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -31,6 +31,21 @@ GRADIENT: dict[str, Tolerance] = {
     "float16": Tolerance(rtol=2e-2, atol=5e-3),
 }
 
+# The dtype each one accumulates in (spec/interface.md): discrete choices are made on values computed
+# at that precision, so it is that precision's tolerance their tie-free margin must exceed.
+ACCUMULATION: dict[str, str] = {"float64": "float64", "float32": "float32", "bfloat16": "float32", "float16": "float32"}
+
+# Finite differences move a score or a similarity by about 1e-6: no discrete choice may flip under them.
+MIN_DECISION_MARGIN = 1e-4
+
+
+def decision_margin(values: np.ndarray, dtype: str) -> np.ndarray:
+    """The gap a discrete choice (top-k, top-W, argmax) needs at ``values`` to count as tie-free in ``dtype``."""
+    tolerance = FORWARD[ACCUMULATION[dtype]]
+    finite = np.where(np.isfinite(values), np.abs(values), 0.0)
+    return np.maximum(4 * (tolerance.atol + tolerance.rtol * finite), MIN_DECISION_MARGIN)
+
+
 # The reference checked against finite differences: central differences with step 1e-6 carry a
 # truncation and rounding error near 1e-9 relative, so this comparison has its own, wider row.
 FINITE_DIFFERENCES = Tolerance(rtol=1e-6, atol=1e-8)

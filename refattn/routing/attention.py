@@ -1,0 +1,155 @@
+"""Routing attention, the whole pipeline, and its gradient (spec/routing.md, "The pipeline").
+
+    x̂ = normalize(x)                           step 1 (q, and k unless shared)
+    S = x̂ μᵀ                                   step 2
+    members = route(S, W)                       step 3 (keys share the queries' with shared QK)
+    o = cluster_attention(q, k, v, members)     step 4
+    out = combine(o, q_members)                 step 5
+
+Cluster membership is discrete: the gradient treats it as fixed (no gradient reaches the
+centroids or flows through the similarities).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask
+
+from ._checks import centroid_array, check_configuration, check_shared, sequence
+from .cluster_attention import cluster_attention, cluster_attention_vjp
+from .combine import combine, combine_vjp
+from .normalize import _normalize
+from .profiles import get_profile
+from .route import route
+
+__all__ = ["attention", "attention_vjp", "default_num_clusters", "default_window"]
+
+
+def default_num_clusters(length: int) -> int:
+    """C = max(1, round(sqrt(L))): the choice that balances routing, O(L C D), against attention
+    inside the clusters, O(L W D) with W = L / C, for O(L^1.5 D) in all.
+
+    (sqrt(L) is never exactly halfway between integers for integer L, so the rounding is unambiguous.)
+    """
+    length = integer_in_range(length, "length", low=1)
+    return max(1, int(round(math.sqrt(length))))
+
+
+def default_window(length: int, num_clusters: int) -> int:
+    """W = ceil(L / C): enough slots for every token on average (C W >= L); always in [1, L]."""
+    length = integer_in_range(length, "length", low=1)
+    clusters = integer_in_range(num_clusters, "num_clusters", low=1)
+    return -(-length // clusters)
+
+
+def _inputs(q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask):
+    spec = get_profile(profile)
+    causal, shared_qk = bool(causal), bool(shared_qk)
+    check_shared(k, shared_qk)
+    check_configuration(spec, causal, shared_qk)
+    q = sequence(q, "q", "(B, H, L, D)")
+    batch, heads, length, dim = q.shape
+    if k is not None:
+        k = sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
+    v = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
+    centroids = centroid_array(centroids, heads, dim)
+    if window is None:
+        window = default_window(length, centroids.shape[1])
+    window = integer_in_range(window, "window", low=1, high=length)
+    mask = padding_mask(key_padding_mask, batch, length)
+    return q, k, v, centroids, window, causal, shared_qk, spec, mask
+
+
+def _members(q, k, centroids, window, spec, mask, shared_qk):
+    q_members = route(np.einsum("bhld,hcd->bhlc", _normalize(q, spec), centroids, optimize=True), window,
+                      key_padding_mask=mask)
+    if shared_qk:
+        return q_members, q_members
+    k_members = route(np.einsum("bhld,hcd->bhlc", _normalize(k, spec), centroids, optimize=True), window,
+                      key_padding_mask=mask)
+    return q_members, k_members
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    centroids: Any,
+    *,
+    window: int | None = None,
+    causal: bool = False,
+    shared_qk: bool = False,
+    profile: str = "tacl",
+    key_padding_mask: Any = None,
+) -> np.ndarray:
+    """Routing attention: every token attends to the tokens routed to the same centroid.
+
+    1. q̂ = normalize(q), k̂ = normalize(k) (profile's normalization; with shared QK only q̂);
+    2. S_q = q̂ μᵀ, S_k = k̂ μᵀ;
+    3. q_members = route(S_q, W), k_members = route(S_k, W) (= q_members with shared QK);
+       padded tokens are never routed;
+    4. o = cluster_attention(q, k, v, q_members, k_members) (``tacl``: logits LN(q)·LN(k);
+       ``lucidrains``: q·k/sqrt(D), q·k̂/sqrt(D) and a self logit of -5e4 with shared QK);
+    5. out = combine(o, q_members, L): the mean over a token's clusters, / (count + ε).
+
+    Edge cases: tokens in no cluster output 0 (W·C >= L does not guarantee coverage, since a
+    token can be taken by several centroids); padded tokens output 0; L = 1 gives W = 1 and
+    out = (attention of the token to itself) / (1 + ε) — with lucidrains shared QK that is v / (1 + ε)
+    as the −5e4 self logit is the only one.
+
+    Args:
+        q: (B, H, L, D); k: (B, H, L, D) or None with ``shared_qk=True``; v: (B, H, L, Dv).
+        centroids: (H, C, D) the means (``CentroidState.means``).
+        window: W in [1, L]; default ceil(L / C).
+        causal: keys j <= i by position inside each cluster.
+        shared_qk: keys are the queries (k must be None).
+        profile: ``"tacl"`` (default) or ``"lucidrains"`` (rejects causal with unshared QK: that
+            package adds learned memory key/values there, which refattn does not model).
+        key_padding_mask: optional bool (B, L), True = padding.
+
+    Returns:
+        out (B, H, L, Dv) float64. Cost O(B H (L C D + C W² (D + Dv))) = O(L^1.5 D) with C = sqrt(L),
+        W = L / C; memory O(B H (L C + C W D)) plus bounded (chunk, W, W) blocks.
+    """
+    q, k, v, centroids, window, causal, shared_qk, spec, mask = _inputs(
+        q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask)
+    q_members, k_members = _members(q, k, centroids, window, spec, mask, shared_qk)
+    o = cluster_attention(q, k, v, q_members, k_members, causal=causal, shared_qk=shared_qk, profile=spec.name)
+    return combine(o, q_members, q.shape[2], profile=spec.name)
+
+
+def attention_vjp(
+    q: Any,
+    k: Any,
+    v: Any,
+    centroids: Any,
+    dout: Any,
+    *,
+    window: int | None = None,
+    causal: bool = False,
+    shared_qk: bool = False,
+    profile: str = "tacl",
+    key_padding_mask: Any = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Vector-Jacobian product of :func:`attention` with the membership held fixed:
+
+        do = combine_vjp(q_members, dout);   (dq, dk, dv) = cluster_attention_vjp(q, k, v, members, do)
+
+    The routing (normalize → similarity → route) is discrete and passes no gradient; q and k get
+    gradient only through the logits. Exact wherever no similarity tie sits at a top-W boundary.
+
+    Returns:
+        (dq, dk, dv) float64 of the shapes of q, k, v; dk is None with shared QK.
+    """
+    q, k, v, centroids, window, causal, shared_qk, spec, mask = _inputs(
+        q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask)
+    dout = float_array(dout, "dout", rank=4, axes="(B, H, L, Dv)")
+    expect_shape(dout, "dout", v.shape, "(B, H, L, Dv)")
+    q_members, k_members = _members(q, k, centroids, window, spec, mask, shared_qk)
+    do = combine_vjp(q_members, dout, profile=spec.name)
+    return cluster_attention_vjp(q, k, v, q_members, k_members, do, causal=causal, shared_qk=shared_qk,
+                                 profile=spec.name)
