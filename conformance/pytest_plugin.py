@@ -19,3 +19,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--refattn-backend", default=os.environ.get("REFATTN_CONFORMANCE_BACKEND", "numpy"),
                     help="backend to check (default: $REFATTN_CONFORMANCE_BACKEND or numpy)")
     group.addoption("--refattn-quick", action="store_true", help="the smallest shapes only")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Name the backend under test, and every REFATTN_* variable, so that a typo is visible."""
+    if not any("conformance" in str(argument) for argument in config.args):
+        return []
+    variables = ", ".join(f"{key}={value}" for key, value in sorted(os.environ.items()) if key.startswith("REFATTN_"))
+    return [f"refattn conformance backend: {config.getoption('--refattn-backend')}"
+            + (f" ({variables})" if variables else "")]
