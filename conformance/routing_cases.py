@@ -202,6 +202,18 @@ def _step_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
                                                                      key_padding_mask=x["mask"])),
                     oracle=lambda x: np.asarray(oracle.commitment_loss(x["x_hat"], x["centroids"],
                                                                        key_padding_mask=x["mask"])))
+        for shared in (False, True):
+            yield Check("routing", "update_centroids", label + (" shared" if shared else ""), dtype,
+                        dict(x, counts=rng.uniform(0.5, 2.0, (heads, clusters)),
+                             sums=rng.standard_normal((heads, clusters, dim)),
+                             k_hat=None if shared else oracle.normalize(x["k"], profile)),
+                        oracle_kind="naive loops",
+                        call=lambda ns, x, p=profile: tuple(ns.update_centroids(
+                            ns.CentroidState(x["centroids"], x["counts"], x["sums"]), x["x_hat"], x["k_hat"],
+                            profile=p, key_padding_mask=x["mask"], decay=0.9)),
+                        oracle=lambda x, p=profile: oracle.update_centroids(
+                            x["centroids"], x["counts"], x["sums"], x["x_hat"], x["k_hat"], profile=p,
+                            key_padding_mask=x["mask"], decay=0.9))
         if profile == "tacl":  # similarity does not depend on the profile
             yield Check("routing", "similarity", label, dtype, x, oracle_kind="naive loops",
                         call=lambda ns, x: ns.similarity(x["x_hat"], x["centroids"]),

@@ -25,6 +25,7 @@ __all__ = [
     "local_attention",
     "assign",
     "commitment_loss",
+    "update_centroids",
 ]
 
 # spec/routing.md, "Profiles" (restated here, not imported).
@@ -200,3 +201,52 @@ def commitment_loss(x_hat, centroids, *, beta=1e-4, key_padding_mask=None) -> fl
                 total += (x[b, h, t, d] - mu[h, labels[b, h, t], d]) ** 2
                 count += 1
     return 0.0 if count == 0 else beta * total / count
+
+
+_LAPLACE_EPS = 1e-5
+
+
+def update_centroids(means, counts, sums, q_hat, k_hat=None, *, profile="tacl", key_padding_mask=None,
+                     decay=0.999) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One k-means step, token by token: returns (means, counts, sums).
+
+    ``tacl``: for x in (q̂, then k̂ if given), per head and cluster, N_c and S_c over the unpadded
+    tokens assigned to c under the incoming means, then counts ← λ counts + (1−λ) N,
+    sums ← λ sums + (1−λ) S; finally means_c = sums_c / ((counts_c + ε) n / (n + Cε)), n = Σ counts
+    (means kept where n = 0). ``lucidrains``: m_c = Σ x̂ over the members of c among q̂ and k̂,
+    divided by max(‖Σ‖, 1e-12), m_c = means_c for an empty cluster; means ← λ means + (1−λ) m.
+    """
+    means = np.asarray(means, dtype=np.float64)
+    heads, clusters, dim = means.shape
+    inputs = [np.asarray(q_hat, dtype=np.float64)] + ([] if k_hat is None else [np.asarray(k_hat, dtype=np.float64)])
+    tallies = []
+    for x in inputs:
+        labels = assign(x, means, key_padding_mask)
+        n = np.zeros((heads, clusters))
+        s = np.zeros((heads, clusters, dim))
+        for b, h, t in np.ndindex(labels.shape):
+            if labels[b, h, t] >= 0:
+                n[h, labels[b, h, t]] += 1
+                s[h, labels[b, h, t]] += x[b, h, t]
+        tallies.append((n, s))
+    if profile == "tacl":
+        counts = np.array(counts, dtype=np.float64)
+        sums = np.array(sums, dtype=np.float64)
+        for n, s in tallies:
+            counts = decay * counts + (1 - decay) * n
+            sums = decay * sums + (1 - decay) * s
+        new = means.copy()
+        for h in range(heads):
+            total = sum(counts[h])
+            if total > 0:
+                for c in range(clusters):
+                    new[h, c] = sums[h, c] / ((counts[h, c] + _LAPLACE_EPS) * total / (total + clusters * _LAPLACE_EPS))
+        return new, counts, sums
+    new = means.copy()
+    for h in range(heads):
+        for c in range(clusters):
+            members = sum(n[h, c] for n, _ in tallies)
+            total = sum(s[h, c] for _, s in tallies)
+            batch_mean = total / max(math.sqrt(sum(v * v for v in total)), _L2_EPS) if members else means[h, c]
+            new[h, c] = decay * means[h, c] + (1 - decay) * batch_mean
+    return new, np.array(counts, dtype=np.float64), np.array(sums, dtype=np.float64)
