@@ -53,6 +53,18 @@ def seed_for(*parts: object) -> int:
     return zlib.crc32(" ".join(map(str, parts)).encode())
 
 
+def padding(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+    """A key_padding_mask for the cases: row 0 has a padded tail, the other rows scattered padding.
+
+    No row is wholly padded, so every row keeps queries that produce output; L = 1 has no padding.
+    """
+    mask = np.zeros((batch, length), dtype=bool)
+    if length > 1:
+        mask[0, length - max(1, length // 3):] = True
+        mask[1:, rng.permutation(length)[: length // 3]] = True
+    return mask
+
+
 def _outputs(value: Any) -> tuple[Any, ...]:
     return tuple(value) if isinstance(value, tuple) else (value,)
 

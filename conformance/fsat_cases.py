@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from refattn.conformance import tolerances
-from refattn.conformance.checks import Check, Inputs, seed_for
+from refattn.conformance.checks import Check, Inputs, padding, seed_for
 from refattn.conformance.gradcheck import numerical_vjp
 from refattn.conformance.oracles import fsat as oracle
 
@@ -31,14 +31,6 @@ def _label(shape: tuple[int, ...], **flags: bool) -> str:
     words = [name for name, on in flags.items() if on]
     return f"B{batch} H{heads} L{length} D{dim} Dv{dim_v}" + "".join(f" {word}" for word in words)
 
-
-def _mask(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
-    """Padding that leaves row 0 with a padded tail and row 1 with scattered padding (never all padded)."""
-    mask = np.zeros((batch, length), dtype=bool)
-    if length > 1:
-        mask[0, length - max(1, length // 3):] = True
-        mask[1:, rng.permutation(length)[: length // 3]] = True
-    return mask
 
 
 def _tie_free(s: np.ndarray, noise: np.ndarray | None, top_k: int, causal: bool, dtype: str) -> bool:
@@ -70,7 +62,7 @@ def _attention_inputs(shape, dtype, causal, padded, noisy, crossed, function) ->
         rng = np.random.default_rng(seed_for("fsat", function, shape, causal, padded, noisy, crossed, attempt))
         inputs = _sequences(rng, shape)
         inputs["w"] = 1.0 + 0.5 * rng.standard_normal((heads, dim))
-        inputs["mask"] = _mask(rng, batch, length) if padded else None
+        inputs["mask"] = padding(rng, batch, length) if padded else None
         inputs["noise"] = rng.gumbel(size=(batch, heads, 2 * length - 1)) if noisy else None
         inputs["cross_q"] = rng.standard_normal((batch, heads, length, dim)) if crossed else None
         inputs["cross_k"] = rng.standard_normal((batch, heads, length, dim)) if crossed else None
@@ -148,7 +140,7 @@ def _sparse_inputs(shape, padded, biased, with_zero) -> Inputs:
         np.zeros((batch * heads, 0), dtype=np.int64)
     x["offsets"] = chosen.reshape(batch, heads, count).astype(np.int64)
     x["bias"] = rng.standard_normal((batch, heads, count)) if biased else None
-    x["mask"] = _mask(rng, batch, length) if padded else None
+    x["mask"] = padding(rng, batch, length) if padded else None
     x["dout"] = rng.standard_normal(x["v"].shape)
     x["dlse"] = rng.standard_normal((batch, heads, length))
     return x
@@ -198,7 +190,7 @@ def _step_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
         rng = np.random.default_rng(seed_for("fsat steps", shape, padded))
         x = {"a": rng.standard_normal((batch, heads, length, dim)), "b": rng.standard_normal((batch, heads, length, dim)),
              "c": rng.standard_normal((batch, heads, 2 * length - 1, dim)), "w": rng.standard_normal((heads, dim)),
-             "mask": _mask(rng, batch, length) if padded else None,
+             "mask": padding(rng, batch, length) if padded else None,
              "dc": rng.standard_normal((batch, heads, 2 * length - 1, dim)),
              "ds": rng.standard_normal((batch, heads, 2 * length - 1))}
         if dtype == "float64":

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from refattn.conformance import tolerances
-from refattn.conformance.checks import Check, Inputs, seed_for
+from refattn.conformance.checks import Check, Inputs, padding, seed_for
 from refattn.conformance.gradcheck import numerical_vjp
 from refattn.conformance.oracles import routing as oracle
 
@@ -33,13 +33,6 @@ def _label(shape: tuple[int, ...], **flags: Any) -> str:
     words = [name if value is True else f"{value}" for name, value in flags.items() if value]
     return f"B{batch} H{heads} L{length} D{dim} Dv{dim_v} C{clusters} W{window}" + "".join(f" {w}" for w in words)
 
-
-def _mask(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
-    mask = np.zeros((batch, length), dtype=bool)
-    if length > 1:
-        mask[0, length - max(1, length // 3):] = True
-        mask[1:, rng.permutation(length)[: length // 3]] = True
-    return mask
 
 
 def _route_tie_free(similarities: np.ndarray, window: int, mask: np.ndarray | None, dtype: str) -> bool:
@@ -76,7 +69,7 @@ def _inputs(shape, dtype, profile, causal, shared, padded, function) -> Inputs:
             "k": None if shared else rng.standard_normal((batch, heads, length, dim)),
             "v": rng.standard_normal((batch, heads, length, dim_v)),
             "centroids": rng.standard_normal((heads, clusters, dim)),
-            "mask": _mask(rng, batch, length) if padded else None,
+            "mask": padding(rng, batch, length) if padded else None,
             "dout": rng.standard_normal((batch, heads, length, dim_v)),
         }
         routed = [x["q"]] + ([] if shared else [x["k"]])

@@ -31,6 +31,21 @@ def float_array(x: Any, name: str, *, rank: int | None = None, axes: str | None 
     return array.astype(np.float64, copy=False)
 
 
+def sequence(
+    x: Any, name: str, axes: str, like: tuple[int, ...] | None = None, *, feature: int | None = None
+) -> np.ndarray:
+    """Validate a ``(B, H, L, F)`` float array; with ``like = (B, H, L)`` its leading axes must match.
+
+    ``feature`` (when given) fixes F as well. Every axis must be non-empty. Returns float64.
+    """
+    array = float_array(x, name, rank=4, axes=axes)
+    if like is not None:
+        expect_shape(array, name, (*like, feature), axes)
+    if 0 in array.shape:
+        raise ValueError(f"{name}: expected every axis of {axes} to be at least 1, got shape {array.shape}")
+    return array
+
+
 def score_array(x: Any, name: str, *, rank: int, axes: str) -> np.ndarray:
     """Like :func:`float_array`, but ``-inf`` is allowed (scores of offsets that have no pair)."""
     array = np.asarray(x)

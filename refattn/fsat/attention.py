@@ -8,9 +8,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask
+from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask, sequence
 
-from ._checks import sequence
 from .cross import cross, cross_vjp
 from .estimate import estimate, estimate_vjp
 from .select import select

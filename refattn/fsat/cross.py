@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import scipy.fft
 
-from refattn._validation import integer_in_range, padding_mask
+from refattn._validation import integer_in_range, padding_mask, sequence
 
-from ._checks import sequence
 
 __all__ = ["pair_counts", "cross", "cross_vjp"]
 

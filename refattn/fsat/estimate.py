@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, padding_mask
+from refattn._validation import expect_shape, float_array, padding_mask, sequence
 
-from ._checks import length_from_offsets, sequence
+from ._checks import length_from_offsets
 from .cross import pair_counts
 
 __all__ = ["estimate", "estimate_vjp"]

@@ -16,9 +16,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, index_array, padding_mask, score_array
+from refattn._validation import expect_shape, float_array, index_array, padding_mask, score_array, sequence
 
-from ._checks import sequence
 
 __all__ = ["sparse_attention", "sparse_attention_vjp"]
 

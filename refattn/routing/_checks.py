@@ -1,4 +1,4 @@
-"""Input checks shared by the Routing steps (thin wrappers over :mod:`refattn._validation`)."""
+"""Input checks particular to the Routing steps (the shared ones are in :mod:`refattn._validation`)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,6 @@ import numpy as np
 from refattn._validation import expect_shape, float_array, index_array
 
 from .profiles import Profile
-
-
-def sequence(
-    x: Any, name: str, axes: str, like: tuple[int, ...] | None = None, *, feature: int | None = None
-) -> np.ndarray:
-    """Validate a ``(B, H, L, F)`` float array; with ``like = (B, H, L)`` its leading axes must match.
-
-    ``feature`` (when given) fixes F as well. Every axis must be non-empty. Returns float64.
-    """
-    array = float_array(x, name, rank=4, axes=axes)
-    if like is not None:
-        expect_shape(array, name, (*like, feature), axes)
-    if 0 in array.shape:
-        raise ValueError(f"{name}: expected every axis of {axes} to be at least 1, got shape {array.shape}")
-    return array
 
 
 def centroid_array(centroids: Any, heads: int | None, dim: int | None, name: str = "centroids") -> np.ndarray:

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask
+from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask, sequence
 
-from ._checks import centroid_array, check_configuration, check_shared, sequence
+from ._checks import centroid_array, check_configuration, check_shared
 from .cluster_attention import cluster_attention, cluster_attention_vjp
 from .combine import combine, combine_vjp
 from .normalize import _normalize

@@ -11,9 +11,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask
+from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask, sequence
 
-from ._checks import centroid_array, sequence
+from ._checks import centroid_array
 from .normalize import _normalize
 from .profiles import get_profile
 

@@ -21,9 +21,9 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array
+from refattn._validation import expect_shape, float_array, sequence
 
-from ._checks import check_configuration, check_shared, members_array, sequence
+from ._checks import check_configuration, check_shared, members_array
 from ._indexing import gather, scatter_add
 from .normalize import _normalize, _normalize_vjp
 from .profiles import Profile, get_profile

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import padding_mask
+from refattn._validation import padding_mask, sequence
 
-from ._checks import centroid_array, sequence
+from ._checks import centroid_array
 from .centroids import _assign
 
 __all__ = ["commitment_loss", "commitment_loss_vjp"]

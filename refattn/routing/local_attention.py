@@ -16,9 +16,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask
+from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask, sequence
 
-from ._checks import sequence
 
 __all__ = ["local_attention", "local_attention_vjp"]
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array
+from refattn._validation import expect_shape, float_array, sequence
 
-from ._checks import centroid_array, sequence
+from ._checks import centroid_array
 
 __all__ = ["similarity", "similarity_vjp"]
 
