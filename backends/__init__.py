@@ -38,13 +38,15 @@ class Capabilities:
 
     ``dtypes`` are NumPy-style names (``"float64"``, ``"float32"``, ``"bfloat16"``, ``"float16"``);
     ``devices`` the devices it can compute on now (empty when it has none, ``unavailable`` says why);
-    ``gradients`` whether it provides the ``*_vjp`` functions.
+    ``gradients`` whether it provides the ``*_vjp`` functions; ``algorithms`` which of ``fsat`` and
+    ``routing`` it implements.
     """
 
     dtypes: tuple[str, ...]
     devices: tuple[str, ...]
     gradients: bool = True
     unavailable: str | None = None
+    algorithms: tuple[str, ...] = ("fsat", "routing")
 
 
 def _identity(array: Any, *args: Any, **kwargs: Any) -> Any:

@@ -20,36 +20,43 @@ ALGORITHMS = {"fsat": fsat_cases, "routing": routing_cases}
 DTYPES = tuple(tolerances.FORWARD)
 
 
-def cases(dtype: str, *, quick: bool = False) -> Iterator[checks_module.Check]:
-    """Every check of both algorithms in one dtype."""
-    for module in ALGORITHMS.values():
-        yield from module.checks(dtype, quick=quick)
+def cases(dtype: str, *, quick: bool = False, algorithms: Iterable[str] = tuple(ALGORITHMS)
+          ) -> Iterator[checks_module.Check]:
+    """Every check of the given algorithms (default both) in one dtype."""
+    for algorithm in algorithms:
+        yield from ALGORITHMS[algorithm].checks(dtype, quick=quick)
 
 
-def _skipped(name: str, reason: str, dtype: str = "*") -> list[Result]:
+def _skipped(name: str, reason: str, algorithms: Iterable[str], dtype: str = "*") -> list[Result]:
     return [Result(backend=name, algorithm=algorithm, function="*", case="all cases", dtype=dtype,
-                   against="-", status="skip", detail=reason) for algorithm in ALGORITHMS]
+                   against="-", status="skip", detail=reason) for algorithm in algorithms]
 
 
-def check_backend(name: str, *, quick: bool = False) -> list[Result]:
-    """Every check against one backend, as result rows."""
+def check_backend(name: str, *, quick: bool = False, algorithms: Iterable[str] = tuple(ALGORITHMS),
+                  dtypes: Iterable[str] = DTYPES) -> list[Result]:
+    """Every check of the given algorithms and dtypes against one backend, as result rows."""
+    algorithms = tuple(algorithms)
     try:
         backend = backends.get_backend(name)
     except (ImportError, TypeError) as error:
-        return _skipped(name, f"backend not available: {error}")
+        return _skipped(name, f"backend not available: {error}", algorithms)
     if not backend.capabilities.devices:
-        return _skipped(name, f"no device: {backend.capabilities.unavailable}")
+        return _skipped(name, f"no device: {backend.capabilities.unavailable}", algorithms)
+    missing = [algorithm for algorithm in algorithms if algorithm not in backend.capabilities.algorithms]
+    results = _skipped(name, f"{name} does not implement this algorithm", missing)
+    implemented = [algorithm for algorithm in algorithms if algorithm not in missing]
     reference = backends.get_backend(checks_module.REFERENCE)
-    results = []
-    for dtype in DTYPES:
+    for dtype in dtypes:
         if dtype not in backend.capabilities.dtypes:
-            results += _skipped(name, f"{name} does not support {dtype}", dtype)
+            results += _skipped(name, f"{name} does not support {dtype}", implemented, dtype)
             continue
-        results += [checks_module.run(check, backend, reference) for check in cases(dtype, quick=quick)]
+        results += [checks_module.run(check, backend, reference)
+                    for check in cases(dtype, quick=quick, algorithms=implemented)]
     return results
 
 
-def main(names: Iterable[str] | None = None, *, json_path: str | None = None, quick: bool = False) -> int:
+def main(names: Iterable[str] | None = None, *, json_path: str | None = None, quick: bool = False,
+         algorithms: Iterable[str] | None = None, dtypes: Iterable[str] | None = None) -> int:
     """Check the named backends (default: every registered one) and print the report; the exit status."""
     names = list(names or backends.registered())
     for name in names:
@@ -58,7 +65,8 @@ def main(names: Iterable[str] | None = None, *, json_path: str | None = None, qu
     results: list[Result] = []
     for name in names:
         print(f"checking backend {name} ...", file=sys.stderr, flush=True)
-        results += check_backend(name, quick=quick)
+        results += check_backend(name, quick=quick, algorithms=algorithms or tuple(ALGORITHMS),
+                                 dtypes=dtypes or DTYPES)
     print(f"conformance of {', '.join(names)} against the reference (refattn.fsat, refattn.routing); "
           f"the reference itself against naive O(L^2) oracles and finite differences")
     report.print_table(results, sys.stdout)

@@ -39,7 +39,14 @@ def _info(_: argparse.Namespace) -> int:
 def _conformance(arguments: argparse.Namespace) -> int:
     from refattn.conformance import runner
 
-    return runner.main(arguments.backend, json_path=arguments.json, quick=arguments.quick)
+    return runner.main(arguments.backend, json_path=arguments.json, quick=arguments.quick,
+                       algorithms=arguments.algorithm, dtypes=arguments.dtype)
+
+
+def _bench(arguments: argparse.Namespace) -> int:
+    from refattn.bench import runner
+
+    return runner.run(arguments)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,7 +60,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     conformance.add_argument("--backend", action="append", metavar="NAME", help="a backend to check (repeatable)")
     conformance.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     conformance.add_argument("--quick", action="store_true", help="the smallest shapes only")
+    conformance.add_argument("--algorithm", action="append", choices=("fsat", "routing"),
+                             help="only this algorithm (repeatable; default both)")
+    conformance.add_argument("--dtype", action="append", choices=("float64", "float32", "bfloat16", "float16"),
+                             help="only this dtype (repeatable; default every dtype of the tolerance table)")
     conformance.set_defaults(run=_conformance)
+    bench = commands.add_parser(
+        "bench", help="time and peak memory of every backend and algorithm against L: table, JSON, PNG plots"
+    )
+    bench.add_argument("--backend", action="append", metavar="NAME", help="backend (repeatable; default: all, and the peer 'lucidrains')")
+    bench.add_argument("--algorithm", action="append", choices=("fsat", "routing", "dense"), help="(repeatable; default: all)")
+    bench.add_argument("--length", action="append", type=int, metavar="L", help="(repeatable; default: 1024 4096 16384 65536)")
+    bench.add_argument("--direction", action="append", choices=("fwd", "bwd", "fwdbwd"), help="(repeatable; default: all)")
+    bench.add_argument("--dtype", action="append", metavar="DTYPE", help="float32 (default), float64, bfloat16, float16 (repeatable)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed calls per case (median and IQR reported)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    bench.add_argument("--max-seconds", type=float, default=60.0, help="stop timing a case after this many seconds")
+    bench.add_argument("--tokens", type=int, default=16384, help="B = max(1, tokens // L)")
+    bench.add_argument("--batch", type=int, help="fixed B instead of the token budget")
+    bench.add_argument("--heads", type=int, default=8)
+    bench.add_argument("--dim", type=int, default=64)
+    bench.add_argument("--top-k", type=int, default=16, help="FSAT's K")
+    bench.add_argument("--clusters", type=int, help="routing C (default round(sqrt(L)))")
+    bench.add_argument("--window", type=int, help="routing W (default ceil(L / C))")
+    bench.add_argument("--profile", default="lucidrains", help="routing profile (lucidrains: the peer's function)")
+    bench.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    bench.add_argument("--dense-max-gflop", type=float, default=2500.0, help="skip dense cases above this many GFLOP")
+    bench.add_argument("--out", default="bench-results", metavar="DIR", help="where bench.json and the plots go")
+    bench.add_argument("--no-plots", action="store_true")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--targets", action="store_true", help="measure issue 6's targets instead of a sweep")
+    bench.set_defaults(run=_bench)
     arguments = parser.parse_args(argv)
     return arguments.run(arguments)
 

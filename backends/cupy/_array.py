@@ -1,0 +1,195 @@
+"""Array intake and input validation for the CuPy backend, written against an array namespace ``xp``.
+
+Every public function first turns its array arguments into CuPy arrays on one device
+(:func:`arrays`): CuPy arrays as they are, objects exposing ``__cuda_array_interface__`` (Numba
+device arrays, CUDA torch tensors) or a CUDA DLPack capsule (``__dlpack__``) without a copy. NumPy
+arrays are refused (TypeError), except inside :func:`host_execution`, a testing aid that runs the
+host-side logic with NumPy as ``xp`` on a machine without a GPU (the CUDA kernels then refuse to
+launch). Arrays on different devices raise ValueError.
+
+The checks mirror refattn._validation (same messages) without converting to NumPy: dtype checks
+read ``.dtype``; value checks (finite, ranges) reduce on the device and read back one scalar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+
+from . import _config
+
+_host = threading.local()
+
+_DLPACK_CUDA = 2  # kDLCUDA in DLPack's DLDeviceType
+
+
+@contextlib.contextmanager
+def host_execution() -> Iterator[None]:
+    """Within this context, NumPy arrays are accepted and processed with NumPy as ``xp``.
+
+    For tests of the host-side logic (validation, shapes, dtypes, launch configuration) on machines
+    without a GPU. The kernels are never emulated: a kernel launch raises RuntimeError.
+    """
+    previous = getattr(_host, "enabled", False)
+    _host.enabled = True
+    try:
+        yield
+    finally:
+        _host.enabled = previous
+
+
+def host_enabled() -> bool:
+    return getattr(_host, "enabled", False)
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _is_numpy(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, np.generic))
+
+
+def _to_device(x: Any, name: str) -> Any:
+    cupy = _cupy()
+    if isinstance(x, cupy.ndarray):
+        return x
+    if hasattr(x, "__cuda_array_interface__"):
+        return cupy.asarray(x)  # zero-copy view of the producer's memory
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__") and x.__dlpack_device__()[0] == _DLPACK_CUDA:
+        try:
+            return cupy.from_dlpack(x)  # zero-copy
+        except Exception as error:  # e.g. a dtype CuPy has no equivalent for (bfloat16)
+            raise TypeError(f"{name}: cannot view this CUDA array as a CuPy array ({error})") from error
+    raise TypeError(
+        f"{name}: expected a CuPy array (or a CUDA array exposing __cuda_array_interface__ or DLPack), "
+        f"got {type(x).__module__}.{type(x).__name__}; move it to the GPU first (cupy.asarray)"
+    )
+
+
+def arrays(**named: Any) -> tuple[Any, dict[str, Any]]:
+    """(xp, {name: array or None}) for the named array arguments (None entries stay None).
+
+    CuPy mode: every array on the device of the first; ValueError naming the first that is not.
+    Host mode (inside :func:`host_execution`, all arguments NumPy or absent): xp is NumPy.
+    """
+    present = {name: x for name, x in named.items() if x is not None}
+    if host_enabled() and all(_is_numpy(x) for x in present.values()):
+        return np, {name: (None if x is None else np.asarray(x)) for name, x in named.items()}
+    cupy = _cupy()
+    out = {name: (None if x is None else _to_device(x, name)) for name, x in named.items()}
+    device = None
+    first = None
+    for name, x in out.items():
+        if x is None:
+            continue
+        if device is None:
+            device, first = x.device.id, name
+        elif x.device.id != device:
+            raise ValueError(
+                f"{name}: expected an array on the device of {first} (CUDA device {device}), got one on CUDA device "
+                f"{x.device.id}"
+            )
+    return cupy, out
+
+
+def device_of(xp: Any, x: Any) -> Any:
+    """A context manager making ``x``'s device current (a no-op in host mode)."""
+    if xp is np:
+        return contextlib.nullcontext()
+    return x.device
+
+
+def _count_bad(xp: Any, bad: Any) -> int:
+    return int(xp.count_nonzero(bad))
+
+
+def float_array(xp: Any, x: Any, name: str, *, rank: int | None = None, axes: str | None = None,
+                allow_neg_inf: bool = False) -> Any:
+    """Check a real floating array of a supported dtype (and rank); finite (or -inf when allowed)."""
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a real floating-point array, got dtype {x.dtype}")
+    if x.dtype.name not in _config.SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name}: the CuPy backend supports the dtypes {', '.join(_config.SUPPORTED_DTYPES)}, got {x.dtype}"
+        )
+    if rank is not None and x.ndim != rank:
+        layout = f" {axes}" if axes else ""
+        raise ValueError(f"{name}: expected a {rank}-D array{layout}, got shape {tuple(x.shape)}")
+    if allow_neg_inf:
+        if x.size and _count_bad(xp, xp.isnan(x) | (x == np.inf)):
+            raise ValueError(f"{name}: expected finite values or -inf, got NaN or +Inf entries")
+    elif x.size:
+        bad = _count_bad(xp, ~xp.isfinite(x))
+        if bad:
+            raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf entries")
+    return x
+
+
+def expect_shape(x: Any, name: str, expected: tuple[int | None, ...], axes: str) -> None:
+    shape = tuple(x.shape)
+    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+    if not ok:
+        wanted = tuple("*" if e is None else e for e in expected)
+        raise ValueError(f"{name}: expected shape {axes} = {wanted}, got {shape}")
+
+
+def sequence(xp: Any, x: Any, name: str, axes: str, like: tuple[int, ...] | None = None, *,
+             feature: int | None = None) -> Any:
+    """A (B, H, L, F) float array; with ``like = (B, H, L)`` its leading axes (and F = feature) must match."""
+    float_array(xp, x, name, rank=4, axes=axes)
+    if like is not None:
+        expect_shape(x, name, (*like, feature), axes)
+    if 0 in x.shape:
+        raise ValueError(f"{name}: expected every axis of {axes} to be at least 1, got shape {tuple(x.shape)}")
+    return x
+
+
+def index_array(x: Any, name: str, *, rank: int, axes: str) -> Any:
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer array, got dtype {x.dtype}")
+    if x.ndim != rank:
+        raise ValueError(f"{name}: expected a {rank}-D array {axes}, got shape {tuple(x.shape)}")
+    return x.astype(np.int64, copy=False)
+
+
+def padding_mask(x: Any, batch: int, length: int) -> Any:
+    if x is None:
+        return None
+    if x.dtype != np.bool_:
+        raise TypeError(f"key_padding_mask: expected a bool array (True = padding), got dtype {x.dtype}")
+    if tuple(x.shape) != (batch, length):
+        raise ValueError(f"key_padding_mask: expected shape (B, L) = ({batch}, {length}), got {tuple(x.shape)}")
+    return x
+
+
+def integer_in_range(value: Any, name: str, *, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}: expected an integer in {bound}, got {value}")
+    return int(value)
+
+
+def one_of(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def result_dtype(*xs: Any) -> np.dtype:
+    """The floating dtype of a call's outputs: the promotion of its floating inputs' dtypes."""
+    return np.result_type(*[x.dtype for x in xs if x is not None])
+
+
+def acc(x: Any, dtype: np.dtype) -> Any:
+    """``x`` in the accumulation dtype of ``dtype`` (no copy when it already is)."""
+    return x.astype(_config.accumulation_dtype(dtype), copy=False)
