@@ -1,0 +1,50 @@
+"""The PyTorch backend: the interface of spec/interface.md on CPU and CUDA tensors, with autograd.
+
+Also the layers for training: :class:`FSATAttention` and :class:`RoutingAttention`.
+
+``get_backend("torch").fsat.attention`` and ``.routing.attention`` are differentiable with
+``torch.autograd``; the ``*_vjp`` functions give the same gradients explicitly. Inputs must be
+tensors on one device; outputs are tensors of the inputs' dtype (float16 and bfloat16 inputs are
+accumulated in float32 in the softmax, the reductions and the FFT).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from refattn.backends import Backend, Capabilities
+from refattn.backends.torch import fsat, routing
+from refattn.backends.torch.fsat_module import FSATAttention
+from refattn.backends.torch.routing_module import RoutingAttention
+
+__all__ = ["FSATAttention", "RoutingAttention", "backend", "fsat", "routing"]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _from_numpy(array: np.ndarray, dtype: str | None = None, device: str = "cpu") -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(_DTYPES[dtype])
+    return tensor.to(device)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    return (tensor.double() if tensor.is_floating_point() else tensor.long()).numpy()
+
+
+def backend() -> Backend:
+    """The PyTorch backend on the CPU, and on CUDA when a device is visible."""
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    where = f"CUDA device {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only (no CUDA device)"
+    return Backend(
+        name="torch",
+        fsat=fsat,
+        routing=routing,
+        capabilities=Capabilities(dtypes=tuple(_DTYPES), devices=devices, gradients=True),
+        from_numpy=_from_numpy,
+        to_numpy=_to_numpy,
+        status=f"PyTorch {torch.__version__}, {where}",
+    )

@@ -1,0 +1,694 @@
+"""FSAT on PyTorch tensors: the ``fsat`` namespace of spec/interface.md, with autograd.
+
+Every function mirrors the NumPy reference :mod:`refattn.fsat` (same names, keywords, defaults,
+shapes and tie-breaks) on tensors of one device (CPU or CUDA). float64 and float32 inputs are
+computed in their own dtype; float16 and bfloat16 inputs are computed in float32 (FFT, softmax,
+reductions) and the results cast back to the input dtype. Offsets are int64.
+
+Differentiable (``torch.autograd``): ``cross`` (a, b), ``estimate`` (c, w), ``sparse_attention``
+(q, k, v, bias) and ``attention`` (q, k, v, w, cross_q, cross_k). ``cross`` and
+``sparse_attention`` are ``torch.autograd.Function``s whose backward is the explicit VJP below, and
+``attention`` composes them with the gradient truncation of spec/fsat.md step 4: the cross module
+sees *detached* q and k, so q and k get gradient only through the sparse attention, w through the
+bias s[offsets], given cross inputs through the estimator path, and the offsets none.
+
+Memory: the sparse attention loops over the K selected offsets; each step gathers the rows of k
+(or v) shifted by that offset, a (B, H, L, D) tensor, so no (B, H, L, K, D) tensor is ever built.
+Forward saves (q, k, v, offsets, bias, out, lse) only and backward recomputes the logits offset
+by offset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from refattn.fsat import FSATGrads
+
+from . import _checks as chk
+
+__all__ = [
+    "pair_counts",
+    "cross",
+    "cross_vjp",
+    "estimate",
+    "estimate_vjp",
+    "select",
+    "candidate_order",
+    "sparse_attention",
+    "sparse_attention_vjp",
+    "attention",
+    "attention_vjp",
+    "attention_with_offsets",
+    "FSATGrads",
+]
+
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------
+# step 1: the cross
+# --------------------------------------------------------------------------------------------
+
+
+def _next_fast_len(target: int) -> int:
+    """The smallest 2**a * 3**b * 5**c >= target: ``scipy.fft.next_fast_len(target, real=True)``.
+
+    Pure Python so that ``torch.compile`` traces it as a constant (scipy's is a C extension that
+    Dynamo cannot trace); tests check it against scipy.
+    """
+    if target <= 6:
+        return max(int(target), 1)
+    best = 1 << (target - 1).bit_length()  # a power of two is always a candidate
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            # the smallest power of two with p35 * 2**a >= target
+            quotient = -(-target // p35)
+            candidate = p35 * (1 << (quotient - 1).bit_length())
+            if candidate < best:
+                best = candidate
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _fft_length(length: int) -> int:
+    """N >= 2L - 1, a fast real-FFT size: no wrap-around reaches the entries the convolutions keep."""
+    return _next_fast_len(2 * length - 1)
+
+
+def _counts(length: int, unpadded: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """n_tau as a float64 (B or 1, 2L - 1) tensor; exact integers (FFT in float64, rounded)."""
+    if unpadded is None:
+        tau = torch.arange(-(length - 1), length, device=device, dtype=torch.float64)
+        return (length - tau.abs())[None, :]
+    valid = unpadded.to(torch.float64)
+    n = _fft_length(length)
+    spectrum = torch.fft.rfft(valid.flip(-1), n=n, dim=-1) * torch.fft.rfft(valid, n=n, dim=-1)
+    return torch.fft.irfft(spectrum, n=n, dim=-1)[:, : 2 * length - 1].round()
+
+
+def _inverse_counts(length: int, unpadded: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """1 / n_tau as a (B or 1, 1, 2L - 1, 1) tensor of ``dtype``, 0 where n_tau = 0."""
+    counts = _counts(length, unpadded, device)
+    inverse = torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), torch.zeros_like(counts))
+    return inverse.to(dtype)[:, None, :, None]
+
+
+def _has_pairs(length: int, unpadded: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """(B, 1, 2L - 1) bool "n_tau > 0", or None without padding (every offset has a pair)."""
+    if unpadded is None:
+        return None
+    return (_counts(length, unpadded, device) > 0)[:, None, :]
+
+
+def _correlate(x: torch.Tensor, y: torch.Tensor, length: int) -> torch.Tensor:
+    """The first 2L - 1 entries of the linear convolution of x and y (each of length L) along
+    dim 2, through zero-padded real FFTs of length N = next_fast_len(2L - 1): no wrap-around."""
+    n = _fft_length(length)
+    spectrum = torch.fft.rfft(x, n=n, dim=2) * torch.fft.rfft(y, n=n, dim=2)
+    return torch.fft.irfft(spectrum, n=n, dim=2)[:, :, : 2 * length - 1]
+
+
+def _zero_padded(x: torch.Tensor, unpadded: torch.Tensor | None) -> torch.Tensor:
+    if unpadded is None:
+        return x
+    return torch.where(unpadded[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _unpadded(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else ~mask
+
+
+def _cross_core(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None) -> torch.Tensor:
+    """c for compute-dtype a, b: (B, H, 2L - 1, Dc)."""
+    length = a.shape[2]
+    a = _zero_padded(a, unpadded)
+    b = _zero_padded(b, unpadded)
+    numerator = _correlate(a.flip(2), b, length)
+    return numerator * _inverse_counts(length, unpadded, a.device, a.dtype)
+
+
+def _cross_vjp_core(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor, unpadded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da, db) for compute-dtype tensors.
+
+    With g = dc / n: da = (b conv reverse(g))[L-1 : 2L-1], db = (a conv g)[L-1 : 2L-1]; a circular
+    convolution of length N >= 2L - 1 leaves those L entries free of wrap-around.
+    """
+    length = a.shape[2]
+    a = _zero_padded(a, unpadded)
+    b = _zero_padded(b, unpadded)
+    g = dc * _inverse_counts(length, unpadded, a.device, a.dtype)
+    n = _fft_length(length)
+    da = torch.fft.irfft(torch.fft.rfft(b, n=n, dim=2) * torch.fft.rfft(g.flip(2), n=n, dim=2), n=n, dim=2)
+    db = torch.fft.irfft(torch.fft.rfft(a, n=n, dim=2) * torch.fft.rfft(g, n=n, dim=2), n=n, dim=2)
+    da = _zero_padded(da[:, :, length - 1 : 2 * length - 1], unpadded)
+    db = _zero_padded(db[:, :, length - 1 : 2 * length - 1], unpadded)
+    return da, db
+
+
+class _Cross(torch.autograd.Function):
+    """c = cross(a, b) with the explicit VJP as backward (saves a and b only)."""
+
+    @staticmethod
+    def forward(ctx, a, b, unpadded):  # type: ignore[override]
+        ctx.save_for_backward(a, b, unpadded)
+        ctx.has_mask = unpadded is not None
+        return _cross_core(a, b, unpadded)
+
+    @staticmethod
+    def backward(ctx, dc):  # type: ignore[override]
+        a, b, unpadded = ctx.saved_tensors
+        da, db = _cross_vjp_core(a, b, dc, unpadded if ctx.has_mask else None)
+        return da, db, None
+
+
+def _check_cross_inputs(a: Any, b: Any, key_padding_mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    chk.same_device(a=a, b=b, key_padding_mask=key_padding_mask)
+    a = chk.sequence(a, "a", "(B, H, L, Dc)")
+    b = chk.sequence(b, "b", "(B, H, L, Dc)", tuple(a.shape[:3]), feature=a.shape[3])
+    chk.same_dtype(a=a, b=b)
+    mask = chk.padding_mask(key_padding_mask, a.shape[0], a.shape[2])
+    return a, b, mask
+
+
+def pair_counts(length: int, key_padding_mask: Any = None) -> torch.Tensor:
+    """Number of valid pairs n_tau on every diagonal tau = j - i, index t holding tau = t - (L - 1).
+
+    Without a mask: (1, 2L - 1) int64 on the CPU, n_tau = L - |tau|. With a bool (B, L) mask
+    (True = padding): (B, 2L - 1) int64 on the mask's device, the autocorrelation of the validity
+    indicator (float64 FFT, rounded: exact).
+    """
+    length = chk.integer_in_range(length, "length", low=1)
+    if key_padding_mask is None:
+        return _counts(length, None, torch.device("cpu")).long()
+    mask = chk.padding_mask(key_padding_mask, None, length)
+    return _counts(length, ~mask, mask.device).long()
+
+
+def cross(a: Any, b: Any, *, key_padding_mask: Any = None) -> torch.Tensor:
+    """Hidden-state cross c[b, h, t] = (1 / n_tau) sum_{valid i} a[b, h, i] * b[b, h, i + tau].
+
+    a, b: (B, H, L, Dc) tensors of one dtype; returns (B, H, 2L - 1, Dc) of that dtype,
+    differentiable in a and b. Offsets with n_tau = 0 hold 0. FFT of length next_fast_len(2L - 1).
+    """
+    a, b, mask = _check_cross_inputs(a, b, key_padding_mask)
+    cd = chk.compute_dtype(a.dtype)
+    c = _Cross.apply(a.to(cd), b.to(cd), _unpadded(mask))
+    return c.to(a.dtype)
+
+
+def cross_vjp(a: Any, b: Any, dc: Any, *, key_padding_mask: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector-Jacobian product of :func:`cross`: (da, db), each (B, H, L, Dc); padded rows 0."""
+    chk.same_device(a=a, b=b, dc=dc, key_padding_mask=key_padding_mask)
+    a, b, mask = _check_cross_inputs(a, b, key_padding_mask)
+    batch, heads, length, features = a.shape
+    dc = chk.sequence(dc, "dc", "(B, H, 2L - 1, Dc)", (batch, heads, 2 * length - 1), feature=features)
+    cd = chk.compute_dtype(a.dtype)
+    with torch.no_grad():
+        da, db = _cross_vjp_core(a.to(cd), b.to(cd), dc.to(cd), _unpadded(mask))
+    return da.to(a.dtype), db.to(a.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# step 2: estimate and select
+# --------------------------------------------------------------------------------------------
+
+
+def _check_estimate_inputs(c: Any, w: Any, key_padding_mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    chk.same_device(c=c, w=w, key_padding_mask=key_padding_mask)
+    c = chk.sequence(c, "c", "(B, H, 2L - 1, Dc)")
+    batch, heads, count, features = c.shape
+    length = chk.length_from_offsets(count, "c")
+    w = chk.float_tensor(w, "w", rank=2, axes="(H, Dc)")
+    chk.expect_shape(w, "w", (heads, features), "(H, Dc)")
+    mask = chk.padding_mask(key_padding_mask, batch, length)
+    return c, w, mask, length
+
+
+def _estimate_core(c: torch.Tensor, w: torch.Tensor, has_pairs: torch.Tensor | None) -> torch.Tensor:
+    scores = torch.einsum("bhtd,hd->bht", c, w) * (1.0 / math.sqrt(c.shape[3]))
+    if has_pairs is None:
+        return scores
+    return torch.where(has_pairs, scores, torch.full((), _NEG_INF, dtype=scores.dtype, device=scores.device))
+
+
+def estimate(c: Any, w: Any, *, key_padding_mask: Any = None) -> torch.Tensor:
+    """Scores s[b, h, t] = <w[h], c[b, h, t]> / sqrt(Dc), -inf where n_tau = 0.
+
+    c: (B, H, 2L - 1, Dc); w: (H, Dc) (cast to c's compute dtype). Returns (B, H, 2L - 1) of c's
+    dtype, differentiable in c and w.
+    """
+    c, w, mask, length = _check_estimate_inputs(c, w, key_padding_mask)
+    cd = chk.compute_dtype(c.dtype)
+    s = _estimate_core(c.to(cd), w.to(cd), _has_pairs(length, _unpadded(mask), c.device))
+    return s.to(c.dtype)
+
+
+def estimate_vjp(c: Any, w: Any, ds: Any, *, key_padding_mask: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector-Jacobian product of :func:`estimate`: (dc (B, H, 2L - 1, Dc), dw (H, Dc)).
+
+    ``ds`` at offsets with n_tau = 0 is ignored.
+    """
+    chk.same_device(c=c, w=w, ds=ds, key_padding_mask=key_padding_mask)
+    c, w, mask, length = _check_estimate_inputs(c, w, key_padding_mask)
+    ds = chk.float_tensor(ds, "ds", rank=3, axes="(B, H, 2L - 1)")
+    chk.expect_shape(ds, "ds", tuple(c.shape[:3]), "(B, H, 2L - 1)")
+    cd = chk.compute_dtype(c.dtype)
+    with torch.no_grad():
+        cc, wc, dsc = c.to(cd), w.to(cd), ds.to(cd)
+        has_pairs = _has_pairs(length, _unpadded(mask), c.device)
+        if has_pairs is not None:
+            dsc = torch.where(has_pairs, dsc, torch.zeros((), dtype=cd, device=dsc.device))
+        dsc = dsc * (1.0 / math.sqrt(c.shape[3]))
+        dc = dsc[..., None] * wc[None, :, None, :]
+        dw = torch.einsum("bht,bhtd->hd", dsc, cc)
+    return dc.to(c.dtype), dw.to(w.dtype)
+
+
+def candidate_order(length: int, *, causal: bool = False, device: Any = None) -> torch.Tensor:
+    """Candidate offsets in tie-break priority: -1, 1, -2, 2, ... (causal: -1, -2, ...), int64."""
+    magnitude = torch.arange(1, length, dtype=torch.int64, device=device)
+    if causal:
+        return -magnitude
+    return torch.stack([-magnitude, magnitude], dim=1).reshape(-1)
+
+
+def _select_core(s: torch.Tensor, top_k: int, causal: bool) -> torch.Tensor:
+    """Offsets (B, H, K_eff) int64 ascending from (noisy) scores s (B, H, 2L - 1)."""
+    length = (s.shape[2] + 1) // 2
+    candidates = candidate_order(length, causal=causal, device=s.device)
+    k_eff = min(top_k, candidates.numel() + 1)
+    zero = torch.zeros(s.shape[:2] + (1,), dtype=torch.int64, device=s.device)
+    if k_eff == 1:
+        return zero
+    scores = s.index_select(2, candidates + (length - 1))
+    # Stable descending sort: equal scores keep the tie-break priority order of `candidates`;
+    # -inf sorts last and keeps that order too.
+    best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :, : k_eff - 1]
+    chosen = candidates[best]
+    return torch.sort(torch.cat([zero, chosen], dim=-1), dim=-1).values
+
+
+def select(s: Any, top_k: int, *, causal: bool = False, noise: Any = None) -> torch.Tensor:
+    """tau = 0 and the K - 1 candidates with the largest s_tau + g_tau; (B, H, K_eff) int64 ascending.
+
+    Candidates: tau != 0 (causal: tau < 0). Ties: smaller |tau|, then the negative offset.
+    K_eff = min(K, 2L - 1), causal min(K, L). ``noise`` (B, H, 2L - 1) is added for the choice only.
+    """
+    chk.same_device(s=s, noise=noise)
+    s = chk.score_tensor(s, "s", rank=3, axes="(B, H, 2L - 1)")
+    chk.length_from_offsets(s.shape[2], "s")
+    top_k = chk.integer_in_range(top_k, "top_k", low=1)
+    cd = chk.compute_dtype(s.dtype)
+    s = s.detach().to(cd)
+    if noise is not None:
+        noise = chk.float_tensor(noise, "noise", rank=3, axes="(B, H, 2L - 1)")
+        chk.expect_shape(noise, "noise", tuple(s.shape), "(B, H, 2L - 1)")
+        s = s + noise.detach().to(cd)
+    return _select_core(s, top_k, bool(causal))
+
+
+# --------------------------------------------------------------------------------------------
+# step 3: the sparse attention
+# --------------------------------------------------------------------------------------------
+
+
+class _Shifter:
+    """Row shifts y[b, h, i] = x[b, h, i + shift[b, h]] by a row gather on the flattened (B*H*L, F).
+
+    One index of B*H*L entries per offset; rows whose i + shift falls outside [0, L) are clamped
+    (callers mask them).
+    """
+
+    def __init__(self, batch: int, heads: int, length: int, device: torch.device):
+        self.shape = (batch, heads, length)
+        self.positions = torch.arange(length, device=device)
+        self.base = (torch.arange(batch * heads, device=device) * length).view(batch, heads, 1)
+
+    def target(self, shift: torch.Tensor) -> torch.Tensor:
+        return self.positions + shift[:, :, None]  # (B, H, L)
+
+    def rows(self, target: torch.Tensor) -> torch.Tensor:
+        length = self.shape[2]
+        return (self.base + target.clamp(0, length - 1)).reshape(-1)
+
+    def gather(self, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return flat.index_select(0, rows).view(*self.shape, flat.shape[-1])
+
+
+def _valid(sh: _Shifter, target: torch.Tensor, shift: torch.Tensor, causal: bool, unpadded_bhl: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, L) bool: (i, i + shift) in range, causal-allowed and both unpadded."""
+    length = sh.shape[2]
+    valid = (target >= 0) & (target < length)
+    if causal:
+        valid = valid & (shift <= 0)[:, :, None]
+    if unpadded_bhl is not None:
+        partner = torch.gather(unpadded_bhl, 2, target.clamp(0, length - 1))
+        valid = valid & unpadded_bhl & partner
+    return valid
+
+
+def _unpadded_bhl(unpadded: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    if unpadded is None:
+        return None
+    return unpadded[:, None, :].expand(unpadded.shape[0], heads, unpadded.shape[1]).contiguous()
+
+
+def _logit(q, kflat, sh, shift, bias_m, causal, unpadded_bhl, scale):
+    """Masked logits z (B, H, L) of one offset, and the shifted keys' row index."""
+    target = sh.target(shift)
+    rows = sh.rows(target)
+    z = torch.einsum("bhld,bhld->bhl", q, sh.gather(kflat, rows)) * scale
+    if bias_m is not None:
+        z = z + bias_m[:, :, None]
+    valid = _valid(sh, target, shift, causal, unpadded_bhl)
+    z = torch.where(valid, z, torch.full((), _NEG_INF, dtype=z.dtype, device=z.device))
+    return z, rows, valid
+
+
+def _sparse_forward(q, k, v, offsets, bias, causal, unpadded):
+    """(out, lse) for compute-dtype tensors; loops over the K offsets, no (B, H, L, K, D) tensor."""
+    batch, heads, length, dim = q.shape
+    count = offsets.shape[2]
+    scale = 1.0 / math.sqrt(dim)
+    sh = _Shifter(batch, heads, length, q.device)
+    kflat = k.reshape(-1, dim)
+    vflat = v.reshape(-1, v.shape[3])
+    unpadded_bhl = _unpadded_bhl(unpadded, heads)
+    logits = []
+    rows_all = []
+    for m in range(count):
+        bias_m = None if bias is None else bias[:, :, m]
+        z, rows, _ = _logit(q, kflat, sh, offsets[:, :, m], bias_m, causal, unpadded_bhl, scale)
+        logits.append(z)
+        rows_all.append(rows)
+    logits_t = torch.stack(logits, dim=-1)  # (B, H, L, K)
+    lse = torch.logsumexp(logits_t, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(logits_t - safe[..., None])  # 0 at invalid pairs; rows without a key are all 0
+    out = torch.zeros(q.shape[:3] + (v.shape[3],), dtype=v.dtype, device=v.device)
+    for m in range(count):
+        out.addcmul_(probs[..., m, None], sh.gather(vflat, rows_all[m]))
+    return out, lse
+
+
+def _sparse_backward(q, k, v, offsets, bias, causal, unpadded, out, lse, dout, dlse):
+    """(dq, dk, dv, dbias) for compute-dtype tensors, recomputing the probabilities offset by offset."""
+    batch, heads, length, dim = q.shape
+    count = offsets.shape[2]
+    scale = 1.0 / math.sqrt(dim)
+    sh = _Shifter(batch, heads, length, q.device)
+    kflat = k.reshape(-1, dim)
+    vflat = v.reshape(-1, v.shape[3])
+    unpadded_bhl = _unpadded_bhl(unpadded, heads)
+    finite = torch.isfinite(lse)
+    safe = torch.where(finite, lse, torch.zeros_like(lse))
+    row_term = torch.einsum("bhlv,bhlv->bhl", dout, out)
+    if dlse is not None:
+        row_term = row_term - torch.where(finite, dlse, torch.zeros_like(dlse))
+    dq = torch.zeros_like(q)
+    dk = torch.zeros(batch * heads * length, dim, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(batch * heads * length, v.shape[3], dtype=v.dtype, device=v.device)
+    dbias = []
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    for m in range(count):
+        bias_m = None if bias is None else bias[:, :, m]
+        z, rows, valid = _logit(q, kflat, sh, offsets[:, :, m], bias_m, causal, unpadded_bhl, scale)
+        p = torch.where(valid, torch.exp(z - safe), zero)
+        dp = torch.einsum("bhlv,bhlv->bhl", dout, sh.gather(vflat, rows))
+        dz = p * (dp - row_term)
+        dq.addcmul_(dz[..., None], sh.gather(kflat, rows))
+        # Key j = i + tau hears from query i: one query per key per offset. The rows of invalid
+        # pairs (clamped to the sequence ends) add exact zeros (dz = p = 0 there), so the
+        # accumulation is exact and its order does not matter, also with atomics on a GPU.
+        dk.index_add_(0, rows, (dz[..., None] * q).reshape(-1, dim))
+        dv.index_add_(0, rows, (p[..., None] * dout).reshape(-1, dout.shape[3]))
+        dbias.append(dz.sum(-1))
+    dk = dk.view(k.shape)
+    dv = dv.view(v.shape)
+    dbias_t = torch.stack(dbias, dim=-1) if bias is not None else None
+    return dq * scale, dk * scale, dv, dbias_t
+
+
+class _SparseAttention(torch.autograd.Function):
+    """(out, lse) = sparse_attention(...); saves inputs, out and lse; backward recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, offsets, bias, unpadded, causal):  # type: ignore[override]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # row gathers on (B*H*L, F) views
+        out, lse = _sparse_forward(q, k, v, offsets, bias, causal, unpadded)
+        ctx.save_for_backward(q, k, v, offsets, bias, unpadded, out, lse)
+        ctx.causal = causal
+        ctx.has_bias = bias is not None
+        ctx.has_mask = unpadded is not None
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, k, v, offsets, bias, unpadded, out, lse = ctx.saved_tensors
+        dq, dk, dv, dbias = _sparse_backward(
+            q, k, v, offsets, bias if ctx.has_bias else None, ctx.causal,
+            unpadded if ctx.has_mask else None, out, lse, dout, dlse,
+        )
+        return dq, dk, dv, None, dbias, None, None
+
+
+def _check_sparse_inputs(q, k, v, offsets, bias, key_padding_mask):
+    chk.same_device(q=q, k=k, v=v, offsets=offsets, bias=bias, key_padding_mask=key_padding_mask)
+    q = chk.sequence(q, "q", "(B, H, L, D)")
+    batch, heads, length, dim = q.shape
+    k = chk.sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
+    v = chk.sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
+    chk.same_dtype(q=q, k=k, v=v)
+    offsets = chk.index_tensor(offsets, "offsets", rank=3, axes="(B, H, K)")
+    chk.expect_shape(offsets, "offsets", (batch, heads, None), "(B, H, K)")
+    if offsets.shape[2] < 1:
+        raise ValueError(f"offsets: expected at least one offset per (batch, head), got shape {tuple(offsets.shape)}")
+    if chk.checking_values(offsets):
+        if bool((offsets.abs() > length - 1).any()):
+            raise ValueError(
+                f"offsets: expected offsets in [-(L-1), L-1] = [{-(length - 1)}, {length - 1}], "
+                f"got values in [{int(offsets.min())}, {int(offsets.max())}]"
+            )
+        ordered = torch.sort(offsets, dim=-1).values
+        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+            raise ValueError("offsets: expected distinct offsets within each (batch, head), got a repeated offset")
+    if bias is not None:
+        bias = chk.score_tensor(bias, "bias", rank=3, axes="(B, H, K)")
+        chk.expect_shape(bias, "bias", tuple(offsets.shape), "(B, H, K)")
+    mask = chk.padding_mask(key_padding_mask, batch, length)
+    return q, k, v, offsets, bias, mask
+
+
+def sparse_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    offsets: Any,
+    bias: Any = None,
+    *,
+    causal: bool = False,
+    key_padding_mask: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query i to the keys i + tau_m on the selected diagonals, plus bias_m.
+
+    Returns (out (B, H, L, Dv), lse (B, H, L)) of q's dtype; rows without a valid key have out 0
+    and lse -inf. Differentiable in q, k, v and bias (a ``torch.autograd.Function``).
+    """
+    q, k, v, offsets, bias, mask = _check_sparse_inputs(q, k, v, offsets, bias, key_padding_mask)
+    dtype = q.dtype
+    cd = chk.compute_dtype(dtype)
+    bias_c = None if bias is None else bias.to(cd)
+    out, lse = _SparseAttention.apply(
+        q.to(cd), k.to(cd), v.to(cd), offsets, bias_c, _unpadded(mask), bool(causal)
+    )
+    return out.to(dtype), lse.to(dtype)
+
+
+def sparse_attention_vjp(
+    q: Any,
+    k: Any,
+    v: Any,
+    offsets: Any,
+    bias: Any,
+    dout: Any,
+    *,
+    dlse: Any = None,
+    causal: bool = False,
+    key_padding_mask: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Vector-Jacobian product of :func:`sparse_attention`: (dq, dk, dv, dbias); dbias None without bias."""
+    chk.same_device(q=q, dout=dout, dlse=dlse)
+    q, k, v, offsets, bias, mask = _check_sparse_inputs(q, k, v, offsets, bias, key_padding_mask)
+    batch, heads, length, _ = q.shape
+    dout = chk.sequence(dout, "dout", "(B, H, L, Dv)", (batch, heads, length), feature=v.shape[3])
+    if dlse is not None:
+        dlse = chk.float_tensor(dlse, "dlse", rank=3, axes="(B, H, L)")
+        chk.expect_shape(dlse, "dlse", (batch, heads, length), "(B, H, L)")
+    cd = chk.compute_dtype(q.dtype)
+    with torch.no_grad():
+        qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
+        bias_c = None if bias is None else bias.to(cd)
+        unpadded = _unpadded(mask)
+        out, lse = _sparse_forward(qc, kc, vc, offsets, bias_c, bool(causal), unpadded)
+        dq, dk, dv, dbias = _sparse_backward(
+            qc, kc, vc, offsets, bias_c, bool(causal), unpadded, out, lse, dout.to(cd),
+            None if dlse is None else dlse.to(cd),
+        )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def _check_attention_inputs(q, k, v, w, top_k, key_padding_mask, noise, cross_q, cross_k):
+    chk.same_device(q=q, k=k, v=v, w=w, key_padding_mask=key_padding_mask, noise=noise, cross_q=cross_q, cross_k=cross_k)
+    q = chk.sequence(q, "q", "(B, H, L, D)")
+    batch, heads, length, dim = q.shape
+    k = chk.sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
+    v = chk.sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
+    chk.same_dtype(q=q, k=k, v=v)
+    if (cross_q is None) != (cross_k is None):
+        missing = "cross_k" if cross_k is None else "cross_q"
+        raise ValueError(f"{missing}: cross_q and cross_k must be given together (both or neither), got only one")
+    if cross_q is not None:
+        cross_q = chk.sequence(cross_q, "cross_q", "(B, H, L, Dc)", (batch, heads, length))
+        cross_k = chk.sequence(cross_k, "cross_k", "(B, H, L, Dc)", (batch, heads, length), feature=cross_q.shape[3])
+        chk.same_dtype(cross_q=cross_q, cross_k=cross_k)
+        features = cross_q.shape[3]
+    else:
+        features = dim
+    w = chk.float_tensor(w, "w", rank=2, axes="(H, Dc)")
+    chk.expect_shape(w, "w", (heads, features), "(H, Dc)")
+    top_k = chk.integer_in_range(top_k, "top_k", low=1)
+    mask = chk.padding_mask(key_padding_mask, batch, length)
+    if noise is not None:
+        noise = chk.float_tensor(noise, "noise", rank=3, axes="(B, H, 2L - 1)")
+        chk.expect_shape(noise, "noise", (batch, heads, 2 * length - 1), "(B, H, 2L - 1)")
+    return q, k, v, w, top_k, mask, noise, cross_q, cross_k
+
+
+def _plan(q, k, v, w, top_k, causal, mask, noise, cross_q, cross_k):
+    """Steps 1-2 in the compute dtype: (c, s, offsets, bias); autograd flows per step 4."""
+    cd = chk.compute_dtype(q.dtype)
+    length = q.shape[2]
+    unpadded = _unpadded(mask)
+    if cross_q is not None:
+        c = _Cross.apply(cross_q.to(cd), cross_k.to(cd), unpadded)
+    else:
+        with torch.no_grad():  # step 4: the estimator path is cut from q and k
+            c = _cross_core(q.detach().to(cd), k.detach().to(cd), unpadded)
+    s = _estimate_core(c, w.to(cd), _has_pairs(length, unpadded, q.device))
+    noisy = s.detach() if noise is None else s.detach() + noise.detach().to(cd)
+    offsets = _select_core(noisy, top_k, causal)
+    bias = torch.gather(s, 2, offsets + (length - 1))
+    return c, s, offsets, bias
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    w: Any,
+    top_k: int,
+    *,
+    causal: bool = False,
+    key_padding_mask: Any = None,
+    noise: Any = None,
+    cross_q: Any = None,
+    cross_k: Any = None,
+) -> torch.Tensor:
+    """FSAT attention: cross -> estimate -> select -> sparse attention with bias s[offsets].
+
+    Returns out (B, H, L, Dv) of q's dtype, differentiable in q, k, v, w, cross_q, cross_k with the
+    truncation of spec/fsat.md step 4 (q and k get gradient only through the sparse attention).
+    """
+    q, k, v, w, top_k, mask, noise, cross_q, cross_k = _check_attention_inputs(
+        q, k, v, w, top_k, key_padding_mask, noise, cross_q, cross_k
+    )
+    causal = bool(causal)
+    cd = chk.compute_dtype(q.dtype)
+    _, _, offsets, bias = _plan(q, k, v, w, top_k, causal, mask, noise, cross_q, cross_k)
+    out, _ = _SparseAttention.apply(q.to(cd), k.to(cd), v.to(cd), offsets, bias, _unpadded(mask), causal)
+    return out.to(q.dtype)
+
+
+def attention_with_offsets(
+    q: Any,
+    k: Any,
+    v: Any,
+    w: Any,
+    top_k: int,
+    *,
+    causal: bool = False,
+    key_padding_mask: Any = None,
+    noise: Any = None,
+    cross_q: Any = None,
+    cross_k: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` that also returns the selected offsets (B, H, K_eff) (used by the module)."""
+    q, k, v, w, top_k, mask, noise, cross_q, cross_k = _check_attention_inputs(
+        q, k, v, w, top_k, key_padding_mask, noise, cross_q, cross_k
+    )
+    causal = bool(causal)
+    cd = chk.compute_dtype(q.dtype)
+    _, _, offsets, bias = _plan(q, k, v, w, top_k, causal, mask, noise, cross_q, cross_k)
+    out, _ = _SparseAttention.apply(q.to(cd), k.to(cd), v.to(cd), offsets, bias, _unpadded(mask), causal)
+    return out.to(q.dtype), offsets
+
+
+def attention_vjp(
+    q: Any,
+    k: Any,
+    v: Any,
+    w: Any,
+    top_k: int,
+    dout: Any,
+    *,
+    causal: bool = False,
+    key_padding_mask: Any = None,
+    noise: Any = None,
+    cross_q: Any = None,
+    cross_k: Any = None,
+) -> FSATGrads:
+    """Gradient of :func:`attention` with the truncation of step 4, as ``FSATGrads``.
+
+    dq, dk, dv from the sparse attention; ds = dbias scattered to the selected offsets;
+    dw = estimate_vjp(c, w, ds).dw; the cross fields (only when given) = cross_vjp(.., dc).
+    """
+    q, k, v, w, top_k, mask, noise, cross_q, cross_k = _check_attention_inputs(
+        q, k, v, w, top_k, key_padding_mask, noise, cross_q, cross_k
+    )
+    chk.same_device(q=q, dout=dout)
+    batch, heads, length, _ = q.shape
+    dout = chk.sequence(dout, "dout", "(B, H, L, Dv)", (batch, heads, length), feature=v.shape[3])
+    causal = bool(causal)
+    cd = chk.compute_dtype(q.dtype)
+    unpadded = _unpadded(mask)
+    with torch.no_grad():
+        c, s, offsets, bias = _plan(
+            q.detach(), k.detach(), v.detach(), w.detach(), top_k, causal, mask, noise,
+            None if cross_q is None else cross_q.detach(), None if cross_k is None else cross_k.detach(),
+        )
+        qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
+        out, lse = _sparse_forward(qc, kc, vc, offsets, bias, causal, unpadded)
+        dq, dk, dv, dbias = _sparse_backward(qc, kc, vc, offsets, bias, causal, unpadded, out, lse, dout.to(cd), None)
+        ds = torch.zeros_like(s).scatter(2, offsets + (length - 1), dbias)
+        has_pairs = _has_pairs(length, unpadded, q.device)
+        if has_pairs is not None:
+            ds = torch.where(has_pairs, ds, torch.zeros((), dtype=cd, device=ds.device))
+        ds = ds * (1.0 / math.sqrt(c.shape[3]))
+        dw = torch.einsum("bht,bhtd->hd", ds, c)
+        grads_cross: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if cross_q is not None:
+            dc = ds[..., None] * w.to(cd)[None, :, None, :]
+            da, db = _cross_vjp_core(cross_q.to(cd), cross_k.to(cd), dc, unpadded)
+            grads_cross = (da.to(cross_q.dtype), db.to(cross_k.dtype))
+    return FSATGrads(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.to(w.dtype), *grads_cross)
