@@ -1,0 +1,57 @@
+"""Compile every kernel of the Numba-CUDA backend to PTX, without a GPU: ``python -m refattn.backends.numba_cuda.ptx_check``.
+
+Each kernel is compiled with ``numba.cuda.compile_ptx`` and its explicit float32 and float64
+signatures for every requested compute capability (default sm_80 and sm_90). This catches the
+type errors that the CUDA simulator (which runs the kernels as Python) cannot. Needs numba-cuda and
+NVRTC (``pip install nvidia-cuda-nvrtc-cu12``); must run with the simulator off. Exit status 1 if any
+kernel fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def check(capabilities: tuple[tuple[int, int], ...] = ((8, 0), (9, 0)),
+          dtypes: tuple[str, ...] = ("float32", "float64")) -> list[tuple[str, str, str, str | None]]:
+    """(kernel, dtype, sm, error or None) for every kernel, dtype and compute capability."""
+    from numba import config, cuda
+
+    if config.ENABLE_CUDASIM:
+        raise RuntimeError("the PTX check needs the real numba.cuda: unset NUMBA_ENABLE_CUDASIM")
+    from refattn.backends.numba_cuda import _kernels
+
+    results = []
+    for dtype in dtypes:
+        dt = _kernels.NUMBA_TYPES[dtype]
+        for name, (fn, spec) in _kernels.python_kernels(dtype).items():
+            for cc in capabilities:
+                try:
+                    ptx, _ = cuda.compile_ptx(fn, _kernels.signature(spec, dt), cc=cc)
+                    error = None if ".entry" in ptx else "no .entry in the PTX"
+                except Exception as exc:  # noqa: BLE001 - every failure is reported
+                    error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                results.append((name, dtype, f"sm_{cc[0]}{cc[1]}", error))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cc", nargs="*", default=["8.0", "9.0"], help="compute capabilities, e.g. 8.0 9.0")
+    args = parser.parse_args(argv)
+    ccs = tuple(tuple(int(part) for part in cc.split(".")) for cc in args.cc)
+    started = time.perf_counter()
+    results = check(ccs)
+    failed = [r for r in results if r[3]]
+    for name, dtype, sm, error in results:
+        print(f"{'FAIL' if error else 'ok  '} {name:24s} {dtype:8s} {sm}" + (f"  {error}" if error else ""))
+    kernels = len({r[0] for r in results})
+    print(f"{len(results) - len(failed)} of {len(results)} compilations passed ({kernels} kernels x "
+          f"{len({r[1] for r in results})} dtypes x {len(ccs)} targets) in {time.perf_counter() - started:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Host-side validation of the Numba-CUDA backend: the same exceptions and messages as the reference.
+
+Validation happens before any kernel launch, so these run on any machine (no device, no simulator).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+pytest.importorskip("numba.cuda")
+
+import refattn.fsat as reference  # noqa: E402
+from refattn.backends.numba_cuda import fsat  # noqa: E402
+
+rng = np.random.default_rng(0)
+B, H, L, D = 2, 2, 4, 3
+q = rng.standard_normal((B, H, L, D))
+k = rng.standard_normal((B, H, L, D))
+v = rng.standard_normal((B, H, L, D))
+w = np.ones((H, D))
+s = rng.standard_normal((B, H, 2 * L - 1))
+c = rng.standard_normal((B, H, 2 * L - 1, D))
+offsets = np.array([-1, 0, 2])[None, None, :].repeat(B, 0).repeat(H, 1)
+nan_q = q.copy()
+nan_q[0, 0, 0, 0] = np.nan
+bad_s = s.copy()
+bad_s[0, 0, 0] = np.inf
+neg_s = s.copy()
+neg_s[0, 0, 0] = -np.inf
+
+CASES = {
+    "int q": lambda ns: ns.sparse_attention(q.astype(int), k, v, offsets),
+    "q rank": lambda ns: ns.sparse_attention(q[0], k, v, offsets),
+    "q nan": lambda ns: ns.sparse_attention(nan_q, k, v, offsets),
+    "k shape": lambda ns: ns.sparse_attention(q, k[:, :, :2], v, offsets),
+    "v length": lambda ns: ns.sparse_attention(q, k, v[:, :, :3], offsets),
+    "offsets float": lambda ns: ns.sparse_attention(q, k, v, offsets.astype(float)),
+    "offsets range": lambda ns: ns.sparse_attention(q, k, v, offsets * 5),
+    "offsets repeated": lambda ns: ns.sparse_attention(q, k, v, np.zeros((B, H, 2), dtype=np.int64)),
+    "offsets empty": lambda ns: ns.sparse_attention(q, k, v, np.zeros((B, H, 0), dtype=np.int64)),
+    "bias +inf": lambda ns: ns.sparse_attention(q, k, v, offsets, np.full((B, H, 3), np.inf)),
+    "bias shape": lambda ns: ns.sparse_attention(q, k, v, offsets, np.zeros((B, H, 2))),
+    "mask dtype": lambda ns: ns.sparse_attention(q, k, v, offsets, key_padding_mask=np.zeros((B, L))),
+    "mask shape": lambda ns: ns.sparse_attention(q, k, v, offsets, key_padding_mask=np.zeros((B, L + 1), bool)),
+    "dout shape": lambda ns: ns.sparse_attention_vjp(q, k, v, offsets, None, v[..., :2]),
+    "dlse shape": lambda ns: ns.sparse_attention_vjp(q, k, v, offsets, None, v, dlse=np.zeros((B, H))),
+    "cross b shape": lambda ns: ns.cross(q, k[:, :1]),
+    "cross dc shape": lambda ns: ns.cross_vjp(q, k, c[:, :, :3]),
+    "estimate even": lambda ns: ns.estimate(c[:, :, :6], w),
+    "estimate w": lambda ns: ns.estimate(c, w[:1]),
+    "estimate ds": lambda ns: ns.estimate_vjp(c, w, s[:, :1]),
+    "select +inf": lambda ns: ns.select(bad_s, 2),
+    "select top_k 0": lambda ns: ns.select(s, 0),
+    "select top_k float": lambda ns: ns.select(s, 2.0),
+    "select noise shape": lambda ns: ns.select(s, 2, noise=s[:, :1]),
+    "select noise -inf": lambda ns: ns.select(s, 2, noise=neg_s),
+    "pair_counts length": lambda ns: ns.pair_counts(0),
+    "pair_counts mask": lambda ns: ns.pair_counts(L, np.zeros((B, L), int)),
+    "attention cross_q only": lambda ns: ns.attention(q, k, v, w, 2, cross_q=q),
+    "attention w shape": lambda ns: ns.attention(q, k, v, w[:, :2], 2),
+    "attention top_k": lambda ns: ns.attention(q, k, v, w, 0),
+    "attention noise": lambda ns: ns.attention(q, k, v, w, 2, noise=s[:, :, :3]),
+    "attention_vjp dout": lambda ns: ns.attention_vjp(q, k, v, w, 2, q[..., :1, :]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_error_as_the_reference(name):
+    call = CASES[name]
+    with pytest.raises((TypeError, ValueError)) as expected:
+        call(reference)
+    with pytest.raises(type(expected.value)) as got:
+        call(fsat)
+    assert str(got.value) == str(expected.value)
+
+
+def test_routing_is_reported_missing_not_faked():
+    from refattn.backends.numba_cuda import routing
+
+    with pytest.raises(NotImplementedError, match="routing.attention"):
+        routing.attention(q, k, v, np.zeros((H, 2, D)))
