@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 import refattn
 from refattn.backends import Backend, Capabilities
@@ -106,3 +107,16 @@ def test_pytest_entry_runs_the_suite_against_a_chosen_backend(tmp_path: Path) ->
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     assert re.search(r"\d+ passed", result.stdout)
+
+
+def test_torch_backend_passes_the_whole_suite_in_every_dtype(tmp_path: Path) -> None:
+    """``refattn conformance --backend torch``: the full grid, float64, float32, bfloat16 and float16, on CPU."""
+    pytest.importorskip("torch")
+    report = tmp_path / "torch.json"
+    result = subprocess.run([sys.executable, "-m", "refattn", "conformance", "--backend", "torch", "--json", str(report)],
+                            capture_output=True, text=True, timeout=1200)
+    rows = json.loads(report.read_text())
+    failures = [row for row in rows if row["status"] != "pass"]
+    assert result.returncode == 0 and not failures, failures[:5]
+    assert {row["dtype"] for row in rows} == set(tolerances.FORWARD)
+    assert {row["algorithm"] for row in rows} == {"fsat", "routing"}
