@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -170,19 +169,6 @@ def padding_mask(x: Any, batch: int, length: int) -> Any:
     return x
 
 
-def integer_in_range(value: Any, name: str, *, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
-    bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name}: expected an integer in {bound}, got {value}")
-    return int(value)
-
-
-def one_of(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
 
 
 def result_dtype(*xs: Any) -> np.dtype:

@@ -19,12 +19,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from refattn._validation import integer_in_range
+
 from . import _array, _config, _kernels
 from ._array import (
     expect_shape,
     float_array,
     index_array,
-    integer_in_range,
     padding_mask,
     sequence,
 )

@@ -23,12 +23,13 @@ from refattn.routing.attention import default_num_clusters, default_window
 from refattn.routing.centroids import CentroidState
 from refattn.routing.profiles import PROFILE_NAMES, Profile, get_profile
 
+from refattn._validation import integer_in_range
+
 from . import _array
 from ._array import (
     expect_shape,
     float_array,
     index_array,
-    integer_in_range,
     padding_mask,
     sequence,
 )
