@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from refattn._validation import integer_in_range
 from refattn.routing.attention import default_num_clusters, default_window
 from refattn.routing.centroids import CentroidState
 from refattn.routing.profiles import PROFILE_NAMES, Profile, get_profile
-
-from refattn._validation import integer_in_range
 
 from . import _array
 from ._array import (
