@@ -81,6 +81,8 @@ def run(check: Check, backend: Backend, reference: Backend) -> Result:
     against = check.oracle_kind if is_reference else "reference (float64)"
     if check.dtype not in backend.capabilities.dtypes:
         return Result(**row, against=against, status="skip", detail=f"{backend.name} does not support {check.dtype}")
+    if check.gradient and not backend.capabilities.gradients:
+        return Result(**row, against=against, status="skip", detail=f"{backend.name} provides no gradients")
     device = backend.capabilities.devices[0]
     try:
         converted = {

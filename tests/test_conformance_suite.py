@@ -74,6 +74,16 @@ def test_a_backend_with_the_wrong_tie_break_fails_select() -> None:
     assert checks.run(check, broken, reference).status == "fail"
 
 
+def test_a_backend_without_gradients_has_its_vjp_checks_skipped_with_the_reason() -> None:
+    reference = refattn.get_backend("numpy")
+    forward_only = Backend(name="forward_only", fsat=refattn.fsat, routing=refattn.routing,
+                           capabilities=Capabilities(dtypes=("float64",), devices=("cpu",), gradients=False))
+    results = [checks.run(check, forward_only, reference) for check in fsat_cases.checks("float64", quick=True)
+               if check.function in ("cross", "cross_vjp")]
+    assert {(row.function, row.status) for row in results} == {("cross", "pass"), ("cross_vjp", "skip")}
+    assert {row.detail for row in results if row.status == "skip"} == {"forward_only provides no gradients"}
+
+
 def test_unsupported_dtypes_are_reported_as_skipped_with_the_reason() -> None:
     rows = runner.check_backend("numpy", quick=True)
     skipped = [row for row in rows if row.status == "skip"]
