@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from refattn._validation import integer_in_range
+from refattn.routing._checks import check_configuration, check_shared
 from refattn.routing.attention import default_num_clusters, default_window
 from refattn.routing.centroids import CentroidState
 from refattn.routing.profiles import PROFILE_NAMES, Profile, get_profile
@@ -87,22 +88,6 @@ def _members_array(xp, members, name, batch, heads, length):
     if members.shape[3] > 1 and int(xp.count_nonzero((xp.diff(filled, axis=-1) == 0) & (filled[..., 1:] >= 0))):
         raise ValueError(f"{name}: expected distinct positions within each cluster, got a repeated position")
     return members
-
-
-def _check_shared(k, shared_qk):
-    if shared_qk and k is not None:
-        raise ValueError("k: expected None with shared_qk=True (the keys are the queries), got an array")
-    if not shared_qk and k is None:
-        raise ValueError("k: expected a (B, H, L, D) array with shared_qk=False, got None")
-
-
-def _check_configuration(profile: Profile, causal: bool, shared_qk: bool) -> None:
-    if causal and not shared_qk and not profile.causal_unshared:
-        raise ValueError(
-            f"profile: {profile.name!r} does not support causal=True with shared_qk=False: "
-            "lucidrains/routing-transformer adds learned memory key/values to every cluster in that "
-            "configuration, which refattn does not model; use shared_qk=True, causal=False or profile='tacl'"
-        )
 
 
 # ------------------------------------------------------------------------------- gather and scatter
@@ -262,8 +247,8 @@ def route(similarities: Any, window: int, *, key_padding_mask: Any = None) -> An
 def _cluster_inputs(xp, a, causal, shared_qk, profile):
     spec = get_profile(profile)
     causal, shared_qk = bool(causal), bool(shared_qk)
-    _check_shared(a["k"], shared_qk)
-    _check_configuration(spec, causal, shared_qk)
+    check_shared(a["k"], shared_qk)
+    check_configuration(spec, causal, shared_qk)
     q = sequence(xp, a["q"], "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     if a["k"] is not None:
@@ -652,8 +637,8 @@ def commitment_loss_vjp(x_hat: Any, centroids: Any, dloss: float = 1.0, *, beta:
 def _pipeline_inputs(xp, a, window, causal, shared_qk, profile):
     spec = get_profile(profile)
     causal, shared_qk = bool(causal), bool(shared_qk)
-    _check_shared(a["k"], shared_qk)
-    _check_configuration(spec, causal, shared_qk)
+    check_shared(a["k"], shared_qk)
+    check_configuration(spec, causal, shared_qk)
     q = sequence(xp, a["q"], "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     k = a["k"]

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from refattn.routing import CentroidState
+from refattn.routing._checks import check_configuration
 from refattn.routing.profiles import Profile, get_profile
 
 from . import _checks as chk
@@ -124,14 +125,6 @@ def _check_shared(k: Any, shared_qk: bool) -> None:
     if not shared_qk and k is None:
         raise ValueError("k: expected a (B, H, L, D) tensor with shared_qk=False, got None")
 
-
-def _check_configuration(spec: Profile, causal: bool, shared_qk: bool) -> None:
-    if causal and not shared_qk and not spec.causal_unshared:
-        raise ValueError(
-            f"profile: {spec.name!r} does not support causal=True with shared_qk=False: "
-            "lucidrains/routing-transformer adds learned memory key/values to every cluster in that "
-            "configuration, which refattn does not model; use shared_qk=True, causal=False or profile='tacl'"
-        )
 
 
 def _any_rank(x: Any, name: str) -> torch.Tensor:
@@ -407,7 +400,7 @@ def _check_cluster(q, k, v, q_members, k_members, causal, shared_qk, profile):
     causal, shared_qk = bool(causal), bool(shared_qk)
     chk.same_device(q=q, k=k, v=v, q_members=q_members, k_members=k_members)
     _check_shared(k, shared_qk)
-    _check_configuration(spec, causal, shared_qk)
+    check_configuration(spec, causal, shared_qk)
     q = chk.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     if k is not None:
@@ -849,7 +842,7 @@ def _check_attention(q, k, v, centroids, window, causal, shared_qk, profile, key
     causal, shared_qk = bool(causal), bool(shared_qk)
     chk.same_device(q=q, k=k, v=v, centroids=centroids, key_padding_mask=key_padding_mask)
     _check_shared(k, shared_qk)
-    _check_configuration(spec, causal, shared_qk)
+    check_configuration(spec, causal, shared_qk)
     q = chk.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     if k is not None:

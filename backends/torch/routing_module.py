@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from refattn.routing._checks import check_configuration
+
 from . import routing as _routing
 from .routing import CentroidState
 
@@ -139,7 +141,7 @@ class RoutingAttention(nn.Module):
         self.profile = self.spec.name
         self.causal = bool(causal)
         self.shared_qk = bool(shared_qk)
-        _routing._check_configuration(self.spec, self.causal, self.shared_qk)
+        check_configuration(self.spec, self.causal, self.shared_qk)
         decay = float(decay)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay: expected a number in [0, 1], got {decay}")

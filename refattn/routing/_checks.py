@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, index_array
+from refattn._validation import expect_shape, float_array, index_array, sequence
 
-from .profiles import Profile
+from .profiles import Profile, get_profile
 
 
 def centroid_array(centroids: Any, heads: int | None, dim: int | None, name: str = "centroids") -> np.ndarray:
@@ -53,3 +53,23 @@ def check_configuration(profile: Profile, causal: bool, shared_qk: bool) -> None
             "lucidrains/routing-transformer adds learned memory key/values to every cluster in that "
             "configuration, which refattn does not model; use shared_qk=True, causal=False or profile='tacl'"
         )
+
+
+def routed_inputs(
+    q: Any, k: Any, v: Any, profile: str, causal: bool, shared_qk: bool
+) -> tuple[Profile, bool, bool, np.ndarray, np.ndarray | None, np.ndarray]:
+    """The checks shared by the routed-attention entry points: the profile and its configuration,
+    k against ``shared_qk``, and q (B, H, L, D), k (B, H, L, D) or None, v (B, H, L, Dv).
+
+    Returns (profile, causal, shared_qk, q, k, v), the arrays as float64.
+    """
+    spec = get_profile(profile)
+    causal, shared_qk = bool(causal), bool(shared_qk)
+    check_shared(k, shared_qk)
+    check_configuration(spec, causal, shared_qk)
+    q = sequence(q, "q", "(B, H, L, D)")
+    batch, heads, length, dim = q.shape
+    if k is not None:
+        k = sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
+    v = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
+    return spec, causal, shared_qk, q, k, v

@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask, sequence
+from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask
 
-from ._checks import centroid_array, check_configuration, check_shared
+from ._checks import centroid_array, routed_inputs
 from .cluster_attention import cluster_attention, cluster_attention_vjp
 from .combine import combine, combine_vjp
 from .normalize import _normalize
-from .profiles import get_profile
 from .route import route
 
 __all__ = ["attention", "attention_vjp", "default_num_clusters", "default_window"]
@@ -47,15 +46,8 @@ def default_window(length: int, num_clusters: int) -> int:
 
 
 def _inputs(q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask):
-    spec = get_profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
-    check_shared(k, shared_qk)
-    check_configuration(spec, causal, shared_qk)
-    q = sequence(q, "q", "(B, H, L, D)")
+    spec, causal, shared_qk, q, k, v = routed_inputs(q, k, v, profile, causal, shared_qk)
     batch, heads, length, dim = q.shape
-    if k is not None:
-        k = sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
-    v = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
     centroids = centroid_array(centroids, heads, dim)
     if window is None:
         window = default_window(length, centroids.shape[1])

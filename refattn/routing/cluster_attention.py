@@ -21,12 +21,12 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, sequence
+from refattn._validation import expect_shape, float_array
 
-from ._checks import check_configuration, check_shared, members_array
+from ._checks import members_array, routed_inputs
 from ._indexing import gather, scatter_add
 from .normalize import _normalize, _normalize_vjp
-from .profiles import Profile, get_profile
+from .profiles import Profile
 
 __all__ = ["cluster_attention", "cluster_attention_vjp"]
 
@@ -45,15 +45,8 @@ class _Inputs(NamedTuple):
 
 
 def _inputs(q, k, v, q_members, k_members, causal, shared_qk, profile) -> _Inputs:
-    spec = get_profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
-    check_shared(k, shared_qk)
-    check_configuration(spec, causal, shared_qk)
-    q = sequence(q, "q", "(B, H, L, D)")
+    spec, causal, shared_qk, q, k, v = routed_inputs(q, k, v, profile, causal, shared_qk)
     batch, heads, length, dim = q.shape
-    if k is not None:
-        k = sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
-    v = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
     q_members = members_array(q_members, "q_members", batch, heads, length)
     k_members = members_array(k_members, "k_members", batch, heads, length)
     if k_members.shape[2] != q_members.shape[2]:
