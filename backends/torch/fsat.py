@@ -610,14 +610,9 @@ def attention(
     Returns out (B, H, L, Dv) of q's dtype, differentiable in q, k, v, w, cross_q, cross_k with the
     truncation of spec/fsat.md step 4 (q and k get gradient only through the sparse attention).
     """
-    q, k, v, w, top_k, mask, noise, cross_q, cross_k = _check_attention_inputs(
-        q, k, v, w, top_k, key_padding_mask, noise, cross_q, cross_k
-    )
-    causal = bool(causal)
-    cd = chk.compute_dtype(q.dtype)
-    _, _, offsets, bias = _plan(q, k, v, w, top_k, causal, mask, noise, cross_q, cross_k)
-    out, _ = _SparseAttention.apply(q.to(cd), k.to(cd), v.to(cd), offsets, bias, _unpadded(mask), causal)
-    return out.to(q.dtype)
+    out, _ = attention_with_offsets(q, k, v, w, top_k, causal=causal, key_padding_mask=key_padding_mask,
+                                    noise=noise, cross_q=cross_q, cross_k=cross_k)
+    return out
 
 
 def attention_with_offsets(
