@@ -236,11 +236,15 @@ SPARSE_CASES = [  # (L, D, Dv, K)
 ]
 
 
+@pytest.mark.parametrize("shift", ["sliced", "gathered"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kind", ["none", "random", "full-row"])
 @pytest.mark.parametrize("bias_kind", ["none", "finite", "with-inf"])
 @pytest.mark.parametrize("case", SPARSE_CASES)
-def test_sparse_attention_and_vjp(case, bias_kind, kind, causal):
+def test_sparse_attention_and_vjp(case, bias_kind, kind, causal, shift, monkeypatch):
+    """Both ways of pairing rows with their shifted partners: slices (CPU) and row gathers (GPU, forced here)."""
+    if shift == "gathered":
+        monkeypatch.setattr(F, "_SlicedShift", F._GatheredShift)
     length, dim, dim_v, count = case
     rng = np.random.default_rng(length * 1000 + count * 10 + len(bias_kind) + len(kind))
     q, k = rng.standard_normal((2, 2, 3, length, dim))
@@ -271,8 +275,8 @@ def test_sparse_attention_and_vjp(case, bias_kind, kind, causal):
 
 
 def test_sparse_attention_saves_no_l_by_k_by_d_tensor():
-    """Forward + backward of attention: every tensor autograd saves is at most (B, H, L, max(D, Dv))
-    or (B, H, 2L - 1, Dc) big: nothing of size L x K x D is kept for backward."""
+    """Forward + backward of attention: every tensor autograd saves is at most (B, H, L, max(D, Dv)),
+    (B, H, L, K) (the probabilities) or (B, H, 2L - 1, Dc) big: nothing of size L x K x D is kept."""
     batch, heads, length, dim, count = 2, 2, 64, 8, 16
     rng = np.random.default_rng(0)
     q, k, v = (T(x).requires_grad_() for x in rng.standard_normal((3, batch, heads, length, dim)))
@@ -286,7 +290,7 @@ def test_sparse_attention_saves_no_l_by_k_by_d_tensor():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = F.attention(q, k, v, w, count)
     out.sum().backward()
-    assert max(sizes) <= batch * heads * (2 * length - 1) * dim
+    assert max(sizes) <= batch * heads * max((2 * length - 1) * dim, length * count)
     assert max(sizes) < batch * heads * length * count * dim // 4
 
 
