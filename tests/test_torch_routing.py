@@ -246,6 +246,22 @@ def test_route_tie_rule_and_padding():
     np.testing.assert_array_equal(N(F.route(T(s), 3, key_padding_mask=T(mask))), [[[[1, 3, -1], [1, 3, -1]]]])
 
 
+def test_route_fast_path_and_tie_rule_agree():
+    """Tie-free rows take the top-W shortcut; one tie at the boundary of one row sends the call to the
+    exact tie rule. Both must give the reference's members, and a tie inside the top W (not at its
+    boundary) keeps the shortcut."""
+    rng = np.random.default_rng(5)
+    s = rng.standard_normal((2, 2, 11, 3))
+    np.testing.assert_array_equal(N(F.route(T(s), 4)), ref.route(s, 4))
+    order = np.argsort(-s[1, 0, :, 2], kind="stable")
+    boundary = s.copy()
+    boundary[1, 0, order[4], 2] = boundary[1, 0, order[3], 2]  # the 4th and 5th largest tie
+    np.testing.assert_array_equal(N(F.route(T(boundary), 4)), ref.route(boundary, 4))
+    inside = s.copy()
+    inside[1, 0, order[1], 2] = inside[1, 0, order[0], 2]  # the two largest tie, both taken
+    np.testing.assert_array_equal(N(F.route(T(inside), 4)), ref.route(inside, 4))
+
+
 def test_route_chunks_equal_one_pass(monkeypatch):
     rng = np.random.default_rng(4)
     s = rng.integers(-3, 4, size=(2, 2, 17, 9)).astype(np.float64)

@@ -262,15 +262,31 @@ def similarity_vjp(x_hat: Any, centroids: Any, ds: Any) -> tuple[torch.Tensor, t
 def _route_rows(scores: torch.Tensor, window: int, padded: torch.Tensor | None) -> torch.Tensor:
     """Members (..., W) of rows of scores (..., L); ``padded`` broadcastable bool or None.
 
-    θ = the W-th largest score of the row (``topk``); the row takes every token above θ and, in
-    position order, as many tokens equal to θ as are still needed. ``taken`` (the running count of
-    taken tokens along the row) is non-decreasing, so the position of the j-th taken token is the
-    first index where it reaches j + 1: one ``searchsorted`` per row, no compaction by scatter.
+    θ = the W-th largest score of the row (``topk``). When no row has a token equal to θ left out
+    of its top W (exactly W scores >= θ, the case of continuous data), the top-W indices are the
+    members and only need sorting by position. Otherwise the exact tie rule decides:
+    :func:`_route_rows_with_ties`. Under ``torch.compile`` the tie rule always decides (the test
+    reads tensor values, a graph break, and the compiled tie rule is fused anyway).
     """
-    length = scores.shape[-1]
     if padded is not None:
         scores = scores.masked_fill(padded, _NEG_INF)
-    threshold = torch.topk(scores, window, dim=-1, sorted=True).values[..., window - 1 :]
+    top = torch.topk(scores, window, dim=-1, sorted=True)
+    threshold = top.values[..., window - 1 :]
+    if not torch.compiler.is_compiling():
+        unique = ((scores >= threshold).sum(dim=-1) == window).all() & torch.isfinite(threshold).all()
+        if bool(unique):
+            return torch.sort(top.indices, dim=-1).values
+    return _route_rows_with_ties(scores, window, threshold, padded)
+
+
+def _route_rows_with_ties(scores: torch.Tensor, window: int, threshold: torch.Tensor,
+                          padded: torch.Tensor | None) -> torch.Tensor:
+    """The exact tie rule: every token above θ and, in position order, as many tokens equal to θ as
+    are still needed (padded tokens never). ``taken`` (the running count of taken tokens along the
+    row) is non-decreasing, so the position of the j-th taken token is the first index where it
+    reaches j + 1: one ``searchsorted`` per row, no compaction by scatter.
+    """
+    length = scores.shape[-1]
     above = scores > threshold
     tied = scores == threshold
     if padded is not None:
