@@ -20,11 +20,14 @@ ALGORITHMS = {"fsat": fsat_cases, "routing": routing_cases}
 DTYPES = tuple(tolerances.FORWARD)
 
 
-def cases(dtype: str, *, quick: bool = False, algorithms: Iterable[str] = tuple(ALGORITHMS)
-          ) -> Iterator[checks_module.Check]:
-    """Every check of the given algorithms (default both) in one dtype."""
+def cases(dtype: str, *, quick: bool = False, algorithms: Iterable[str] = tuple(ALGORITHMS),
+          functions: Iterable[str] | None = None) -> Iterator[checks_module.Check]:
+    """Every check of the given algorithms (default both) in one dtype; only ``functions`` if given."""
+    wanted = None if functions is None else set(functions)
     for algorithm in algorithms:
-        yield from ALGORITHMS[algorithm].checks(dtype, quick=quick)
+        for check in ALGORITHMS[algorithm].checks(dtype, quick=quick):
+            if wanted is None or check.function in wanted:
+                yield check
 
 
 def _skipped(name: str, reason: str, algorithms: Iterable[str], dtype: str = "*") -> list[Result]:
@@ -33,7 +36,7 @@ def _skipped(name: str, reason: str, algorithms: Iterable[str], dtype: str = "*"
 
 
 def check_backend(name: str, *, quick: bool = False, algorithms: Iterable[str] = tuple(ALGORITHMS),
-                  dtypes: Iterable[str] = DTYPES) -> list[Result]:
+                  dtypes: Iterable[str] = DTYPES, functions: Iterable[str] | None = None) -> list[Result]:
     """Every check of the given algorithms and dtypes against one backend, as result rows."""
     algorithms = tuple(algorithms)
     try:
@@ -51,22 +54,34 @@ def check_backend(name: str, *, quick: bool = False, algorithms: Iterable[str] =
             results += _skipped(name, f"{name} does not support {dtype}", implemented, dtype)
             continue
         results += [checks_module.run(check, backend, reference)
-                    for check in cases(dtype, quick=quick, algorithms=implemented)]
+                    for check in cases(dtype, quick=quick, algorithms=implemented, functions=functions)]
     return results
 
 
-def main(names: Iterable[str] | None = None, *, json_path: str | None = None, quick: bool = False,
-         algorithms: Iterable[str] | None = None, dtypes: Iterable[str] | None = None) -> int:
-    """Check the named backends (default: every registered one) and print the report; the exit status."""
-    names = list(names or backends.registered())
+def check_arguments(names: Iterable[str], algorithms: Iterable[str] | None, functions: Iterable[str] | None) -> None:
+    """Raise ValueError (UnknownBackendError) naming the valid choices for an unknown backend or function."""
     for name in names:
         backends.check_name(name, source="--backend")
+    if functions is not None:
+        known = {check.function for check in cases("float64", algorithms=algorithms or tuple(ALGORITHMS))}
+        unknown = sorted(set(functions) - known)
+        if unknown:
+            raise ValueError(f"--function: no checks for {', '.join(unknown)}; the checked functions are "
+                             f"{', '.join(sorted(known))}")
+
+
+def main(names: Iterable[str] | None = None, *, json_path: str | None = None, quick: bool = False,
+         algorithms: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
+         functions: Iterable[str] | None = None) -> int:
+    """Check the named backends (default: every registered one) and print the report; the exit status."""
+    names = list(names or backends.registered())
+    check_arguments(names, algorithms, functions)
     started = time.perf_counter()
     results: list[Result] = []
     for name in names:
         print(f"checking backend {name} ...", file=sys.stderr, flush=True)
         results += check_backend(name, quick=quick, algorithms=algorithms or tuple(ALGORITHMS),
-                                 dtypes=dtypes or DTYPES)
+                                 dtypes=dtypes or DTYPES, functions=functions)
     print(f"conformance of {', '.join(names)} against the reference (refattn.fsat, refattn.routing); "
           f"the reference itself against naive O(L^2) oracles and finite differences")
     report.print_table(results, sys.stdout)

@@ -39,8 +39,12 @@ def _info(_: argparse.Namespace) -> int:
 def _conformance(arguments: argparse.Namespace) -> int:
     from refattn.conformance import runner
 
+    try:
+        runner.check_arguments(arguments.backend or (), arguments.algorithm, arguments.function)
+    except ValueError as error:  # UnknownBackendError is a ValueError
+        arguments.parser.error(str(error))
     return runner.main(arguments.backend, json_path=arguments.json, quick=arguments.quick,
-                       algorithms=arguments.algorithm, dtypes=arguments.dtype)
+                       algorithms=arguments.algorithm, dtypes=arguments.dtype, functions=arguments.function)
 
 
 def _bench(arguments: argparse.Namespace) -> int:
@@ -64,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              help="only this algorithm (repeatable; default both)")
     conformance.add_argument("--dtype", action="append", choices=("float64", "float32", "bfloat16", "float16"),
                              help="only this dtype (repeatable; default every dtype of the tolerance table)")
-    conformance.set_defaults(run=_conformance)
+    conformance.add_argument("--function", action="append", metavar="NAME",
+                             help="only the checks of this function, e.g. cluster_attention_vjp (repeatable)")
+    conformance.set_defaults(run=_conformance, parser=conformance)
     bench = commands.add_parser(
         "bench", help="time and peak memory of every backend and algorithm against L: table, JSON, PNG plots"
     )
