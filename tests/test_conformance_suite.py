@@ -34,6 +34,21 @@ def test_reference_passes_against_its_oracles_and_the_report_is_written(tmp_path
     assert re.search(r"^\d+ passed, 0 failed, \d+ skipped$", result.stdout, re.MULTILINE)
 
 
+def test_function_filter_runs_only_those_checks_and_rejects_unknown_names(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "refattn", "conformance", "--backend", "numpy", "--quick", "--dtype", "float64"]
+    result = subprocess.run(command + ["--function", "route", "--function", "cross", "--json", str(report)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ran = {row["function"] for row in json.loads(report.read_text()) if row["status"] == "pass"}
+    assert ran == {"route", "cross"}
+    result = subprocess.run(command + ["--function", "cros"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "--function: no checks for cros; the checked functions are" in result.stderr and "cross," in result.stderr
+    result = subprocess.run(command[:4] + ["--backend", "nope"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "unknown backend 'nope'; available:" in result.stderr
+
+
 def _perturbed(namespace, name: str, factor: float):
     def wrong(*args, **kwargs):
         out = getattr(namespace, name)(*args, **kwargs)
