@@ -537,6 +537,23 @@ def test_rejects_nan():
         F.attention(q, k, v, w, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_finite_check_is_exact_when_the_sum_overflows(dtype):
+    """The finite check sums first; a sum that overflows from finite entries must not be an error,
+    and a single Inf, -Inf or NaN among huge finite entries must be."""
+    from refattn.backends.torch import _checks
+
+    huge = torch.full((4, 64), torch.finfo(dtype).max, dtype=dtype)
+    if dtype in (torch.float64, torch.float32):  # half types are summed in float32: no overflow
+        assert not torch.isfinite(huge.sum(dtype=dtype))
+    assert _checks.float_tensor(huge, "x") is huge
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        spoiled = huge.clone()
+        spoiled[1, 2] = bad
+        with pytest.raises(ValueError, match=r"x: expected finite values, got 1 NaN or Inf entries"):
+            _checks.float_tensor(spoiled, "x")
+
+
 def test_rejects_inf_noise():
     q, k, v, w = _good()
     noise = torch.zeros(2, 2, 9, dtype=torch.float64)

@@ -56,6 +56,16 @@ def checking_values(x: torch.Tensor) -> bool:
     return x.device.type != "meta" and not _is_compiling()
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, in one reduction when it is.
+
+    A finite sum implies finite entries (NaN and ±Inf propagate through a sum); a non-finite sum,
+    which an overflow of finite entries also gives, is settled by the exact elementwise test.
+    """
+    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
+
+
 def tensor(x: Any, name: str) -> torch.Tensor:
     """Raise ``TypeError`` unless ``x`` is a ``torch.Tensor``."""
     if not isinstance(x, torch.Tensor):
@@ -79,7 +89,7 @@ def float_tensor(x: Any, name: str, *, rank: int | None = None, axes: str | None
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
     _rank(x, name, rank, axes)
-    if checking_values(x) and x.numel() and not bool(torch.isfinite(x).all()):
+    if checking_values(x) and x.numel() and not _all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf entries")
     return x
