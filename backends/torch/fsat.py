@@ -10,7 +10,9 @@ Differentiable (``torch.autograd``): ``cross`` (a, b), ``estimate`` (c, w), ``sp
 ``sparse_attention`` are ``torch.autograd.Function``s whose backward is the explicit VJP below, and
 ``attention`` composes them with the gradient truncation of spec/fsat.md step 4: the cross module
 sees *detached* q and k, so q and k get gradient only through the sparse attention, w through the
-bias s[offsets], given cross inputs through the estimator path, and the offsets none.
+bias s[offsets], given cross inputs through the estimator path, and the offsets none. Without
+cross inputs ``attention`` never forms c: the scores are one inverse FFT of the w-weighted
+spectrum per (batch, head) (the inverse transform is linear), instead of Dc inverse transforms.
 
 Memory: the sparse attention loops over the K selected offsets; each step pairs every row i with
 row i + tau of k (or v), by contiguous slices per (batch, head) on a CPU and by a row gather on a
@@ -106,12 +108,14 @@ def _has_pairs(length: int, unpadded: torch.Tensor | None, device: torch.device)
     return (_counts(length, unpadded, device) > 0)[:, None, :]
 
 
-def _correlate(x: torch.Tensor, y: torch.Tensor, length: int) -> torch.Tensor:
-    """The first 2L - 1 entries of the linear convolution of x and y (each of length L) along
-    dim 2, through zero-padded real FFTs of length N = next_fast_len(2L - 1): no wrap-around."""
+def _spectrum(a: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
+    """P = rfft(reverse(a)) * rfft(b) over the sequence, zero-padded to N = next_fast_len(2L - 1):
+    (B, H, Dc, N // 2 + 1) complex. irfft(P)[..., :2L - 1] is the cross numerator, free of wrap-around.
+    The sequence axis is moved last first, so that each transform reads contiguous memory."""
     n = _fft_length(length)
-    spectrum = torch.fft.rfft(x, n=n, dim=2) * torch.fft.rfft(y, n=n, dim=2)
-    return torch.fft.irfft(spectrum, n=n, dim=2)[:, :, : 2 * length - 1]
+    a_rows = a.flip(2).transpose(2, 3).contiguous()
+    b_rows = b.transpose(2, 3).contiguous()
+    return torch.fft.rfft(a_rows, n=n, dim=-1) * torch.fft.rfft(b_rows, n=n, dim=-1)
 
 
 def _zero_padded(x: torch.Tensor, unpadded: torch.Tensor | None) -> torch.Tensor:
@@ -127,9 +131,8 @@ def _unpadded(mask: torch.Tensor | None) -> torch.Tensor | None:
 def _cross_core(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None) -> torch.Tensor:
     """c for compute-dtype a, b: (B, H, 2L - 1, Dc)."""
     length = a.shape[2]
-    a = _zero_padded(a, unpadded)
-    b = _zero_padded(b, unpadded)
-    numerator = _correlate(a.flip(2), b, length)
+    spectrum = _spectrum(_zero_padded(a, unpadded), _zero_padded(b, unpadded), length)
+    numerator = torch.fft.irfft(spectrum, n=_fft_length(length), dim=-1)[..., : 2 * length - 1].transpose(2, 3)
     return numerator * _inverse_counts(length, unpadded, a.device, a.dtype)
 
 
@@ -232,6 +235,26 @@ def _check_estimate_inputs(c: Any, w: Any, key_padding_mask: Any) -> tuple[torch
 
 def _estimate_core(c: torch.Tensor, w: torch.Tensor, has_pairs: torch.Tensor | None) -> torch.Tensor:
     scores = torch.einsum("bhtd,hd->bht", c, w) * (1.0 / math.sqrt(c.shape[3]))
+    if has_pairs is None:
+        return scores
+    return torch.where(has_pairs, scores, torch.full((), _NEG_INF, dtype=scores.dtype, device=scores.device))
+
+
+def _scores_from_spectrum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, unpadded: torch.Tensor | None) -> torch.Tensor:
+    """s = estimate(cross(a, b), w) without forming c: by linearity of the inverse FFT,
+    sum_d w_d irfft(P_d) = irfft(sum_d w_d P_d), one inverse transform per (b, h) instead of Dc.
+
+    a, b are taken as constants (step 4 cuts the estimator path from q and k); s is differentiable
+    in w, and autograd keeps the (B, H, Dc, N // 2 + 1) spectrum, the size of c, for dw.
+    """
+    length, features = a.shape[2], a.shape[3]
+    with torch.no_grad():
+        spectrum = _spectrum(_zero_padded(a, unpadded), _zero_padded(b, unpadded), length)
+    mixed = torch.matmul(w.to(spectrum.dtype)[:, None, :], spectrum)[:, :, 0]  # (B, H, N // 2 + 1)
+    numerator = torch.fft.irfft(mixed, n=_fft_length(length), dim=-1)[..., : 2 * length - 1]
+    inverse = _inverse_counts(length, unpadded, a.device, a.dtype)[..., 0]  # (B or 1, 1, 2L - 1)
+    scores = numerator * inverse * (1.0 / math.sqrt(features))
+    has_pairs = _has_pairs(length, unpadded, a.device)
     if has_pairs is None:
         return scores
     return torch.where(has_pairs, scores, torch.full((), _NEG_INF, dtype=scores.dtype, device=scores.device))
@@ -583,21 +606,24 @@ def _check_attention_inputs(q, k, v, w, top_k, key_padding_mask, noise, cross_q,
     return q, k, v, w, top_k, mask, noise, cross_q, cross_k
 
 
-def _plan(q, k, v, w, top_k, causal, mask, noise, cross_q, cross_k):
-    """Steps 1-2 in the compute dtype: (c, s, offsets, bias); autograd flows per step 4."""
+def _plan(q, k, w, top_k, causal, mask, noise, cross_q, cross_k):
+    """Steps 1-2 in the compute dtype: (offsets, bias); autograd flows per step 4.
+
+    Without cross inputs the scores come straight from the spectrum of detached q and k
+    (:func:`_scores_from_spectrum`); with them, through the differentiable :class:`_Cross`.
+    """
     cd = chk.compute_dtype(q.dtype)
     length = q.shape[2]
     unpadded = _unpadded(mask)
     if cross_q is not None:
         c = _Cross.apply(cross_q.to(cd), cross_k.to(cd), unpadded)
-    else:
-        with torch.no_grad():  # step 4: the estimator path is cut from q and k
-            c = _cross_core(q.detach().to(cd), k.detach().to(cd), unpadded)
-    s = _estimate_core(c, w.to(cd), _has_pairs(length, unpadded, q.device))
+        s = _estimate_core(c, w.to(cd), _has_pairs(length, unpadded, q.device))
+    else:  # step 4: the estimator path is cut from q and k
+        s = _scores_from_spectrum(q.detach().to(cd), k.detach().to(cd), w.to(cd), unpadded)
     noisy = s.detach() if noise is None else s.detach() + noise.detach().to(cd)
     offsets = _select_core(noisy, top_k, causal)
     bias = torch.gather(s, 2, offsets + (length - 1))
-    return c, s, offsets, bias
+    return offsets, bias
 
 
 def attention(
@@ -642,7 +668,7 @@ def attention_with_offsets(
     )
     causal = bool(causal)
     cd = chk.compute_dtype(q.dtype)
-    _, _, offsets, bias = _plan(q, k, v, w, top_k, causal, mask, noise, cross_q, cross_k)
+    offsets, bias = _plan(q, k, w, top_k, causal, mask, noise, cross_q, cross_k)
     out, _ = _SparseAttention.apply(q.to(cd), k.to(cd), v.to(cd), offsets, bias, _unpadded(mask), causal)
     return out.to(q.dtype), offsets
 
@@ -663,8 +689,9 @@ def attention_vjp(
 ) -> FSATGrads:
     """Gradient of :func:`attention` with the truncation of step 4, as ``FSATGrads``.
 
-    dq, dk, dv from the sparse attention; ds = dbias scattered to the selected offsets;
-    dw = estimate_vjp(c, w, ds).dw; the cross fields (only when given) = cross_vjp(.., dc).
+    dq, dk, dv from the sparse attention (its explicit backward); dw and the cross fields (only when
+    given) are the planning steps' VJP at dbias: ds = dbias scattered to the selected offsets,
+    dw = estimate_vjp(c, w, ds).dw, (dcross_q, dcross_k) = cross_vjp(.., dc).
     """
     q, k, v, w, top_k, mask, noise, cross_q, cross_k = _check_attention_inputs(
         q, k, v, w, top_k, key_padding_mask, noise, cross_q, cross_k
@@ -674,24 +701,19 @@ def attention_vjp(
     dout = chk.sequence(dout, "dout", "(B, H, L, Dv)", (batch, heads, length), feature=v.shape[3])
     causal = bool(causal)
     cd = chk.compute_dtype(q.dtype)
-    unpadded = _unpadded(mask)
+    # The planning steps' gradient (dw, and the cross inputs' when given) is their autograd VJP at
+    # dbias: the scatter of dbias to the selected offsets, the estimate's and the cross's VJPs.
+    w_leaf = w.detach().to(cd).requires_grad_()
+    cross_leaves = (None, None) if cross_q is None else tuple(x.detach().to(cd).requires_grad_() for x in (cross_q, cross_k))
+    with torch.enable_grad():
+        offsets, bias = _plan(q.detach(), k.detach(), w_leaf, top_k, causal, mask, noise, *cross_leaves)
     with torch.no_grad():
-        c, s, offsets, bias = _plan(
-            q.detach(), k.detach(), v.detach(), w.detach(), top_k, causal, mask, noise,
-            None if cross_q is None else cross_q.detach(), None if cross_k is None else cross_k.detach(),
-        )
-        qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
-        out, lse, probs = _sparse_forward(qc, kc, vc, offsets, bias, causal, unpadded)
+        qc, kc, vc = q.detach().to(cd), k.detach().to(cd), v.detach().to(cd)
+        out, lse, probs = _sparse_forward(qc, kc, vc, offsets, bias.detach(), causal, _unpadded(mask))
         dq, dk, dv, dbias = _sparse_backward(qc, kc, vc, offsets, probs, lse, out, dout.to(cd), None, True)
-        ds = torch.zeros_like(s).scatter(2, offsets + (length - 1), dbias)
-        has_pairs = _has_pairs(length, unpadded, q.device)
-        if has_pairs is not None:
-            ds = torch.where(has_pairs, ds, torch.zeros((), dtype=cd, device=ds.device))
-        ds = ds * (1.0 / math.sqrt(c.shape[3]))
-        dw = torch.einsum("bht,bhtd->hd", ds, c)
-        grads_cross: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-        if cross_q is not None:
-            dc = ds[..., None] * w.to(cd)[None, :, None, :]
-            da, db = _cross_vjp_core(cross_q.to(cd), cross_k.to(cd), dc, unpadded)
-            grads_cross = (da.to(cross_q.dtype), db.to(cross_k.dtype))
+    dw, *grads_cross = torch.autograd.grad(bias, [w_leaf, *(x for x in cross_leaves if x is not None)], dbias)
+    if cross_q is None:
+        grads_cross = [None, None]
+    else:
+        grads_cross = [grads_cross[0].to(cross_q.dtype), grads_cross[1].to(cross_k.dtype)]
     return FSATGrads(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.to(w.dtype), *grads_cross)
