@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from numba import cuda
@@ -43,12 +43,29 @@ def device_view(x: Any) -> Any:
     return cuda.as_cuda_array(x)
 
 
+def _result_kind(x: Any) -> Callable[[Any], Any]:
+    """How a Numba device array result is handed back to a caller whose device input is ``x``:
+    a CuPy array for CuPy inputs, a CUDA tensor for torch inputs (both views through
+    ``__cuda_array_interface__``, no copy), the Numba device array itself otherwise."""
+    module = type(x).__module__.split(".")[0]
+    if module == "cupy":
+        import cupy
+        return cupy.asarray
+    if module == "torch":
+        import torch
+        return lambda array: torch.as_tensor(array, device=x.device)
+    return lambda array: array
+
+
 class Call:
-    """The arrays of one backend call: the compute dtype, whether results go back to the host."""
+    """The arrays of one backend call: the compute dtype, and how results go back: to the host for
+    NumPy inputs, otherwise as the kind of the first device input (:func:`_result_kind`)."""
 
     def __init__(self, *floats: Any) -> None:
         present = [x for x in floats if x is not None]
-        self.device = any(is_device(x) for x in present)
+        devices = [x for x in present if is_device(x)]
+        self.device = bool(devices)
+        self.result = _result_kind(devices[0]) if devices else None
         kinds = []
         for x in present:
             dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
@@ -81,9 +98,11 @@ class Call:
         return array
 
     def out(self, x: Any) -> Any:
-        """A result: a host NumPy array unless the call had a device input."""
-        if x is None or self.device:
-            return x
+        """A result: a host NumPy array unless the call had a device input, then that input's kind."""
+        if x is None:
+            return None
+        if self.device:
+            return self.result(x) if self.result is not None else x
         return x.copy_to_host()
 
     def scalar(self, value: float) -> Any:

@@ -105,8 +105,7 @@ def pair_counts(length: int, key_padding_mask: Any = None) -> Any:
     """n_tau per diagonal, (1 or B, 2L - 1) int64, counted on the device (one thread per (b, tau))."""
     length = integer_in_range(length, "length", low=1)
     mask = None if key_padding_mask is None else _mask_any_batch(key_padding_mask, length)
-    call = Call()
-    call.device = is_device(key_padding_mask)
+    call = Call(key_padding_mask)  # no float input: float64 kernels; results follow the mask's kind
     counts = _counts(call, _valid(call, mask, length), length)
     return call.out(counts)
 
