@@ -412,12 +412,22 @@ def _cluster_attention(q, k, v, q_members, k_members, causal: bool, shared_qk: b
     return _attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, spec)
 
 
+def _all_slots_filled(q_members: torch.Tensor, k_members: torch.Tensor) -> bool:
+    """No empty slot (-1) in either membership; always False under ``torch.compile`` (reading the
+    answer is a graph break, and the compiled masked path is fused anyway)."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool((q_members >= 0).all() & (k_members >= 0).all())
+
+
 def _attend(f_q, f_k, v, q_members, k_members, causal: bool, shared_qk: bool, spec: Profile) -> torch.Tensor:
     """Attention inside the clusters from the logit features f_q, f_k (B, H, L, D)."""
     fq, fk, vg = _gather(f_q, q_members), _gather(f_k, k_members), _gather(v, k_members)
     logits = torch.matmul(fq, fk.transpose(-1, -2))  # (B, H, C, Wq, Wk)
     if spec.scaled_logits:
         logits = logits * (1.0 / math.sqrt(f_q.shape[-1]))
+    if not causal and not (shared_qk and spec.self_logit is not None) and _all_slots_filled(q_members, k_members):
+        return torch.matmul(torch.softmax(logits, dim=-1), vg)  # nothing to mask
     qpos, kpos = q_members.unsqueeze(-1), k_members.unsqueeze(-2)
     valid = (qpos >= 0) & (kpos >= 0)
     if causal:
