@@ -346,6 +346,14 @@ def _flat_rows(members: torch.Tensor, length: int) -> torch.Tensor:
     return (base + members.clamp(min=0)).reshape(-1)
 
 
+def _all_slots_filled(*memberships: torch.Tensor) -> bool:
+    """No empty slot (-1) in any of the memberships; always False under ``torch.compile`` (reading
+    the answer is a graph break, and the compiled masked path is fused anyway)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(bool((members >= 0).all()) for members in memberships)
+
+
 def _add_rows(total_rows: int, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """out[rows[i]] += values[i] into zeros (total_rows, F): ``index_put_`` with accumulation, several
     times faster than ``index_add_`` on a CPU (which pays a per-row dispatch)."""
@@ -378,8 +386,9 @@ def _gather(x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
 def _scatter_add(values: torch.Tensor, members: torch.Tensor, length: int) -> torch.Tensor:
     """Sum values (B, H, C, W, F) into (B, H, L, F) at the members' positions; empty slots dropped."""
     batch, heads, clusters, window, features = values.shape
-    filled = (members >= 0).unsqueeze(-1)
-    values = torch.where(filled, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if not _all_slots_filled(members):
+        filled = (members >= 0).unsqueeze(-1)
+        values = torch.where(filled, values, torch.zeros((), dtype=values.dtype, device=values.device))
     out = _add_rows(batch * heads * length, _flat_rows(members, length), values.reshape(-1, features))
     return out.reshape(batch, heads, length, features)
 
@@ -410,14 +419,6 @@ def _cluster_attention(q, k, v, q_members, k_members, causal: bool, shared_qk: b
     """o (B, H, C, Wq, Dv) for compute-dtype tensors (no checks); differentiable in q, k, v."""
     f_q, f_k = _features(q, k, spec, shared_qk)
     return _attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, spec)
-
-
-def _all_slots_filled(q_members: torch.Tensor, k_members: torch.Tensor) -> bool:
-    """No empty slot (-1) in either membership; always False under ``torch.compile`` (reading the
-    answer is a graph break, and the compiled masked path is fused anyway)."""
-    if torch.compiler.is_compiling():
-        return False
-    return bool((q_members >= 0).all() & (k_members >= 0).all())
 
 
 def _attend(f_q, f_k, v, q_members, k_members, causal: bool, shared_qk: bool, spec: Profile) -> torch.Tensor:
