@@ -423,10 +423,10 @@ def _cluster_attention(q, k, v, q_members, k_members, causal: bool, shared_qk: b
 
 def _attend(f_q, f_k, v, q_members, k_members, causal: bool, shared_qk: bool, spec: Profile) -> torch.Tensor:
     """Attention inside the clusters from the logit features f_q, f_k (B, H, L, D)."""
+    if spec.scaled_logits:  # scale the L x D queries, not the C x W x W logits
+        f_q = f_q * (1.0 / math.sqrt(f_q.shape[-1]))
     fq, fk, vg = _gather(f_q, q_members), _gather(f_k, k_members), _gather(v, k_members)
     logits = torch.matmul(fq, fk.transpose(-1, -2))  # (B, H, C, Wq, Wk)
-    if spec.scaled_logits:
-        logits = logits * (1.0 / math.sqrt(f_q.shape[-1]))
     if not causal and not (shared_qk and spec.self_logit is not None) and _all_slots_filled(q_members, k_members):
         return torch.matmul(torch.softmax(logits, dim=-1), vg)  # nothing to mask
     qpos, kpos = q_members.unsqueeze(-1), k_members.unsqueeze(-2)
