@@ -115,7 +115,8 @@ def _spectrum(a: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
     n = _fft_length(length)
     a_rows = a.flip(2).transpose(2, 3).contiguous()
     b_rows = b.transpose(2, 3).contiguous()
-    return torch.fft.rfft(a_rows, n=n, dim=-1) * torch.fft.rfft(b_rows, n=n, dim=-1)
+    spectrum = torch.fft.rfft(a_rows, n=n, dim=-1)
+    return spectrum.mul_(torch.fft.rfft(b_rows, n=n, dim=-1))  # in place: one spectrum fewer at the peak
 
 
 def _zero_padded(x: torch.Tensor, unpadded: torch.Tensor | None) -> torch.Tensor:
