@@ -214,9 +214,9 @@ def _step_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
         if not wants_gradient:
             continue
         yield Check("routing", "combine_vjp", label, dtype, x, gradient=True, oracle_kind="finite differences",
-                    call=lambda ns, x, p=profile: ns.combine_vjp(x["qm"], x["dx"][..., :x["o"].shape[-1]], profile=p),
+                    call=lambda ns, x, p=profile: ns.combine_vjp(x["qm"], x["dx"][..., :x["o"].shape[4]], profile=p),
                     oracle=lambda x, p=profile, n=length: numerical_vjp(
-                        lambda o: _naive_combine(o, x["qm"], n, p), (x["o"],), x["dx"][..., :x["o"].shape[-1]]))
+                        lambda o: _naive_combine(o, x["qm"], n, p), (x["o"],), x["dx"][..., :x["o"].shape[4]]))
         yield Check("routing", "commitment_loss_vjp", label, dtype, x, gradient=True, oracle_kind="finite differences",
                     call=lambda ns, x: ns.commitment_loss_vjp(x["x_hat"], x["centroids"], 1.0,
                                                               key_padding_mask=x["mask"]),

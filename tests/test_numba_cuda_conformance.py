@@ -1,8 +1,9 @@
 """The Numba-CUDA backend against the conformance suite: in the CUDA simulator here, on a device where one exists.
 
 The simulator must be switched on before numba is imported, so every run is a subprocess with
-NUMBA_ENABLE_CUDASIM=1. The simulator is slow (about 0.3 ms per thread), so the quick grid runs as
-two processes in parallel, one per dtype (about 3 minutes on a 2-core machine).
+NUMBA_ENABLE_CUDASIM=1. The simulator is slow (about 0.3 ms per thread, and a few ms per barrier of
+a small block), so each algorithm's quick grid runs as two processes in parallel, one per dtype:
+on a 2-core machine about 3 minutes for fsat and 1.5 minutes for routing.
 """
 
 from __future__ import annotations
@@ -45,21 +46,35 @@ def _run_parallel(tmp_path, simulator: bool, algorithm: str, *, quick: bool = Tr
 
 FSAT_FUNCTIONS = {"pair_counts", "cross", "cross_vjp", "estimate", "estimate_vjp", "select", "sparse_attention",
                   "sparse_attention_vjp", "attention", "attention_vjp"}
+FSAT_FLOAT64_ONLY = {"pair_counts"}  # integer counts: checked once
+# The cluster-attention checks run on members from the naive route and compose with combine (or its VJP).
+ROUTING_FUNCTIONS = {"normalize", "normalize_vjp", "similarity", "similarity_vjp", "route", "assign",
+                     "update_centroids", "commitment_loss", "commitment_loss_vjp", "cluster_attention+combine",
+                     "cluster_attention_vjp+combine_vjp", "combine", "combine_vjp", "local_attention",
+                     "local_attention_vjp", "attention", "attention_vjp"}
 
 
-def _assert_fsat_passes(results):
+def _assert_passes(results, functions, float64_only=frozenset()):
+    """Both dtypes exited 0, every row passed, and exactly ``functions`` were checked (less
+    ``float64_only`` in float32)."""
     for dtype, (code, output, rows) in results.items():
         assert code == 0, f"{dtype}: exit {code}\n{output[-4000:]}"
         failed = [row for row in rows if row["status"] != "pass"]
         assert not failed, failed[:5]
         covered = {row["function"] for row in rows}
-        expected = FSAT_FUNCTIONS - ({"pair_counts"} if dtype != "float64" else set())
+        expected = functions - (float64_only if dtype != "float64" else set())
         assert covered == expected, f"{dtype}: functions checked {sorted(covered)}"
 
 
 def test_fsat_conformance_in_the_simulator(tmp_path):
     """Every fsat function, forward and VJP, both dtypes, the quick grid, against the reference."""
-    _assert_fsat_passes(_run_parallel(tmp_path, True, "fsat"))
+    _assert_passes(_run_parallel(tmp_path, True, "fsat"), FSAT_FUNCTIONS, FSAT_FLOAT64_ONLY)
+
+
+def test_routing_conformance_in_the_simulator(tmp_path):
+    """Every routing function (init_centroids aside: its draws are backend-specific), forward and VJP,
+    both dtypes, the quick grid, against the reference."""
+    _assert_passes(_run_parallel(tmp_path, True, "routing"), ROUTING_FUNCTIONS)
 
 
 def test_backend_reports_the_simulator():
@@ -68,16 +83,6 @@ def test_backend_reports_the_simulator():
             "assert 'CUDA simulator' in b.status")
     done = subprocess.run([sys.executable, "-c", code], env=_env(True), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-def test_routing_functions_say_they_are_not_implemented():
-    """Routing is not implemented on this backend yet: each function must raise NotImplementedError naming itself."""
-    from refattn.backends.numba_cuda import routing
-
-    missing = [name for name in routing.__all__ if name not in routing.IMPLEMENTED and name != "CentroidState"]
-    for name in missing:
-        with pytest.raises(NotImplementedError, match=rf"routing\.{name}\b"):
-            getattr(routing, name)()
 
 
 def _device_present() -> tuple[bool, str]:
@@ -102,4 +107,12 @@ def test_fsat_conformance_on_a_device_full_grid(tmp_path):
     present, reason = _device_present()
     if not present:
         pytest.skip(reason)
-    _assert_fsat_passes(_run_parallel(tmp_path, False, "fsat", quick=False))
+    _assert_passes(_run_parallel(tmp_path, False, "fsat", quick=False), FSAT_FUNCTIONS, FSAT_FLOAT64_ONLY)
+
+
+def test_routing_conformance_on_a_device_full_grid(tmp_path):
+    """On a machine with a GPU: the routing checks, full grid, on the device (skipped here with the reason)."""
+    present, reason = _device_present()
+    if not present:
+        pytest.skip(reason)
+    _assert_passes(_run_parallel(tmp_path, False, "routing", quick=False), ROUTING_FUNCTIONS)

@@ -12,7 +12,8 @@ pytest.importorskip("numba")
 pytest.importorskip("numba.cuda")
 
 import refattn.fsat as reference  # noqa: E402
-from refattn.backends.numba_cuda import fsat  # noqa: E402
+import refattn.routing as routing_reference  # noqa: E402
+from refattn.backends.numba_cuda import fsat, routing  # noqa: E402
 
 rng = np.random.default_rng(0)
 B, H, L, D = 2, 2, 4, 3
@@ -76,11 +77,36 @@ def test_same_error_as_the_reference(name):
     assert str(got.value) == str(expected.value)
 
 
-def test_routing_is_reported_missing_not_faked():
-    from refattn.backends.numba_cuda import routing
+# The routing pipeline's own checks (the steps' are in test_numba_cuda_clustering.py and
+# test_numba_cuda_cluster_attention.py), in the reference's order: a call with several faults
+# must name the same first one.
+mu = rng.standard_normal((H, 2, D))
+ROUTING_CASES = {
+    "attention profile": lambda ns: ns.attention(q, k, v, mu, profile="vanilla"),
+    "attention k with shared": lambda ns: ns.attention(q, k, v, mu, shared_qk=True),
+    "attention lucidrains causal": lambda ns: ns.attention(q, k, v, mu, causal=True, profile="lucidrains"),
+    "attention q nan": lambda ns: ns.attention(nan_q, k, v, mu),
+    "attention v length": lambda ns: ns.attention(q, k, v[:, :, :3], mu),
+    "attention centroids heads": lambda ns: ns.attention(q, k, v, mu[:1]),
+    "attention centroids dim": lambda ns: ns.attention(q, k, v, mu[..., :2]),
+    "attention window 0": lambda ns: ns.attention(q, k, v, mu, window=0),
+    "attention window above L": lambda ns: ns.attention(q, k, v, mu, window=L + 1),
+    "attention mask shape": lambda ns: ns.attention(q, k, v, mu, key_padding_mask=np.zeros((B, L + 1), bool)),
+    "attention window and mask": lambda ns: ns.attention(q, k, v, mu, window=0, key_padding_mask=np.zeros(L)),
+    "attention_vjp dout shape": lambda ns: ns.attention_vjp(q, k, v, mu, v[..., :2]),
+    "attention_vjp dout nan": lambda ns: ns.attention_vjp(q, k, v, mu, nan_q),
+    "attention_vjp v before dout": lambda ns: ns.attention_vjp(q, k, v[:, :1], mu, q[0]),
+}
 
-    with pytest.raises(NotImplementedError, match="routing.attention"):
-        routing.attention(q, k, v, np.zeros((H, 2, D)))
+
+@pytest.mark.parametrize("name", sorted(ROUTING_CASES))
+def test_routing_pipeline_same_error_as_the_reference(name):
+    call = ROUTING_CASES[name]
+    with pytest.raises((TypeError, ValueError)) as expected:
+        call(routing_reference)
+    with pytest.raises(type(expected.value)) as got:
+        call(routing)
+    assert str(got.value) == str(expected.value)
 
 
 def test_results_follow_the_kind_of_the_device_input(monkeypatch):

@@ -72,7 +72,7 @@ def backend() -> Backend:
         fsat=fsat,
         routing=routing,
         capabilities=Capabilities(dtypes=DTYPES, devices=devices, gradients=True, unavailable=unavailable,
-                                  algorithms=("fsat",)),  # routing: not implemented yet (routing.py)
+                                  algorithms=("fsat", "routing")),
         from_numpy=_from_numpy,
         to_numpy=_to_numpy,
         status=status,
