@@ -14,7 +14,7 @@ reference does (reading it synchronises with the device).
 
 The underscored ``_normalize``, ``_normalize_vjp``, ``_similarity``, ``_route`` and ``_padded`` take
 a :class:`Call` and device arrays and return device arrays, so that the routing pipeline and the
-cluster attention (whose tacl logit features are this normalization) compose them without host
+cluster attention (whose logit features are made of this normalization) compose them without host
 round trips.
 """
 
@@ -41,7 +41,7 @@ __all__ = ["normalize", "normalize_vjp", "similarity", "similarity_vjp", "route"
 _SEQUENCE = "(B, H, L, D)"
 _ROW_LANES = 32  # the most lanes (threads) per row in the row-reduction kernels
 _LANE_FEATURES = 8  # features a lane of a row kernel sums on its own (fewer lanes: a shorter tree, fewer barriers)
-_THREAD_ITEMS = 16  # tokens (elements) a thread of the centroid (commitment) sums adds on its own, likewise
+_THREAD_ITEMS = 16  # tokens (centroid statistics) or elements (commitment loss) a reduction thread adds on its own
 
 
 # ---------------------------------------------------------------- helpers
