@@ -39,7 +39,7 @@ from refattn.routing.profiles import Profile, get_profile
 
 from ._clustering import _normalize, _normalize_vjp
 from ._kernels import TILE
-from ._runtime import Call, device_view, float_array, host_small, is_device, launch, sequence
+from ._runtime import Call, Meta, device_view, float_array, host_small, is_device, launch, sequence
 
 __all__ = ["cluster_attention", "cluster_attention_vjp", "combine", "combine_vjp", "local_attention",
            "local_attention_vjp"]
@@ -73,10 +73,11 @@ class _Routed(NamedTuple):
     dim_v: int
 
 
-def _routed(q: Any, k: Any, v: Any, q_members: Any, k_members: Any, causal: bool, shared_qk: bool, profile: str,
-            do: Any = _FORWARD) -> _Routed:
-    """The checks of the reference's cluster attention (``routed_inputs``, the members, then ``do`` in a
-    VJP), on metadata; the members go to the device only once everything is valid."""
+def routed_inputs(q: Any, k: Any, v: Any, profile: str, causal: bool, shared_qk: bool
+                  ) -> tuple[Profile, bool, bool, Meta, Meta]:
+    """:func:`refattn.routing._checks.routed_inputs` on metadata (and device-side NaN counts):
+    the profile and its configuration, k against ``shared_qk``, q, k, v. Returns (profile, causal,
+    shared_qk, q's metadata, v's metadata)."""
     spec = get_profile(profile)
     causal, shared_qk = bool(causal), bool(shared_qk)
     check_shared(k, shared_qk)
@@ -86,6 +87,15 @@ def _routed(q: Any, k: Any, v: Any, q_members: Any, k_members: Any, causal: bool
     if k is not None:
         sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
     mv = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
+    return spec, causal, shared_qk, mq, mv
+
+
+def _routed(q: Any, k: Any, v: Any, q_members: Any, k_members: Any, causal: bool, shared_qk: bool, profile: str,
+            do: Any = _FORWARD) -> _Routed:
+    """The checks of the reference's cluster attention (``routed_inputs``, the members, then ``do`` in a
+    VJP), on metadata; the members go to the device only once everything is valid."""
+    spec, causal, shared_qk, mq, mv = routed_inputs(q, k, v, profile, causal, shared_qk)
+    batch, heads, length, _ = mq.shape
     host_q = _members(q_members, "q_members", batch, heads, length)
     host_k = _members(k_members, "k_members", batch, heads, length)
     if host_k.shape[2] != host_q.shape[2]:

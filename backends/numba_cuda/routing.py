@@ -18,16 +18,15 @@ from typing import Any, NamedTuple
 from refattn._validation import expect_shape, integer_in_range, padding_mask
 from refattn.routing import CentroidState, default_num_clusters, default_window
 from refattn.routing import init_centroids as _reference_init_centroids
-from refattn.routing._checks import check_configuration, check_shared
-from refattn.routing.profiles import Profile, get_profile
+from refattn.routing.profiles import Profile
 
 from ._cluster_attention import (_cluster_backward, _cluster_forward, _combine, _combine_vjp, _features, _Routed,
                                  cluster_attention, cluster_attention_vjp, combine, combine_vjp, local_attention,
-                                 local_attention_vjp)
+                                 local_attention_vjp, routed_inputs)
 from ._clustering import (_centroids, _normalize, _padded, _route, _similarity, assign, commitment_loss,
                           commitment_loss_vjp, normalize, normalize_vjp, route, similarity, similarity_vjp,
                           update_centroids)
-from ._runtime import Call, Meta, float_array, host_small, sequence
+from ._runtime import Call, Meta, float_array, host_small
 
 __all__ = ["normalize", "normalize_vjp", "similarity", "similarity_vjp", "route", "cluster_attention",
            "cluster_attention_vjp", "combine", "combine_vjp", "local_attention", "local_attention_vjp", "assign",
@@ -50,15 +49,8 @@ def _pipeline(q: Any, k: Any, v: Any, centroids: Any, window: int | None, causal
               profile: str, key_padding_mask: Any) -> _Pipeline:
     """The reference's checks, in its order (the profile and its configuration, q, k, v, the
     centroids, the window, the mask), on metadata and device-side NaN counts."""
-    spec = get_profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
-    check_shared(k, shared_qk)
-    check_configuration(spec, causal, shared_qk)
-    mq = sequence(q, "q", "(B, H, L, D)")
+    spec, causal, shared_qk, mq, mv = routed_inputs(q, k, v, profile, causal, shared_qk)
     batch, heads, length, dim = mq.shape
-    if k is not None:
-        sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
-    mv = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
     clusters = _centroids(centroids, heads, dim).shape[1]
     window = default_window(length, clusters) if window is None else window
     window = integer_in_range(window, "window", low=1, high=length)
