@@ -234,11 +234,16 @@ def _check_estimate_inputs(c: Any, w: Any, key_padding_mask: Any) -> tuple[torch
     return c, w, mask, length
 
 
-def _estimate_core(c: torch.Tensor, w: torch.Tensor, has_pairs: torch.Tensor | None) -> torch.Tensor:
-    scores = torch.einsum("bhtd,hd->bht", c, w) * (1.0 / math.sqrt(c.shape[3]))
+def _scores(dots: torch.Tensor, features: int, has_pairs: torch.Tensor | None) -> torch.Tensor:
+    """s = <w, c_tau> / sqrt(Dc) from the dot products (B, H, 2L - 1); -inf where n_tau = 0."""
+    scores = dots * (1.0 / math.sqrt(features))
     if has_pairs is None:
         return scores
     return torch.where(has_pairs, scores, torch.full((), _NEG_INF, dtype=scores.dtype, device=scores.device))
+
+
+def _estimate_core(c: torch.Tensor, w: torch.Tensor, has_pairs: torch.Tensor | None) -> torch.Tensor:
+    return _scores(torch.einsum("bhtd,hd->bht", c, w), c.shape[3], has_pairs)
 
 
 def _scores_from_spectrum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, unpadded: torch.Tensor | None) -> torch.Tensor:
@@ -254,11 +259,7 @@ def _scores_from_spectrum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, unp
     mixed = torch.matmul(w.to(spectrum.dtype)[:, None, :], spectrum)[:, :, 0]  # (B, H, N // 2 + 1)
     numerator = torch.fft.irfft(mixed, n=_fft_length(length), dim=-1)[..., : 2 * length - 1]
     inverse = _inverse_counts(length, unpadded, a.device, a.dtype)[..., 0]  # (B or 1, 1, 2L - 1)
-    scores = numerator * inverse * (1.0 / math.sqrt(features))
-    has_pairs = _has_pairs(length, unpadded, a.device)
-    if has_pairs is None:
-        return scores
-    return torch.where(has_pairs, scores, torch.full((), _NEG_INF, dtype=scores.dtype, device=scores.device))
+    return _scores(numerator * inverse, features, _has_pairs(length, unpadded, a.device))
 
 
 def estimate(c: Any, w: Any, *, key_padding_mask: Any = None) -> torch.Tensor:
