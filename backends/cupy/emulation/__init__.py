@@ -201,6 +201,7 @@ class RawModule:
         # Like CuPy, extern "C" kernels are found by name; templates need their name expressions.
         self.names = tuple(name_expressions) + tuple(n for n in _EXTERN_C.findall(code) if n not in name_expressions)
         self.sanitize = sanitizer_loaded() if sanitize is None else bool(sanitize)
+        self.max_dynamic_shared: dict[str, int] = {}  # per kernel name, as CUDA keeps function attributes
         self._library: Any = None
 
     def _flags(self) -> tuple[str, ...]:
@@ -259,19 +260,18 @@ class RawKernel:
     def __init__(self, module: RawModule, name: str):
         self.module = module
         self.name = name
-        self._max_dynamic = SHARED_MEMORY_DEFAULT
 
     @property
     def max_dynamic_shared_size_bytes(self) -> int:
         """The most dynamic shared memory a launch may ask for; raising it above 48 KiB is CUDA's opt-in."""
-        return self._max_dynamic
+        return self.module.max_dynamic_shared.get(self.name, SHARED_MEMORY_DEFAULT)
 
     @max_dynamic_shared_size_bytes.setter
     def max_dynamic_shared_size_bytes(self, value: int) -> None:
         if not 0 <= int(value) <= SHARED_MEMORY_OPT_IN:
             raise LaunchError(f"{self.name}: max_dynamic_shared_size_bytes: expected 0 to {SHARED_MEMORY_OPT_IN}, "
                               f"got {value}")
-        self._max_dynamic = int(value)
+        self.module.max_dynamic_shared[self.name] = int(value)
 
     def _check(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int) -> None:
         for what, dims, limits in (("grid", grid, MAX_GRID), ("block", block, MAX_BLOCK)):
@@ -282,10 +282,11 @@ class RawKernel:
         if block[0] * block[1] * block[2] > MAX_THREADS_PER_BLOCK:
             raise LaunchError(f"{self.name}: block {block} has {block[0] * block[1] * block[2]} threads, above "
                               f"CUDA's limit of {MAX_THREADS_PER_BLOCK} per block")
-        if not 0 <= shared_mem <= self._max_dynamic:
+        limit = self.max_dynamic_shared_size_bytes
+        if not 0 <= shared_mem <= limit:
             opt_in = " (raise max_dynamic_shared_size_bytes to opt in)" if shared_mem <= SHARED_MEMORY_OPT_IN else ""
             raise LaunchError(f"{self.name}: shared_mem = {shared_mem} bytes of dynamic shared memory, above the "
-                              f"kernel's limit of {self._max_dynamic}{opt_in}")
+                              f"kernel's limit of {limit}{opt_in}")
 
     def _arguments(self, signature: str, args: Sequence[Any]) -> tuple[Any, list[Any]]:
         """(void* array of argument addresses as cuLaunchKernel takes them, the cells to keep alive)."""
@@ -326,7 +327,7 @@ class RawKernel:
         error = ctypes.create_string_buffer(4096)
         with _LAUNCH_LOCK:
             failed = launch((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), int(shared_mem),
-                            self._max_dynamic, pointers, error, len(error))
+                            self.max_dynamic_shared_size_bytes, pointers, error, len(error))
         if failed:
             raise KernelFault(f"{self.name} (grid {grid}, block {block}, CUDA C emulated on the CPU): "
                               f"{error.value.decode()}")
