@@ -257,7 +257,10 @@ std::string describe() {
         else return "p" + std::to_string(sizeof(P));
     } else {
         static_assert(std::is_arithmetic_v<A>, "emulated kernels take pointers and arithmetic scalars");
-        const char kind = std::is_floating_point_v<A> ? 'f' : std::is_same_v<A, bool> ? 'b' : std::is_signed_v<A> ? 'i' : 'u';
+        const char kind = std::is_floating_point_v<A> ? 'f'
+                          : std::is_same_v<A, bool>   ? 'b'
+                          : std::is_signed_v<A>       ? 'i'
+                                                      : 'u';
         return kind + std::to_string(sizeof(A));
     }
 }
@@ -307,7 +310,8 @@ int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* block, st
         self = {&b, t / 32, t % 32};
         threadIdx = {t % block[0], t / block[0] % block[1], t / (block[0] * block[1])};
         for (unsigned long long n = 0; n < blocks && !stop; ++n) {
-            blockIdx = {unsigned(n % grid[0]), unsigned(n / grid[0] % grid[1]), unsigned(n / (1ull * grid[0] * grid[1]))};
+            blockIdx = {unsigned(n % grid[0]), unsigned(n / grid[0] % grid[1]),
+                        unsigned(n / (1ull * grid[0] * grid[1]))};
             try {
                 std::apply(kernel, values);
             } catch (const Abort&) {
