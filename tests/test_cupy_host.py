@@ -3,7 +3,8 @@
 The backend's host code is written against an array namespace; inside ``host_execution()`` it runs
 with NumPy, so everything except the CUDA kernels (validation, shapes, dtypes, launch configuration,
 FFT cross, selection, routing) is exercised here against the reference. The kernels themselves are
-only compile-checked (test_cupy_kernels.py) and run on a GPU (test_cupy_gpu.py).
+compile-checked (test_cupy_kernels.py), executed as CUDA C emulated on the CPU (test_cupy_emulation.py)
+and run on a GPU (test_cupy_gpu.py).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def test_accumulation_dtypes():
         _config.accumulation_dtype(np.int32)
 
 
-def test_kernels_do_not_run_without_a_device():
+def test_kernels_do_not_run_without_a_device(monkeypatch):
+    monkeypatch.delenv("REFATTN_CUDA_EMULATION", raising=False)  # which would run them emulated on the CPU
     rng = _rng()
     q = rng.standard_normal((1, 1, 3, 2))
     with pytest.raises(RuntimeError, match=r"fsat_sparse_forward<double>: a CUDA kernel cannot run"):

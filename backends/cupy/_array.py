@@ -5,7 +5,8 @@ Every public function first turns its array arguments into CuPy arrays on one de
 device arrays, CUDA torch tensors) or a CUDA DLPack capsule (``__dlpack__``) without a copy. NumPy
 arrays are refused (TypeError), except inside :func:`host_execution`, a testing aid that runs the
 host-side logic with NumPy as ``xp`` on a machine without a GPU (the CUDA kernels then refuse to
-launch). Arrays on different devices raise ValueError.
+launch, or run as CUDA C emulated on the CPU with REFATTN_CUDA_EMULATION=1). Arrays on different
+devices raise ValueError.
 
 The checks mirror refattn._validation (same messages) without converting to NumPy: dtype checks
 read ``.dtype``; value checks (finite, ranges) reduce on the device and read back one scalar.
@@ -32,7 +33,8 @@ def host_execution() -> Iterator[None]:
     """Within this context, NumPy arrays are accepted and processed with NumPy as ``xp``.
 
     For tests of the host-side logic (validation, shapes, dtypes, launch configuration) on machines
-    without a GPU. The kernels are never emulated: a kernel launch raises RuntimeError.
+    without a GPU. A kernel launch raises RuntimeError, unless REFATTN_CUDA_EMULATION=1 runs it in
+    the CUDA C emulation on the CPU (:mod:`.emulation`).
     """
     previous = getattr(_host, "enabled", False)
     _host.enabled = True
