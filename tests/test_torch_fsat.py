@@ -132,11 +132,6 @@ SHAPES = [  # (B, H, L, D, Dv)
 # ------------------------------------------------------------------------------ step 1: the cross
 
 
-def test_next_fast_len_matches_scipy():
-    for n in list(range(1, 3000)) + [2**20 + 1, 3**9 + 7, 5**8 + 1, 32767]:
-        assert F._next_fast_len(n) == scipy.fft.next_fast_len(n, real=True), n
-
-
 @pytest.mark.parametrize("kind", ["none", "random", "full-row"])
 @pytest.mark.parametrize("length", [1, 2, 7, 16])
 def test_pair_counts(length, kind):

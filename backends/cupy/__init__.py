@@ -22,7 +22,7 @@ import cupy
 import numpy as np
 from refattn.backends import Backend, Capabilities
 from refattn.backends.cupy import _config, fsat, routing
-from refattn.backends.cupy._array import host_execution
+from ._array import host_execution
 
 __all__ = ["backend", "device_report", "fsat", "host_execution", "routing"]
 

@@ -19,21 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import integer_in_range
-from refattn.routing._checks import check_configuration, check_shared
+from refattn.checks import centroid_array, flag, integer_in_range, members_array, real_number, shared_keys
 from refattn.routing.attention import default_num_clusters, default_window
 from refattn.routing.centroids import CentroidState
-from refattn.routing.profiles import PROFILE_NAMES, Profile, get_profile
+from refattn.routing.indexing import flat_rows, gather
+from refattn.routing.profiles import PROFILE_NAMES, Profile, check_configuration, get_profile
 
 from . import _array
 from ._array import (
     expect_shape,
     float_array,
-    index_array,
     padding_mask,
     sequence,
 )
-from .fsat import _stable_argsort
 
 __all__ = [
     "PROFILE_NAMES",
@@ -63,51 +61,12 @@ __all__ = [
 _CHUNK_ELEMENTS = 1 << 24  # logits entries (B * H * chunk * Wq * Wk) per chunk of clusters
 
 
-# ---------------------------------------------------------------------------------------------- checks
-
-def _centroid_array(xp, centroids, heads, dim, name="centroids"):
-    float_array(xp, centroids, name, rank=3, axes="(H, C, D)")
-    expect_shape(centroids, name, (heads, None, dim), "(H, C, D)")
-    if 0 in centroids.shape:
-        raise ValueError(f"{name}: expected every axis of (H, C, D) to be at least 1, got shape {tuple(centroids.shape)}")
-    return centroids
-
-
-def _members_array(xp, members, name, batch, heads, length):
-    members = index_array(members, name, rank=4, axes="(B, H, C, W)")
-    expect_shape(members, name, (batch, heads, None, None), "(B, H, C, W)")
-    if 0 in members.shape:
-        raise ValueError(f"{name}: expected every axis of (B, H, C, W) to be at least 1, got shape {tuple(members.shape)}")
-    low, high = int(members.min()), int(members.max())
-    if low < -1 or high >= length:
-        raise ValueError(
-            f"{name}: expected positions in [0, L) = [0, {length}) or -1 for an empty slot, "
-            f"got values in [{low}, {high}]"
-        )
-    filled = xp.sort(members, axis=-1)
-    if members.shape[3] > 1 and int(xp.count_nonzero((xp.diff(filled, axis=-1) == 0) & (filled[..., 1:] >= 0))):
-        raise ValueError(f"{name}: expected distinct positions within each cluster, got a repeated position")
-    return members
-
-
 # ------------------------------------------------------------------------------- gather and scatter
 
-def _flat_rows(xp, members, length):
-    """Row numbers into a (B * H * L, F) view; empty slots point at row 0 of their (b, h)."""
-    batch, heads = members.shape[:2]
-    base = (xp.arange(batch * heads, dtype=np.int64) * length).reshape(batch, heads, 1, 1)
-    return base + xp.maximum(members, 0)
-
-
-def _gather(xp, x, members):
-    batch, heads, length, features = x.shape
-    return x.reshape(batch * heads * length, features)[_flat_rows(xp, members, length)]
-
-
 def _scatter_rows(xp, members, length):
-    """Like _flat_rows, but empty slots point at one extra row B * H * L (dropped afterwards)."""
+    """Like flat_rows, but empty slots point at one extra row B * H * L (dropped afterwards)."""
     batch, heads = members.shape[:2]
-    return xp.where(members >= 0, _flat_rows(xp, members, length), batch * heads * length)
+    return xp.where(members >= 0, flat_rows(members, length), batch * heads * length)
 
 
 def _scatter_add(xp, values, members, length):
@@ -186,7 +145,7 @@ def similarity(x_hat: Any, centroids: Any) -> Any:
     xp, a = _array.arrays(x_hat=x_hat, centroids=centroids)
     with _array.device_of(xp, a["x_hat"]):
         x_hat = sequence(xp, a["x_hat"], "x_hat", "(B, H, L, D)")
-        centroids = _centroid_array(xp, a["centroids"], x_hat.shape[1], x_hat.shape[3])
+        centroids = centroid_array(a["centroids"], x_hat.shape[1], x_hat.shape[3])
         dtype = _array.result_dtype(x_hat, centroids)
         return _similarity(xp, _array.acc(x_hat, dtype), _array.acc(centroids, dtype)).astype(dtype)
 
@@ -200,7 +159,7 @@ def similarity_vjp(x_hat: Any, centroids: Any, ds: Any) -> tuple[Any, Any]:
     xp, a = _array.arrays(x_hat=x_hat, centroids=centroids, ds=ds)
     with _array.device_of(xp, a["x_hat"]):
         x_hat = sequence(xp, a["x_hat"], "x_hat", "(B, H, L, D)")
-        centroids = _centroid_array(xp, a["centroids"], x_hat.shape[1], x_hat.shape[3])
+        centroids = centroid_array(a["centroids"], x_hat.shape[1], x_hat.shape[3])
         ds = float_array(xp, a["ds"], "ds", rank=4, axes="(B, H, L, C)")
         expect_shape(ds, "ds", tuple(x_hat.shape[:3]) + (centroids.shape[1],), "(B, H, L, C)")
         dtype = _array.result_dtype(x_hat, centroids, ds)
@@ -219,7 +178,7 @@ def _route(xp, scores, window, mask):
     if mask is not None:
         rows = xp.where(mask[:, None, None, :], -np.inf, rows)
     # Descending similarity; the stable sort keeps equal similarities in position order (lower first).
-    order = _stable_argsort(xp, -rows)[..., :window]
+    order = xp.argsort(-rows, axis=-1, kind="stable")[..., :window]
     if mask is not None:
         padded = xp.take_along_axis(xp.broadcast_to(mask[:, None, None, :], rows.shape), order, axis=-1)
         order = xp.where(padded, length, order)  # fewer than W unpadded tokens: those slots are empty
@@ -246,16 +205,16 @@ def route(similarities: Any, window: int, *, key_padding_mask: Any = None) -> An
 
 def _cluster_inputs(xp, a, causal, shared_qk, profile):
     spec = get_profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
-    check_shared(a["k"], shared_qk)
+    causal, shared_qk = flag(causal, "causal"), flag(shared_qk, "shared_qk")
+    shared_keys(a["k"], shared_qk)
     check_configuration(spec, causal, shared_qk)
     q = sequence(xp, a["q"], "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     if a["k"] is not None:
         sequence(xp, a["k"], "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
     v = sequence(xp, a["v"], "v", "(B, H, L, Dv)", (batch, heads, length))
-    qm = _members_array(xp, a["q_members"], "q_members", batch, heads, length)
-    km = _members_array(xp, a["k_members"], "k_members", batch, heads, length)
+    qm = members_array(a["q_members"], "q_members", batch, heads, length)
+    km = members_array(a["k_members"], "k_members", batch, heads, length)
     if km.shape[2] != qm.shape[2]:
         raise ValueError(
             f"k_members: expected the same number of clusters C = {qm.shape[2]} as q_members, got shape {tuple(km.shape)}")
@@ -281,7 +240,7 @@ def _chunks(qm, km):
 
 def _block(xp, f_q, f_k, v, qm, km, causal, shared_qk, spec, dim):
     """Gathered features and softmax weights of a chunk of clusters (reference: _block)."""
-    fq, fk, vg = _gather(xp, f_q, qm), _gather(xp, f_k, km), _gather(xp, v, km)
+    fq, fk, vg = gather(f_q, qm), gather(f_k, km), gather(v, km)
     logits = xp.matmul(fq, xp.swapaxes(fk, -1, -2))
     if spec.scaled_logits:
         logits = logits * (1.0 / math.sqrt(dim))
@@ -367,7 +326,7 @@ def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> An
     xp, a = _array.arrays(o=o, q_members=q_members)
     with _array.device_of(xp, a["o"]):
         o = float_array(xp, a["o"], "o", rank=5, axes="(B, H, C, W, Dv)")
-        members = _members_array(xp, a["q_members"], "q_members", o.shape[0], o.shape[1], length)
+        members = members_array(a["q_members"], "q_members", o.shape[0], o.shape[1], length)
         if tuple(members.shape) != tuple(o.shape[:4]):
             raise ValueError(
                 f"q_members: expected shape (B, H, C, W) = {tuple(o.shape[:4])} (that of o), got {tuple(members.shape)}")
@@ -379,7 +338,7 @@ def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> An
 def _combine_vjp(xp, members, dout, spec):
     batch, heads, length, features = dout.shape
     scaled = dout / (_member_counts(xp, members, length, dout.dtype) + spec.combine_eps)[..., None]
-    do = scaled.reshape(batch * heads * length, features)[_flat_rows(xp, members, length)]
+    do = scaled.reshape(batch * heads * length, features)[flat_rows(members, length)]
     return xp.where((members >= 0)[..., None], do, 0.0).astype(dout.dtype)
 
 
@@ -390,7 +349,7 @@ def combine_vjp(q_members: Any, dout: Any, *, profile: str = "tacl") -> Any:
     with _array.device_of(xp, a["dout"]):
         dout = float_array(xp, a["dout"], "dout", rank=4, axes="(B, H, L, Dv)")
         batch, heads, length, _ = dout.shape
-        members = _members_array(xp, a["q_members"], "q_members", batch, heads, length)
+        members = members_array(a["q_members"], "q_members", batch, heads, length)
         return _combine_vjp(xp, members, _array.acc(dout, dout.dtype), spec).astype(dout.dtype)
 
 
@@ -456,7 +415,7 @@ def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False,
     xp, a = _array.arrays(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["q"]):
         q, k, v, block, mask, dtype = _local_inputs(xp, a, block)
-        out = _local_forward(xp, q, k, v, _local_layout(q.shape[2], block), bool(causal), mask)[-1]
+        out = _local_forward(xp, q, k, v, _local_layout(q.shape[2], block), flag(causal, "causal"), mask)[-1]
         return xp.ascontiguousarray(out).astype(dtype)
 
 
@@ -472,7 +431,7 @@ def local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causal
         dtype = np.result_type(dtype, dout.dtype)
         dout = _array.acc(dout, dtype)
         layout = _local_layout(length, block)
-        qb, kb, vb, key_index, probs, _ = _local_forward(xp, q, k, v, layout, bool(causal), mask)
+        qb, kb, vb, key_index, probs, _ = _local_forward(xp, q, k, v, layout, flag(causal, "causal"), mask)
         width, n = layout[0], layout[1]
         total = n * width
         dob = _padded_rows(xp, dout, total).reshape(batch, heads, n, width, -1)
@@ -510,7 +469,7 @@ def assign(x_hat: Any, centroids: Any, *, key_padding_mask: Any = None) -> Any:
     xp, a = _array.arrays(x_hat=x_hat, centroids=centroids, key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["x_hat"]):
         x_hat = sequence(xp, a["x_hat"], "x_hat", "(B, H, L, D)")
-        centroids = _centroid_array(xp, a["centroids"], x_hat.shape[1], x_hat.shape[3])
+        centroids = centroid_array(a["centroids"], x_hat.shape[1], x_hat.shape[3])
         mask = padding_mask(a["key_padding_mask"], x_hat.shape[0], x_hat.shape[2])
         dtype = _array.result_dtype(x_hat, centroids)
         return _assign(xp, _array.acc(x_hat, dtype), _array.acc(centroids, dtype), mask)
@@ -552,7 +511,7 @@ def update_centroids(state: CentroidState, q_hat: Any, k_hat: Any = None, *, pro
     xp, a = _array.arrays(means=state[0], counts=state[1], sums=state[2], q_hat=q_hat, k_hat=k_hat,
                           key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["means"]):
-        means = _centroid_array(xp, a["means"], None, None, "state.means")
+        means = centroid_array(a["means"], None, None, "state.means")
         heads, clusters, dim = means.shape
         counts = float_array(xp, a["counts"], "state.counts", rank=2, axes="(H, C)")
         expect_shape(counts, "state.counts", (heads, clusters), "(H, C)")
@@ -565,9 +524,7 @@ def update_centroids(state: CentroidState, q_hat: Any, k_hat: Any = None, *, pro
         if a["k_hat"] is not None:
             inputs.append(sequence(xp, a["k_hat"], "k_hat", "(B, H, L, D)", (batch, heads, length), feature=dim))
         mask = padding_mask(a["key_padding_mask"], batch, length)
-        decay = float(decay)
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay: expected a number in [0, 1], got {decay}")
+        decay = real_number(decay, "decay", low=0.0, high=1.0)
         dtype = _array.result_dtype(means, counts, sums, *inputs)
         means, counts, sums = (_array.acc(y, dtype) for y in (means, counts, sums))
         stats = [_statistics(xp, _array.acc(x, dtype), means, mask) for x in inputs]
@@ -591,7 +548,7 @@ def update_centroids(state: CentroidState, q_hat: Any, k_hat: Any = None, *, pro
 
 def _residual(xp, a):
     x_hat = sequence(xp, a["x_hat"], "x_hat", "(B, H, L, D)")
-    centroids = _centroid_array(xp, a["centroids"], x_hat.shape[1], x_hat.shape[3])
+    centroids = centroid_array(a["centroids"], x_hat.shape[1], x_hat.shape[3])
     mask = padding_mask(a["key_padding_mask"], x_hat.shape[0], x_hat.shape[2])
     dtype = _array.result_dtype(x_hat, centroids)
     x_hat, centroids = _array.acc(x_hat, dtype), _array.acc(centroids, dtype)
@@ -603,17 +560,10 @@ def _residual(xp, a):
     return residual, int(xp.count_nonzero(keep)) * x_hat.shape[3], dtype
 
 
-def _beta(beta: Any) -> float:
-    beta = float(beta)
-    if not math.isfinite(beta):
-        raise ValueError(f"beta: expected a finite number, got {beta}")
-    return beta
-
-
 def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_padding_mask: Any = None) -> float:
     """β · mean over the unpadded tokens' elements of (x̂ - μ_a(x̂))², a Python float as in the reference
     (reading it back synchronises with the device)."""
-    beta = _beta(beta)
+    beta = real_number(beta, "beta", low=0.0)
     xp, a = _array.arrays(x_hat=x_hat, centroids=centroids, key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["x_hat"]):
         residual, count, _ = _residual(xp, a)
@@ -623,8 +573,8 @@ def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_paddi
 def commitment_loss_vjp(x_hat: Any, centroids: Any, dloss: float = 1.0, *, beta: float = 1e-4,
                         key_padding_mask: Any = None) -> Any:
     """dx̂ = dloss · 2β (x̂ - μ_a(x̂)) / (N D), 0 at padding (the centroids get none)."""
-    beta = _beta(beta)
-    dloss = float(dloss)
+    beta = real_number(beta, "beta", low=0.0)
+    dloss = real_number(dloss, "dloss")
     xp, a = _array.arrays(x_hat=x_hat, centroids=centroids, key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["x_hat"]):
         residual, count, dtype = _residual(xp, a)
@@ -636,8 +586,8 @@ def commitment_loss_vjp(x_hat: Any, centroids: Any, dloss: float = 1.0, *, beta:
 
 def _pipeline_inputs(xp, a, window, causal, shared_qk, profile):
     spec = get_profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
-    check_shared(a["k"], shared_qk)
+    causal, shared_qk = flag(causal, "causal"), flag(shared_qk, "shared_qk")
+    shared_keys(a["k"], shared_qk)
     check_configuration(spec, causal, shared_qk)
     q = sequence(xp, a["q"], "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
@@ -645,7 +595,7 @@ def _pipeline_inputs(xp, a, window, causal, shared_qk, profile):
     if k is not None:
         sequence(xp, k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
     v = sequence(xp, a["v"], "v", "(B, H, L, Dv)", (batch, heads, length))
-    centroids = _centroid_array(xp, a["centroids"], heads, dim)
+    centroids = centroid_array(a["centroids"], heads, dim)
     if window is None:
         window = default_window(length, centroids.shape[1])
     window = integer_in_range(window, "window", low=1, high=length)

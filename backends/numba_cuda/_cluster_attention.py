@@ -33,9 +33,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import cuda
 
-from refattn._validation import expect_shape, integer_in_range, padding_mask
-from refattn.routing._checks import check_configuration, check_shared, members_array
-from refattn.routing.profiles import Profile, get_profile
+from refattn.checks import expect_shape, flag, integer_in_range, members_array, padding_mask, shared_keys
+from refattn.routing.profiles import Profile, check_configuration, get_profile
 
 from ._clustering import _normalize, _normalize_vjp
 from ._kernels import TILE
@@ -51,7 +50,7 @@ _FORWARD = object()  # the cotangent argument of the checks in a forward call: n
 
 
 def _members(members: Any, name: str, batch: int, heads: int, length: int) -> np.ndarray:
-    """:func:`refattn.routing._checks.members_array` on the host copy of a (small) member array."""
+    """:func:`refattn.checks.members_array` on the host copy of a (small) member array."""
     return members_array(host_small(members), name, batch, heads, length)
 
 
@@ -75,12 +74,12 @@ class _Routed(NamedTuple):
 
 def routed_inputs(q: Any, k: Any, v: Any, profile: str, causal: bool, shared_qk: bool
                   ) -> tuple[Profile, bool, bool, Meta, Meta]:
-    """:func:`refattn.routing._checks.routed_inputs` on metadata (and device-side NaN counts):
+    """:func:`refattn.routing.cluster_attention.routed_inputs` on metadata (and device-side NaN counts):
     the profile and its configuration, k against ``shared_qk``, q, k, v. Returns (profile, causal,
     shared_qk, q's metadata, v's metadata)."""
     spec = get_profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
-    check_shared(k, shared_qk)
+    causal, shared_qk = flag(causal, "causal"), flag(shared_qk, "shared_qk")
+    shared_keys(k, shared_qk)
     check_configuration(spec, causal, shared_qk)
     mq = sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = mq.shape
@@ -378,7 +377,7 @@ def _local(q: Any, k: Any, v: Any, block: int, causal: bool, key_padding_mask: A
         md = float_array(dout, "dout", rank=4, axes="(B, H, L, Dv)")
         expect_shape(md, "dout", (batch, heads, length, mv.shape[3]), "(B, H, L, Dv)")
     padded = np.zeros((1, length), dtype=np.int64) if mask is None else mask.astype(np.int64)
-    return _Local(min(block, length), int(bool(causal)), cuda.to_device(padded), 1.0 / math.sqrt(dim))
+    return _Local(min(block, length), int(flag(causal, "causal")), cuda.to_device(padded), 1.0 / math.sqrt(dim))
 
 
 def _local_grid(length: int, batch_heads: int) -> tuple[int, int]:

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from refattn._validation import expect_shape, integer_in_range, padding_mask
+from refattn.checks import expect_shape, integer_in_range, padding_mask, real_number
 from refattn.routing.centroids import CentroidState
-from refattn.routing.commitment import _beta
 from refattn.routing.profiles import Profile, get_profile
 
 from ._clustering_kernels import GEMM, PARTIALS, RADIX, RANK_THREADS, TRANSPOSE
@@ -54,7 +53,7 @@ def _grid(kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], *args: Any
 
 
 def _centroids(centroids: Any, heads: int | None, dim: int | None, name: str = "centroids") -> Meta:
-    """:func:`refattn.routing._checks.centroid_array` (same messages) on a host or device array."""
+    """:func:`refattn.checks.centroid_array` (same messages) on a host or device array."""
     meta = float_array(centroids, name, rank=3, axes="(H, C, D)")
     expect_shape(meta, name, (heads, None, dim), "(H, C, D)")
     if 0 in meta.shape:
@@ -431,9 +430,7 @@ def update_centroids(
     if k_hat is not None:
         sequence(k_hat, "k_hat", _SEQUENCE, (batch, heads, length), feature=dim)
     mask = padding_mask(host_small(key_padding_mask), batch, length)
-    decay = float(decay)
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay: expected a number in [0, 1], got {decay}")
+    decay = real_number(decay, "decay", low=0.0, high=1.0)
     call = Call(state[0], state[1], state[2], q_hat, k_hat)
     means, counts, sums = (call.put(part) for part in state)
     inputs = [call.put(x) for x in (q_hat, k_hat) if x is not None]
@@ -499,7 +496,7 @@ def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_paddi
     Returns:
         The loss, a Python float.
     """
-    beta = _beta(beta)
+    beta = real_number(beta, "beta", low=0.0)
     meta, mask, count = _residual_inputs(x_hat, centroids, key_padding_mask)
     if count == 0:
         return 0.0
@@ -528,8 +525,8 @@ def commitment_loss_vjp(
     Returns:
         dx_hat (B, H, L, D) in the compute dtype.
     """
-    beta = _beta(beta)
-    dloss = float(dloss)
+    beta = real_number(beta, "beta", low=0.0)
+    dloss = real_number(dloss, "dloss")
     meta, mask, count = _residual_inputs(x_hat, centroids, key_padding_mask)
     call = Call(x_hat, centroids)
     x_dev, mu = call.put(x_hat), call.put(centroids)

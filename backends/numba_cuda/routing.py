@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from refattn._validation import expect_shape, integer_in_range, padding_mask
+from refattn.checks import expect_shape, integer_in_range, padding_mask
 from refattn.routing import CentroidState, default_num_clusters, default_window
 from refattn.routing import init_centroids as _reference_init_centroids
 from refattn.routing.profiles import Profile

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
+from refattn.checks import flag
 from refattn.fsat import FSATGrads
+from refattn.fsat.cross import next_fast_len
 
 from . import _checks as chk
 
@@ -55,32 +57,9 @@ _NEG_INF = float("-inf")
 # --------------------------------------------------------------------------------------------
 
 
-def _next_fast_len(target: int) -> int:
-    """The smallest 2**a * 3**b * 5**c >= target: ``scipy.fft.next_fast_len(target, real=True)``.
-
-    Pure Python so that ``torch.compile`` traces it as a constant (scipy's is a C extension that
-    Dynamo cannot trace); tests check it against scipy.
-    """
-    if target <= 6:
-        return max(int(target), 1)
-    best = 1 << (target - 1).bit_length()  # a power of two is always a candidate
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            # the smallest power of two with p35 * 2**a >= target
-            quotient = -(-target // p35)
-            candidate = p35 * (1 << (quotient - 1).bit_length())
-            if candidate < best:
-                best = candidate
-            p35 *= 3
-        p5 *= 5
-    return best
-
-
 def _fft_length(length: int) -> int:
     """N >= 2L - 1, a fast real-FFT size: no wrap-around reaches the entries the convolutions keep."""
-    return _next_fast_len(2 * length - 1)
+    return next_fast_len(2 * length - 1)
 
 
 def _counts(length: int, unpadded: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -335,7 +314,7 @@ def select(s: Any, top_k: int, *, causal: bool = False, noise: Any = None) -> to
         noise = chk.float_tensor(noise, "noise", rank=3, axes="(B, H, 2L - 1)")
         chk.expect_shape(noise, "noise", tuple(s.shape), "(B, H, 2L - 1)")
         s = s + noise.detach().to(cd)
-    return _select_core(s, top_k, bool(causal))
+    return _select_core(s, top_k, flag(causal, "causal"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,7 +518,7 @@ def sparse_attention(
     cd = chk.compute_dtype(dtype)
     bias_c = None if bias is None else bias.to(cd)
     out, lse = _SparseAttention.apply(
-        q.to(cd), k.to(cd), v.to(cd), offsets, bias_c, _unpadded(mask), bool(causal)
+        q.to(cd), k.to(cd), v.to(cd), offsets, bias_c, _unpadded(mask), flag(causal, "causal")
     )
     return out.to(dtype), lse.to(dtype)
 
@@ -569,7 +548,7 @@ def sparse_attention_vjp(
         qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
         bias_c = None if bias is None else bias.to(cd)
         unpadded = _unpadded(mask)
-        out, lse, probs = _sparse_forward(qc, kc, vc, offsets, bias_c, bool(causal), unpadded)
+        out, lse, probs = _sparse_forward(qc, kc, vc, offsets, bias_c, flag(causal, "causal"), unpadded)
         dq, dk, dv, dbias = _sparse_backward(
             qc, kc, vc, offsets, probs, lse, out, dout.to(cd), None if dlse is None else dlse.to(cd), bias is not None
         )
@@ -668,7 +647,7 @@ def attention_with_offsets(
     q, k, v, w, top_k, mask, noise, cross_q, cross_k = _check_attention_inputs(
         q, k, v, w, top_k, key_padding_mask, noise, cross_q, cross_k
     )
-    causal = bool(causal)
+    causal = flag(causal, "causal")
     cd = chk.compute_dtype(q.dtype)
     offsets, bias = _plan(q, k, w, top_k, causal, mask, noise, cross_q, cross_k)
     out, _ = _SparseAttention.apply(q.to(cd), k.to(cd), v.to(cd), offsets, bias, _unpadded(mask), causal)
@@ -701,7 +680,7 @@ def attention_vjp(
     chk.same_device(q=q, dout=dout)
     batch, heads, length, _ = q.shape
     dout = chk.sequence(dout, "dout", "(B, H, L, Dv)", (batch, heads, length), feature=v.shape[3])
-    causal = bool(causal)
+    causal = flag(causal, "causal")
     cd = chk.compute_dtype(q.dtype)
     # The planning steps' gradient (dw, and the cross inputs' when given) is their autograd VJP at
     # dbias: the scatter of dbias to the selected offsets, the estimate's and the cross's VJPs.

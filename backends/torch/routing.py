@@ -49,8 +49,8 @@ import numpy as np
 import torch
 
 from refattn.routing import CentroidState
-from refattn.routing._checks import check_configuration
-from refattn.routing.profiles import Profile, get_profile
+from refattn.checks import centroid_array, flag, real_number, shared_keys
+from refattn.routing.profiles import Profile, check_configuration, get_profile
 
 from . import _checks as chk
 
@@ -94,11 +94,7 @@ def _profile(profile: Any) -> Profile:
 
 
 def _centroids(centroids: Any, heads: int | None, dim: int | None, name: str = "centroids") -> torch.Tensor:
-    centroids = chk.float_tensor(centroids, name, rank=3, axes="(H, C, D)")
-    chk.expect_shape(centroids, name, (heads, None, dim), "(H, C, D)")
-    if 0 in centroids.shape:
-        raise ValueError(f"{name}: expected every axis of (H, C, D) to be at least 1, got shape {tuple(centroids.shape)}")
-    return centroids
+    return centroid_array(chk.tensor(centroids, name), heads, dim, name)
 
 
 def _members(members: Any, name: str, batch: int, heads: int, length: int) -> torch.Tensor:
@@ -119,33 +115,11 @@ def _members(members: Any, name: str, batch: int, heads: int, length: int) -> to
     return members
 
 
-def _check_shared(k: Any, shared_qk: bool) -> None:
-    if shared_qk and k is not None:
-        raise ValueError("k: expected None with shared_qk=True (the keys are the queries), got a tensor")
-    if not shared_qk and k is None:
-        raise ValueError("k: expected a (B, H, L, D) tensor with shared_qk=False, got None")
-
-
-
 def _any_rank(x: Any, name: str) -> torch.Tensor:
     x = chk.float_tensor(x, name)
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"{name}: expected a tensor whose last axis (D) has at least 1 entry, got shape {tuple(x.shape)}")
     return x
-
-
-def _beta(beta: Any) -> float:
-    beta = float(beta)
-    if not math.isfinite(beta):
-        raise ValueError(f"beta: expected a finite number, got {beta}")
-    return beta
-
-
-def _decay(decay: Any) -> float:
-    decay = float(decay)
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay: expected a number in [0, 1], got {decay}")
-    return decay
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,9 +415,9 @@ def _attend(f_q, f_k, v, q_members, k_members, causal: bool, shared_qk: bool, sp
 
 def _check_cluster(q, k, v, q_members, k_members, causal, shared_qk, profile):
     spec = _profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
+    causal, shared_qk = flag(causal, "causal"), flag(shared_qk, "shared_qk")
     chk.same_device(q=q, k=k, v=v, q_members=q_members, k_members=k_members)
-    _check_shared(k, shared_qk)
+    shared_keys(k, shared_qk)
     check_configuration(spec, causal, shared_qk)
     q = chk.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
@@ -611,7 +585,7 @@ def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False,
     logits q·k/sqrt(D). (B, H, L, Dv), differentiable in q, k, v."""
     q, k, v, block, mask = _check_local(q, k, v, block, key_padding_mask)
     cd = chk.compute_dtype(q.dtype)
-    return _local_attention(q.to(cd), k.to(cd), v.to(cd), block, bool(causal), mask).to(q.dtype)
+    return _local_attention(q.to(cd), k.to(cd), v.to(cd), block, flag(causal, "causal"), mask).to(q.dtype)
 
 
 def local_attention_vjp(
@@ -623,7 +597,7 @@ def local_attention_vjp(
     dout = chk.float_tensor(dout, "dout", rank=4, axes="(B, H, L, Dv)")
     chk.expect_shape(dout, "dout", tuple(v.shape), "(B, H, L, Dv)")
     cd = chk.compute_dtype(q.dtype)
-    dq, dk, dv = _vjp(lambda a, b, c: _local_attention(a, b, c, block, bool(causal), mask),
+    dq, dk, dv = _vjp(lambda a, b, c: _local_attention(a, b, c, block, flag(causal, "causal"), mask),
                       [q.to(cd), k.to(cd), v.to(cd)], [dout.to(cd)])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -776,7 +750,7 @@ def apply_centroid_statistics(
     """
     spec = _profile(profile)
     state = _state(state)
-    decay = _decay(decay)
+    decay = real_number(decay, "decay", low=0.0, high=1.0)
     heads, clusters, dim = state.means.shape
     pairs = []
     for i, pair in enumerate(statistics):
@@ -809,7 +783,7 @@ def update_centroids(
     spherical batch mean of q̂ and k̂ together, empty clusters keep μ, EMA of the means. Padding is
     excluded. No gradient."""
     spec = _profile(profile)
-    decay = _decay(decay)
+    decay = real_number(decay, "decay", low=0.0, high=1.0)
     statistics = centroid_statistics(state, q_hat, k_hat, key_padding_mask=key_padding_mask)
     return _apply(_state(state), statistics, spec, decay)
 
@@ -842,7 +816,7 @@ def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_paddi
     dtype: float64/float32 for such inputs, float32 for float16/bfloat16 ones (the wider of the two
     when x_hat and the centroids differ).
     """
-    beta = _beta(beta)
+    beta = real_number(beta, "beta", low=0.0)
     chk.same_device(x_hat=x_hat, centroids=centroids, key_padding_mask=key_padding_mask)
     x_hat, centroids, cd = _check_similarity(x_hat, centroids)
     mask = chk.padding_mask(key_padding_mask, x_hat.shape[0], x_hat.shape[2])
@@ -853,7 +827,7 @@ def commitment_loss_vjp(
     x_hat: Any, centroids: Any, dloss: Any = 1.0, *, beta: float = 1e-4, key_padding_mask: Any = None
 ) -> torch.Tensor:
     """Gradient of :func:`commitment_loss` in x̂: dloss · 2β (x̂ - μ_a) / (N D), 0 at padding."""
-    beta = _beta(beta)
+    beta = real_number(beta, "beta", low=0.0)
     chk.same_device(x_hat=x_hat, centroids=centroids, key_padding_mask=key_padding_mask)
     x_hat, centroids, cd = _check_similarity(x_hat, centroids)
     mask = chk.padding_mask(key_padding_mask, x_hat.shape[0], x_hat.shape[2])
@@ -883,9 +857,9 @@ class _Routed(NamedTuple):
 
 def _check_attention(q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask) -> _Routed:
     spec = _profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
+    causal, shared_qk = flag(causal, "causal"), flag(shared_qk, "shared_qk")
     chk.same_device(q=q, k=k, v=v, centroids=centroids, key_padding_mask=key_padding_mask)
-    _check_shared(k, shared_qk)
+    shared_keys(k, shared_qk)
     check_configuration(spec, causal, shared_qk)
     q = chk.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape

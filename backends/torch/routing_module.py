@@ -49,7 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from refattn.routing._checks import check_configuration
+from refattn.checks import flag, real_number
+from refattn.routing.profiles import check_configuration
 
 from . import routing as _routing
 from .routing import CentroidState
@@ -139,21 +140,18 @@ class RoutingAttention(nn.Module):
         self.local_block = _positive_int(local_block, "local_block")
         self.spec = _routing.get_profile(profile)
         self.profile = self.spec.name
-        self.causal = bool(causal)
-        self.shared_qk = bool(shared_qk)
+        self.causal = flag(causal, "causal")
+        self.shared_qk = flag(shared_qk, "shared_qk")
         check_configuration(self.spec, self.causal, self.shared_qk)
-        decay = float(decay)
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay: expected a number in [0, 1], got {decay}")
-        self.decay = decay
-        self.commitment = _routing._beta(commitment)
+        self.decay = real_number(decay, "decay", low=0.0, high=1.0)
+        self.commitment = real_number(commitment, "commitment", low=0.0)
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
         self.local_heads = local_heads
         self.routing_heads = heads - local_heads
         self.num_clusters = num_clusters
         self.max_seq_len = max_seq_len
         self.process_group = process_group
-        self.sync_centroids = bool(sync_centroids)
+        self.sync_centroids = flag(sync_centroids, "sync_centroids")
 
         key_heads = local_heads + (0 if self.shared_qk else self.routing_heads)
         self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
