@@ -82,9 +82,14 @@ def _mib(value: Any) -> str:
     return "—" if value is None else f"{value / 2**20:.1f}"
 
 
+def _baseline(record: dict[str, Any]) -> str:
+    """Which dense baseline a result is compared with: NumPy's for NumPy arrays, else torch's SDPA."""
+    return "numpy" if record.get("framework") == "numpy" else "torch"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """A fixed-width table, one row per result; speedup vs the same framework's dense baseline."""
-    dense = {(r["direction"], r["dtype"], r["length"], r["batch"], "numpy" if r["backend"] == "numpy" else "torch"): r
+    dense = {(r["direction"], r["dtype"], r["length"], r["batch"], _baseline(r)): r
              for r in results if r["algorithm"] == "dense" and r.get("status") == "ok"}
     header = (f"{'backend':<11} {'algorithm':<8} {'dir':<6} {'dtype':<8} {'L':>6} {'B':>3} {'median ms':>10} "
               f"{'IQR ms':>8} {'GFLOP/s':>8} {'dense-eq':>9} {'peak MiB':>9} {'vs dense':>9}")
@@ -95,7 +100,7 @@ def table(results: list[dict[str, Any]]) -> str:
             key = (r["backend"], r["status"], r.get("reason", ""))
             skipped.setdefault(key, []).append(f"{r['algorithm']} {r['direction']} {r['dtype']} L={r['length']}")
             continue
-        base = dense.get((r["direction"], r["dtype"], r["length"], r["batch"], "numpy" if r["backend"] == "numpy" else "torch"))
+        base = dense.get((r["direction"], r["dtype"], r["length"], r["batch"], _baseline(r)))
         speedup = f"{base['median_s'] / r['median_s']:.1f}x" if base is not None and r["algorithm"] != "dense" else "—"
         lines.append(f"{r['backend']:<11} {r['algorithm']:<8} {r['direction']:<6} {r['dtype']:<8} {r['length']:>6} "
                      f"{r['batch']:>3} {r['median_s'] * 1e3:>10.2f} {r['iqr_s'] * 1e3:>8.2f} {r['gflops']:>8.2f} "
