@@ -106,10 +106,11 @@ def _forward(q: Any, k: Any, v: Any, offsets: Any, bias: Any, causal: bool, mask
         if bias is not None:
             z = z + bias[:, :, m, None]
         logits[..., m] = xp.where(valid[..., m], z, -np.inf)
-    # A bias of -inf may mask a valid pair too: such a pair gets weight 0 like an invalid one.
-    valid &= xp.isfinite(logits)
+    # A bias of -inf may mask a valid pair too: such a pair gets weight 0 like an invalid one. (+inf
+    # and NaN, from an overflow of q . k, stay in and make lse NaN, which the callers report.)
+    valid &= logits != -np.inf
     peak = logits.max(axis=-1)
-    has_key = xp.isfinite(peak)
+    has_key = peak != -np.inf
     peak = xp.where(has_key, peak, 0.0)
     weights = xp.exp(logits - peak[..., None])  # exp(-inf) = 0 at invalid pairs
     total = weights.sum(axis=-1)
