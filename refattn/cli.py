@@ -96,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--no-plots", action="store_true")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
     bench.add_argument("--no-progress", action="store_true")
-    bench.add_argument("--targets", action="store_true", help="measure issue 6's targets instead of a sweep")
+    bench.add_argument("--targets", action="store_true",
+                       help="measure the performance targets (FSAT vs dense, FSAT scaling, routing vs lucidrains, "
+                            "NumPy vs torch) instead of a sweep")
     bench.set_defaults(run=_bench)
     arguments = parser.parse_args(argv)
     return arguments.run(arguments)

@@ -49,31 +49,31 @@ def _pipeline(q: Any, k: Any, v: Any, centroids: Any, window: int | None, causal
               profile: str, key_padding_mask: Any) -> _Pipeline:
     """The reference's checks, in its order (the profile and its configuration, q, k, v, the
     centroids, the window, the mask), on metadata and device-side NaN counts."""
-    spec, causal, shared_qk, mq, mv = routed_inputs(q, k, v, profile, causal, shared_qk)
+    profile, causal, shared_qk, mq, mv = routed_inputs(q, k, v, profile, causal, shared_qk)
     batch, heads, length, dim = mq.shape
     clusters = _centroids(centroids, heads, dim).shape[1]
     window = default_window(length, clusters) if window is None else window
     window = integer_in_range(window, "window", low=1, high=length)
     mask = padding_mask(host_small(key_padding_mask), batch, length)
-    return _Pipeline(spec, causal, shared_qk, window, mask, mv.shape[3])
+    return _Pipeline(profile, causal, shared_qk, window, mask, mv.shape[3])
 
 
 def _routed(call: Call, pipeline: _Pipeline, q: Any, k: Any, centroids: Any) -> tuple[_Routed, Any, Any]:
     """Steps 1-3 on the device: members = route(normalize(x) μᵀ, W) for the queries and (unless
     shared) the keys. Also returns normalize(q) and normalize(k) (None when shared): the logit
     features of step 4 are made of the same normalization, so the attention reuses them."""
-    spec = pipeline.profile
+    profile = pipeline.profile
     batch, _, length, _ = q.shape
     padded = _padded(call, pipeline.mask, batch, length)
-    q_hat = _normalize(call, q, spec)
-    k_hat = None if pipeline.shared_qk else _normalize(call, k, spec)
+    q_hat = _normalize(call, q, profile)
+    k_hat = None if pipeline.shared_qk else _normalize(call, k, profile)
 
     def members(x_hat: Any) -> Any:
         return _route(call, _similarity(call, x_hat, centroids), pipeline.window, padded)
 
     q_members = members(q_hat)
     k_members = q_members if pipeline.shared_qk else members(k_hat)
-    return _Routed(spec, pipeline.causal, pipeline.shared_qk, q_members, k_members, pipeline.dim_v), q_hat, k_hat
+    return _Routed(profile, pipeline.causal, pipeline.shared_qk, q_members, k_members, pipeline.dim_v), q_hat, k_hat
 
 
 def attention(

@@ -138,11 +138,11 @@ class RoutingAttention(nn.Module):
             num_clusters = _routing.default_num_clusters(max_seq_len)
         self.window = _positive_int(window, "window", allow_none=True)
         self.local_block = _positive_int(local_block, "local_block")
-        self.spec = _routing.get_profile(profile)
-        self.profile = self.spec.name
+        profile = _routing.get_profile(profile)
+        self.profile = profile.name
         self.causal = flag(causal, "causal")
         self.shared_qk = flag(shared_qk, "shared_qk")
-        check_configuration(self.spec, self.causal, self.shared_qk)
+        check_configuration(profile, self.causal, self.shared_qk)
         self.decay = real_number(decay, "decay", low=0.0, high=1.0)
         self.commitment = real_number(commitment, "commitment", low=0.0)
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
@@ -234,7 +234,7 @@ class RoutingAttention(nn.Module):
     def _loss(self, q_hat: torch.Tensor, k_hat: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         means = self.means.detach()
         loss = _routing.commitment_loss
-        if self.spec.name == "lucidrains":
+        if self.profile == "lucidrains":
             if k_hat is None:
                 return loss(q_hat, means, beta=self.commitment, key_padding_mask=mask)
             both = None if mask is None else torch.cat([mask, mask], dim=1)
@@ -261,7 +261,7 @@ class RoutingAttention(nn.Module):
         q = self._heads(self.to_q(x), self.heads)
         v = self._heads(self.to_v(x), self.heads)
         k = None if self.to_k is None else self._heads(self.to_k(x), self.to_k.out_features // self.dim_head)
-        local_first = self.spec.name == "lucidrains"
+        local_first = self.profile == "lucidrains"
         # head slices: tacl [routing | local], lucidrains [local | routing]; keys: [local | routing]
         r_slice = slice(local, None) if local_first else slice(0, routing)
         l_slice = slice(0, local) if local_first else slice(routing, None)

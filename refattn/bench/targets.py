@@ -1,4 +1,4 @@
-"""The performance targets of issue 6, measured with the same cases as the sweep.
+"""The performance targets (speed and memory ratios between two cases), measured with the same cases as the sweep.
 
 Each target times two cases (median of ``repeats`` after warm-up), measures their peak memory and
 states the ratio against its threshold. CPU figures only unless a device is asked for explicitly.
