@@ -14,9 +14,10 @@ import functools
 import importlib
 import importlib.metadata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

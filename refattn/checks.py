@@ -230,7 +230,7 @@ def expect_rank(x: Any, name: str, rank: int | None, axes: str | None = None) ->
 def expect_shape(x: Any, name: str, expected: tuple[int | None, ...], axes: str) -> None:
     """``ValueError`` unless ``x.shape`` matches ``expected`` (``None`` matches any size)."""
     shape = _shape(x)
-    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape, strict=False))
+    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape, strict=True))
     if not ok:
         wanted = tuple("*" if e is None else e for e in expected)
         raise ValueError(f"{name}: expected shape {axes} = {wanted}, got {shape}")

@@ -229,7 +229,8 @@ def test_overflow_check_on_torch_tensors():
     """The helper the torch backend calls in its own dtypes; the meta device has no values to check."""
     torch = pytest.importorskip("torch", reason="the case needs torch tensors")
     q = torch.full((2, 8), 1e20)
-    with pytest.raises(ValueError, match=r"^q and k overflow float32 in the attention logits: \|q\|·\|k\| up to 1\.0e\+40"):
+    with pytest.raises(ValueError,
+                       match=r"^q and k overflow float32 in the attention logits: \|q\|·\|k\| up to 1\.0e\+40"):
         checks.check_overflow((q * q).sum(-1), "the attention logits", q=q, k=q)
     for dtype, value in ((torch.bfloat16, 1e20), (torch.float16, 300.0)):
         x = torch.full((2, 8), value, dtype=dtype)

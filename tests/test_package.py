@@ -196,8 +196,8 @@ def test_wheel_installs_the_same_import_surface_as_the_editable_install(tmp_path
         print(refattn.get_backend("numpy").name)
     """, python=python, cwd=tmp_path)
     assert imported.returncode == 0, imported.stderr
-    assert imported.stdout.split() == [str(environment / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
-                                           / "site-packages" / "refattn" / "backends" / "__init__.py"), "numpy"]
+    site = environment / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    assert imported.stdout.split() == [str(site / "refattn" / "backends" / "__init__.py"), "numpy"]
     # The wheel holds exactly the modules of the source folders, under the names the editable install gives them.
     with zipfile.ZipFile(wheel) as archive:
         in_wheel = {name.removesuffix(".py").removesuffix("/__init__").replace("/", ".")

@@ -20,8 +20,10 @@ from typing import Any
 
 import cupy
 import numpy as np
+
 from refattn.backends import Backend, Capabilities
 from refattn.backends.cupy import _config, fsat, routing
+
 from ._array import host_execution
 
 __all__ = ["backend", "device_report", "fsat", "host_execution", "routing"]

@@ -239,8 +239,8 @@ def _sparse_forward(xp, x: _Sparse, causal: bool) -> tuple[Any, Any]:
     bias, has_bias = _optional(xp, x.bias, acc)
     mask, has_mask = _optional(xp, x.mask, np.uint8)
     args = (x.q, x.k, x.v, x.offsets, bias, mask, out, lse, np.int64(heads), np.int64(length), np.int64(dim),
-            np.int64(dim_v), np.int64(count), np.int64(plan.tiles), has_bias, has_mask, np.int32(flag(causal, "causal")),
-            np.float64(1.0 / math.sqrt(dim)))
+            np.int64(dim_v), np.int64(count), np.int64(plan.tiles), has_bias, has_mask,
+            np.int32(flag(causal, "causal")), np.float64(1.0 / math.sqrt(dim)))
     _kernels.launch(xp, _config.FSAT_SPARSE, "fsat_sparse_forward", x.dtype, plan, args)
     return out, lse
 

@@ -113,7 +113,8 @@ def _normalize_vjp(xp, x, dy, profile: Profile):
 def _any_rank(xp, x, name):
     float_array(xp, x, name)
     if x.ndim < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name}: expected an array whose last axis (D) has at least 1 entry, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected an array whose last axis (D) has at least 1 entry, got shape {tuple(x.shape)}")
     return x
 
 
@@ -217,7 +218,8 @@ def _cluster_inputs(xp, a, causal, shared_qk, profile):
     km = members_array(a["k_members"], "k_members", batch, heads, length)
     if km.shape[2] != qm.shape[2]:
         raise ValueError(
-            f"k_members: expected the same number of clusters C = {qm.shape[2]} as q_members, got shape {tuple(km.shape)}")
+            f"k_members: expected the same number of clusters C = {qm.shape[2]} as q_members, "
+            f"got shape {tuple(km.shape)}")
     dtype = _array.result_dtype(q, a["k"], v)
     q, v = _array.acc(q, dtype), _array.acc(v, dtype)
     k = None if a["k"] is None else _array.acc(a["k"], dtype)
@@ -329,7 +331,8 @@ def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> An
         members = members_array(a["q_members"], "q_members", o.shape[0], o.shape[1], length)
         if tuple(members.shape) != tuple(o.shape[:4]):
             raise ValueError(
-                f"q_members: expected shape (B, H, C, W) = {tuple(o.shape[:4])} (that of o), got {tuple(members.shape)}")
+                f"q_members: expected shape (B, H, C, W) = {tuple(o.shape[:4])} (that of o), "
+                f"got {tuple(members.shape)}")
         total = _scatter_add(xp, _array.acc(o, o.dtype), members, length)
         counts = _member_counts(xp, members, length, total.dtype)
         return (total / (counts + profile.combine_eps)[..., None]).astype(o.dtype)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numba import cuda
@@ -19,6 +20,7 @@ from numba import cuda
 from refattn import checks
 
 from . import _kernels
+
 
 def simulator() -> bool:
     """Is Numba's CUDA simulator in use (NUMBA_ENABLE_CUDASIM=1 when numba was imported)?"""

@@ -10,7 +10,7 @@ with its backward kernels. The host validates metadata, launches and, for NumPy 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +18,18 @@ from refattn.checks import expect_shape, flag, index_array, integer_in_range, le
 from refattn.fsat import FSATGrads
 
 from . import _kernels
-from ._runtime import Call, host_small, is_device, launch, pow2_at_least, score_array, sequence, float_array, twiddles, Meta
+from ._runtime import (
+    Call,
+    Meta,
+    float_array,
+    host_small,
+    is_device,
+    launch,
+    pow2_at_least,
+    score_array,
+    sequence,
+    twiddles,
+)
 
 __all__ = ["pair_counts", "cross", "cross_vjp", "estimate", "estimate_vjp", "select", "sparse_attention",
            "sparse_attention_vjp", "attention", "attention_vjp", "FSATGrads"]
@@ -243,7 +254,7 @@ def _sparse_inputs(q, k, v, offsets, bias, key_padding_mask):
 
 
 def _device_offsets(call: Call, offsets: Any, host_offsets: np.ndarray) -> Any:
-    from ._runtime import device_view, is_device
+    from ._runtime import device_view
     if is_device(offsets) and np.dtype(device_view(offsets).dtype) == np.int64:
         return device_view(offsets)
     from numba import cuda
@@ -271,8 +282,9 @@ def sparse_attention(q: Any, k: Any, v: Any, offsets: Any, bias: Any = None, *, 
     """(out (B, H, L, Dv), lse (B, H, L)): attention on the selected diagonals, bias added per offset."""
     mq, mv, host_offsets, mask = _sparse_inputs(q, k, v, offsets, bias, key_padding_mask)
     call = Call(q, k, v, bias)
-    out, lse = _sparse_forward(call, call.put(q), call.put(k), call.put(v), _device_offsets(call, offsets, host_offsets),
-                               call.put(bias), flag(causal, "causal"), _valid(call, mask, mq.shape[2]))
+    out, lse = _sparse_forward(call, call.put(q), call.put(k), call.put(v),
+                               _device_offsets(call, offsets, host_offsets), call.put(bias), flag(causal, "causal"),
+                               _valid(call, mask, mq.shape[2]))
     return call.out(out), call.out(lse)
 
 
@@ -366,7 +378,8 @@ def attention(q: Any, k: Any, v: Any, w: Any, top_k: int, *, causal: bool = Fals
 
 
 def attention_vjp(q: Any, k: Any, v: Any, w: Any, top_k: int, dout: Any, *, causal: bool = False,
-                  key_padding_mask: Any = None, noise: Any = None, cross_q: Any = None, cross_k: Any = None) -> FSATGrads:
+                  key_padding_mask: Any = None, noise: Any = None, cross_q: Any = None,
+                  cross_k: Any = None) -> FSATGrads:
     """FSATGrads of :func:`attention` with the truncation of spec/fsat.md step 4."""
     top_k, mask, separate, length = _plan(q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k)
     sequence(dout, "dout", "(B, H, L, Dv)", Meta(q).shape[:3], feature=Meta(v).shape[3])

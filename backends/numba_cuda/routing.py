@@ -20,12 +20,37 @@ from refattn.routing import CentroidState, default_num_clusters, default_window
 from refattn.routing import init_centroids as _reference_init_centroids
 from refattn.routing.profiles import Profile
 
-from ._cluster_attention import (_cluster_backward, _cluster_forward, _combine, _combine_vjp, _features, _Routed,
-                                 cluster_attention, cluster_attention_vjp, combine, combine_vjp, local_attention,
-                                 local_attention_vjp, routed_inputs)
-from ._clustering import (_centroids, _normalize, _padded, _route, _similarity, assign, commitment_loss,
-                          commitment_loss_vjp, normalize, normalize_vjp, route, similarity, similarity_vjp,
-                          update_centroids)
+from ._cluster_attention import (
+    _cluster_backward,
+    _cluster_forward,
+    _combine,
+    _combine_vjp,
+    _features,
+    _Routed,
+    cluster_attention,
+    cluster_attention_vjp,
+    combine,
+    combine_vjp,
+    local_attention,
+    local_attention_vjp,
+    routed_inputs,
+)
+from ._clustering import (
+    _centroids,
+    _normalize,
+    _padded,
+    _route,
+    _similarity,
+    assign,
+    commitment_loss,
+    commitment_loss_vjp,
+    normalize,
+    normalize_vjp,
+    route,
+    similarity,
+    similarity_vjp,
+    update_centroids,
+)
 from ._runtime import Call, Meta, float_array, host_small
 
 __all__ = ["normalize", "normalize_vjp", "similarity", "similarity_vjp", "route", "cluster_attention",

@@ -73,7 +73,8 @@ def _counts(length: int, unpadded: torch.Tensor | None, device: torch.device) ->
     return torch.fft.irfft(spectrum, n=n, dim=-1)[:, : 2 * length - 1].round()
 
 
-def _inverse_counts(length: int, unpadded: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _inverse_counts(length: int, unpadded: torch.Tensor | None, device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
     """1 / n_tau as a (B or 1, 1, 2L - 1, 1) tensor of ``dtype``, 0 where n_tau = 0."""
     counts = _counts(length, unpadded, device)
     inverse = torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), torch.zeros_like(counts))
@@ -116,7 +117,8 @@ def _cross_core(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None)
     return numerator * _inverse_counts(length, unpadded, a.device, a.dtype)
 
 
-def _cross_vjp_core(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor, unpadded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _cross_vjp_core(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                    unpadded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(da, db) for compute-dtype tensors.
 
     With g = dc / n: da = (b conv reverse(g))[L-1 : 2L-1], db = (a conv g)[L-1 : 2L-1]; a circular
@@ -150,7 +152,8 @@ class _Cross(torch.autograd.Function):
         return da, db, None
 
 
-def _check_cross_inputs(a: Any, b: Any, key_padding_mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _check_cross_inputs(a: Any, b: Any,
+                        key_padding_mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     chk.same_device(a=a, b=b, key_padding_mask=key_padding_mask)
     a = chk.sequence(a, "a", "(B, H, L, Dc)")
     b = chk.sequence(b, "b", "(B, H, L, Dc)", tuple(a.shape[:3]), feature=a.shape[3])
@@ -202,7 +205,8 @@ def cross_vjp(a: Any, b: Any, dc: Any, *, key_padding_mask: Any = None) -> tuple
 # --------------------------------------------------------------------------------------------
 
 
-def _check_estimate_inputs(c: Any, w: Any, key_padding_mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+def _check_estimate_inputs(c: Any, w: Any,
+                           key_padding_mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     chk.same_device(c=c, w=w, key_padding_mask=key_padding_mask)
     c = chk.sequence(c, "c", "(B, H, 2L - 1, Dc)")
     batch, heads, count, features = c.shape
@@ -225,7 +229,8 @@ def _estimate_core(c: torch.Tensor, w: torch.Tensor, has_pairs: torch.Tensor | N
     return _scores(torch.einsum("bhtd,hd->bht", c, w), c.shape[3], has_pairs)
 
 
-def _scores_from_spectrum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, unpadded: torch.Tensor | None) -> torch.Tensor:
+def _scores_from_spectrum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+                          unpadded: torch.Tensor | None) -> torch.Tensor:
     """s = estimate(cross(a, b), w) without forming c: by linearity of the inverse FFT,
     sum_d w_d irfft(P_d) = irfft(sum_d w_d P_d), one inverse transform per (b, h) instead of Dc.
 
@@ -561,7 +566,8 @@ def sparse_attention_vjp(
 
 
 def _check_attention_inputs(q, k, v, w, top_k, key_padding_mask, noise, cross_q, cross_k):
-    chk.same_device(q=q, k=k, v=v, w=w, key_padding_mask=key_padding_mask, noise=noise, cross_q=cross_q, cross_k=cross_k)
+    chk.same_device(q=q, k=k, v=v, w=w, key_padding_mask=key_padding_mask, noise=noise, cross_q=cross_q,
+                    cross_k=cross_k)
     q = chk.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     k = chk.sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
@@ -685,7 +691,8 @@ def attention_vjp(
     # The planning steps' gradient (dw, and the cross inputs' when given) is their autograd VJP at
     # dbias: the scatter of dbias to the selected offsets, the estimate's and the cross's VJPs.
     w_leaf = w.detach().to(cd).requires_grad_()
-    cross_leaves = (None, None) if cross_q is None else tuple(x.detach().to(cd).requires_grad_() for x in (cross_q, cross_k))
+    cross_leaves = (None,
+                    None) if cross_q is None else tuple(x.detach().to(cd).requires_grad_() for x in (cross_q, cross_k))
     with torch.enable_grad():
         offsets, bias = _plan(q.detach(), k.detach(), w_leaf, top_k, causal, mask, noise, *cross_leaves)
     with torch.no_grad():

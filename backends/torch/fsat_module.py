@@ -90,7 +90,7 @@ class FSATAttention(nn.Module):
         self.generator = generator
         self.last_offsets: torch.Tensor | None = None
 
-    def manual_seed(self, seed: int) -> "FSATAttention":
+    def manual_seed(self, seed: int) -> FSATAttention:
         """Reseed the layer's noise generator; returns the layer."""
         self.generator.manual_seed(seed)
         return self

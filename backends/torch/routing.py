@@ -48,8 +48,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from refattn.routing import CentroidState
 from refattn.checks import centroid_array, flag, real_number, shared_keys
+from refattn.routing import CentroidState
 from refattn.routing.profiles import Profile, check_configuration, get_profile
 
 from . import _checks as chk
@@ -101,7 +101,8 @@ def _members(members: Any, name: str, batch: int, heads: int, length: int) -> to
     members = chk.index_tensor(members, name, rank=4, axes="(B, H, C, W)")
     chk.expect_shape(members, name, (batch, heads, None, None), "(B, H, C, W)")
     if 0 in members.shape:
-        raise ValueError(f"{name}: expected every axis of (B, H, C, W) to be at least 1, got shape {tuple(members.shape)}")
+        raise ValueError(
+            f"{name}: expected every axis of (B, H, C, W) to be at least 1, got shape {tuple(members.shape)}")
     if chk.checking_values(members):
         low, high = int(members.min()), int(members.max())
         if low < -1 or high >= length:
@@ -118,7 +119,8 @@ def _members(members: Any, name: str, batch: int, heads: int, length: int) -> to
 def _any_rank(x: Any, name: str) -> torch.Tensor:
     x = chk.float_tensor(x, name)
     if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name}: expected a tensor whose last axis (D) has at least 1 entry, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected a tensor whose last axis (D) has at least 1 entry, got shape {tuple(x.shape)}")
     return x
 
 
@@ -166,17 +168,18 @@ def normalize(x: Any, *, profile: str = "tacl") -> torch.Tensor:
     return _normalize(x.to(chk.compute_dtype(x.dtype)), profile).to(x.dtype)
 
 
-def _vjp(function, inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+def _vjp(function, inputs: Sequence[torch.Tensor],
+         cotangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``function(*inputs)`` (a tensor or tuple of tensors) against the cotangents."""
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_(True) for x in inputs]
         outputs = function(*leaves)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        pairs = [(o, c) for o, c in zip(outputs, cotangents) if c is not None and o.requires_grad]
+        pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if c is not None and o.requires_grad]
         if not pairs:
             return tuple(torch.zeros_like(x) for x in leaves)
         grads = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True))
 
 
 def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> torch.Tensor:
@@ -301,7 +304,8 @@ def route(similarities: Any, window: int, *, key_padding_mask: Any = None) -> to
     scores = chk.float_tensor(similarities, "similarities", rank=4, axes="(B, H, L, C)")
     batch, heads, length, clusters = scores.shape
     if 0 in scores.shape:
-        raise ValueError(f"similarities: expected every axis of (B, H, L, C) to be at least 1, got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"similarities: expected every axis of (B, H, L, C) to be at least 1, got shape {tuple(scores.shape)}")
     window = chk.integer_in_range(window, "window", low=1, high=length)
     mask = chk.padding_mask(key_padding_mask, batch, length)
     return _route(scores.to(chk.compute_dtype(scores.dtype)), window, mask)
@@ -379,7 +383,8 @@ def _softmax_rows(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return weights * valid.any(dim=-1, keepdim=True).to(weights.dtype)
 
 
-def _features(q: torch.Tensor, k: torch.Tensor | None, profile: Profile, shared_qk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(q: torch.Tensor, k: torch.Tensor | None, profile: Profile,
+              shared_qk: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if profile.logits_use_normalized:
         f_q = _normalize(q, profile)
         f_k = f_q if shared_qk else _normalize(k, profile)
@@ -452,7 +457,8 @@ def cluster_attention(
     logit scale itself; causal by position; masked logits -inf; a query with no valid key (and an
     empty query slot) outputs 0. Returns o (B, H, C, Wq, Dv) of q's dtype, differentiable in q, k, v.
     """
-    q, k, v, qm, km, causal, shared_qk, profile = _check_cluster(q, k, v, q_members, k_members, causal, shared_qk, profile)
+    q, k, v, qm, km, causal, shared_qk, profile = _check_cluster(q, k, v, q_members, k_members, causal, shared_qk,
+                                                                 profile)
     cd = chk.compute_dtype(q.dtype)
     o = _cluster_attention(q.to(cd), None if k is None else k.to(cd), v.to(cd), qm, km, causal, shared_qk, profile)
     return o.to(q.dtype)
@@ -473,12 +479,14 @@ def cluster_attention_vjp(
     """VJP of :func:`cluster_attention` (membership fixed): (dq, dk, dv) of the inputs' (B, H, L, ·)
     shapes; dk is None with shared QK; positions in no cluster get 0."""
     chk.same_device(q=q, do=do)
-    q, k, v, qm, km, causal, shared_qk, profile = _check_cluster(q, k, v, q_members, k_members, causal, shared_qk, profile)
+    q, k, v, qm, km, causal, shared_qk, profile = _check_cluster(q, k, v, q_members, k_members, causal, shared_qk,
+                                                                 profile)
     do = chk.float_tensor(do, "do", rank=5, axes="(B, H, C, W, Dv)")
     chk.expect_shape(do, "do", tuple(qm.shape) + (v.shape[3],), "(B, H, C, W, Dv)")
     cd = chk.compute_dtype(q.dtype)
     if shared_qk:
-        dq, dv = _vjp(lambda a, c: _cluster_attention(a, None, c, qm, km, causal, True, profile), [q.to(cd), v.to(cd)], [do.to(cd)])
+        dq, dv = _vjp(lambda a, c: _cluster_attention(a, None, c, qm, km, causal, True, profile), [q.to(cd), v.to(cd)],
+                      [do.to(cd)])
         return dq.to(q.dtype), None, dv.to(v.dtype)
     dq, dk, dv = _vjp(lambda a, b, c: _cluster_attention(a, b, c, qm, km, causal, False, profile),
                       [q.to(cd), k.to(cd), v.to(cd)], [do.to(cd)])
@@ -512,7 +520,8 @@ def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> to
     o = chk.float_tensor(o, "o", rank=5, axes="(B, H, C, W, Dv)")
     members = _members(q_members, "q_members", o.shape[0], o.shape[1], length)
     if tuple(members.shape) != tuple(o.shape[:4]):
-        raise ValueError(f"q_members: expected shape (B, H, C, W) = {tuple(o.shape[:4])} (that of o), got {tuple(members.shape)}")
+        raise ValueError(
+            f"q_members: expected shape (B, H, C, W) = {tuple(o.shape[:4])} (that of o), got {tuple(members.shape)}")
     return _combine(o.to(chk.compute_dtype(o.dtype)), members, length, profile).to(o.dtype)
 
 
@@ -579,7 +588,8 @@ def _check_local(q, k, v, block, key_padding_mask):
     return q, k, v, block, mask
 
 
-def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False, key_padding_mask: Any = None) -> torch.Tensor:
+def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False,
+                    key_padding_mask: Any = None) -> torch.Tensor:
     """Blocked local attention (spec/routing.md, step 6): query i sees key j iff j's block is i's
     or the previous one (or the next one when not causal), j <= i when causal, neither padded;
     logits q·k/sqrt(D). (B, H, L, Dv), differentiable in q, k, v."""
@@ -673,7 +683,8 @@ def _state(state: Any) -> CentroidState:
     return CentroidState(means, counts, sums)
 
 
-def _statistics(x_hat: torch.Tensor, means: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _statistics(x_hat: torch.Tensor, means: torch.Tensor,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per head: N_c (H, C) tokens whose nearest centroid is c, S_c (H, C, D) their sum (padding excluded)."""
     heads, clusters, dim = means.shape
     labels = _assign(x_hat, means, mask)  # (B, H, L)
@@ -697,7 +708,8 @@ def centroid_statistics(
     the batch, so data-parallel ranks can ``all_reduce`` them (SUM) and every rank then applies the
     update of the concatenated batch. Computed in the compute dtype of the state and the inputs.
     """
-    chk.same_device(q_hat=q_hat, k_hat=k_hat, key_padding_mask=key_padding_mask, means=state[0] if isinstance(state, tuple) and state else None)
+    chk.same_device(q_hat=q_hat, k_hat=k_hat, key_padding_mask=key_padding_mask,
+                    means=state[0] if isinstance(state, tuple) and state else None)
     state = _state(state)
     heads, clusters, dim = state.means.shape
     q_hat = chk.sequence(q_hat, "q_hat", "(B, H, L, D)")
@@ -728,7 +740,8 @@ def _apply(state: CentroidState, statistics, profile: Profile, decay: float) -> 
         batch_counts = sum(c.to(cd) for c, _ in statistics)
         batch_sums = sum(s.to(cd) for _, s in statistics)
         norm = torch.linalg.vector_norm(batch_sums, dim=-1, keepdim=True)
-        batch_means = torch.where((batch_counts > 0).unsqueeze(-1), batch_sums / norm.clamp(min=profile.norm_eps), means)
+        batch_means = torch.where((batch_counts > 0).unsqueeze(-1), batch_sums / norm.clamp(min=profile.norm_eps),
+                                  means)
         new_means = decay * means + (1.0 - decay) * batch_means
     return CentroidState(new_means.to(state.means.dtype), counts.to(state.counts.dtype), sums.to(state.sums.dtype))
 
@@ -793,7 +806,8 @@ def update_centroids(
 # --------------------------------------------------------------------------------------------
 
 
-def _residual(x_hat: torch.Tensor, centroids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _residual(x_hat: torch.Tensor, centroids: torch.Tensor,
+              mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂ - μ_a, 0 at padding) with μ a constant, and N·D as a tensor."""
     labels = _assign(x_hat, centroids, mask)
     keep = labels >= 0
@@ -806,7 +820,8 @@ def _residual(x_hat: torch.Tensor, centroids: torch.Tensor, mask: torch.Tensor |
 def _commitment(x_hat: torch.Tensor, centroids: torch.Tensor, mask: torch.Tensor | None, beta: float) -> torch.Tensor:
     residual, count = _residual(x_hat, centroids, mask)
     total = (residual * residual).sum()
-    return torch.where(count > 0, beta * total / count.clamp(min=1).to(total.dtype), torch.zeros((), dtype=total.dtype, device=total.device))
+    return torch.where(count > 0, beta * total / count.clamp(min=1).to(total.dtype),
+                       torch.zeros((), dtype=total.dtype, device=total.device))
 
 
 def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_padding_mask: Any = None) -> torch.Tensor:

@@ -26,8 +26,9 @@ baseline and tracemalloc) and from its capabilities.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -116,8 +117,8 @@ def load_backend(name: str) -> Any:
 
 def _inputs(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    b, h, l, d = shape.batch, shape.heads, shape.length, shape.dim
-    q, k, v, dout = (rng.standard_normal((b, h, l, d)) for _ in range(4))
+    b, h, n, d = shape.batch, shape.heads, shape.length, shape.dim
+    q, k, v, dout = (rng.standard_normal((b, h, n, d)) for _ in range(4))
     w = rng.standard_normal((h, d)) / math.sqrt(d)
     centroids = rng.standard_normal((h, shape.num_clusters, d))
     centroids /= np.linalg.norm(centroids, axis=-1, keepdims=True)
@@ -126,23 +127,23 @@ def _inputs(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
 
 def _info(case_backend: str, algorithm: str, direction: str, dtype: str, device: str, shape: Shape,
           compute_dtype: str, device_name: str) -> dict[str, Any]:
-    b, h, l, d = shape.batch, shape.heads, shape.length, shape.dim
+    b, h, n, d = shape.batch, shape.heads, shape.length, shape.dim
     if algorithm == "fsat":
-        flops = models.fsat_flops(b, h, l, d, shape.top_k, direction=direction)
+        flops = models.fsat_flops(b, h, n, d, shape.top_k, direction=direction)
         params = {"top_k": shape.top_k}
     elif algorithm == "routing":
-        flops = models.routing_flops(b, h, l, d, shape.num_clusters, shape.window_size, direction=direction)
+        flops = models.routing_flops(b, h, n, d, shape.num_clusters, shape.window_size, direction=direction)
         params = {"clusters": shape.num_clusters, "window": shape.window_size}
     else:
-        flops = models.dense_flops(b, h, l, d, direction=direction)
+        flops = models.dense_flops(b, h, n, d, direction=direction)
         params = {}
     itemsize = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 8)
     return {
         "backend": case_backend, "algorithm": algorithm, "direction": direction, "dtype": dtype,
         "compute_dtype": compute_dtype, "device": device, "device_name": device_name,
-        "batch": b, "heads": h, "length": l, "dim": d, **params,
-        "flops": flops, "dense_flops": models.dense_flops(b, h, l, d, direction=direction),
-        "bytes": models.attention_bytes(b, h, l, d, itemsize=itemsize, direction=direction),
+        "batch": b, "heads": h, "length": n, "dim": d, **params,
+        "flops": flops, "dense_flops": models.dense_flops(b, h, n, d, direction=direction),
+        "bytes": models.attention_bytes(b, h, n, d, itemsize=itemsize, direction=direction),
     }
 
 
@@ -371,7 +372,8 @@ def build_case(backend: str, algorithm: str, direction: str, dtype: str, shape: 
         _dense_fits(framework == "numpy", direction, shape, dense_max_gflop, dense_max_bytes)
     arrays = _inputs(shape, seed)
     if framework == "torch":
-        fn, dev, device_name, compute = _torch_case(backend, algorithm, direction, dtype, shape, arrays, profile, device)
+        fn, dev, device_name, compute = _torch_case(backend, algorithm, direction, dtype, shape, arrays, profile,
+                                                    device)
     else:
         fn, dev, device_name, compute = _array_case(loaded, framework, algorithm, direction, dtype, shape, arrays,
                                                     profile)

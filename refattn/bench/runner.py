@@ -13,8 +13,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from . import cases, measure
 
@@ -147,7 +148,8 @@ def plots(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                 ax.set_yscale("log")
                 ax.set_xlabel("sequence length L (B = " + ", ".join(f"{b}" for _, b in batches) + ")")
                 ax.set_ylabel(ylabel)
-                ax.set_title(f"{direction} {dtype}, H={rows[0]['heads']} D={rows[0]['dim']} ({rows[0].get('device', '')})")
+                ax.set_title(f"{direction} {dtype}, H={rows[0]['heads']} D={rows[0]['dim']} "
+                             f"({rows[0].get('device', '')})")
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=8)
                 fig.tight_layout()

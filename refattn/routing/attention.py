@@ -73,7 +73,8 @@ def check_attention(
     return q, k, v, centroids, window, causal, shared_qk, profile, mask
 
 
-def _members(q: Any, k: Any, centroids: Any, window: int, shared_qk: bool, profile: Profile, mask: Any) -> tuple[Any, Any]:
+def _members(q: Any, k: Any, centroids: Any, window: int, shared_qk: bool, profile: Profile,
+             mask: Any) -> tuple[Any, Any]:
     """Steps 1-3: (q_members, k_members), routed by the similarities of the normalized q and k.
 
     Raises ``ValueError`` if a similarity overflows (the normalized q and k are bounded, the centroids not).

@@ -53,7 +53,8 @@ def check_route(similarities: Any, window: Any, key_padding_mask: Any = None) ->
     scores = checks.float_array(scores, "similarities", rank=4, axes="(B, H, L, C)")
     batch, heads, length, clusters = scores.shape
     if 0 in scores.shape:
-        raise ValueError(f"similarities: expected every axis of (B, H, L, C) to be at least 1, got shape {scores.shape}")
+        raise ValueError(
+            f"similarities: expected every axis of (B, H, L, C) to be at least 1, got shape {scores.shape}")
     window = checks.integer_in_range(window, "window", low=1, high=length)
     mask = checks.padding_mask(key_padding_mask, batch, length)
     return scores, window, mask
