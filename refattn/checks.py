@@ -416,7 +416,8 @@ def one_of(value: Any, name: str, choices: Sequence[str]) -> str:
 def shared_keys(k: Any, shared_qk: bool) -> None:
     """With shared QK the keys are the queries: ``k`` must be None (and must be given otherwise)."""
     if shared_qk and k is not None:
-        raise ValueError(f"k: expected None with shared_qk=True (the keys are the queries), got an {_noun(k)}")
+        got = "a tensor" if _noun(k) == "tensor" else "an array"
+        raise ValueError(f"k: expected None with shared_qk=True (the keys are the queries), got {got}")
     if not shared_qk and k is None:
         raise ValueError("k: expected a (B, H, L, D) array with shared_qk=False, got None")
 
