@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from refattn.checks import expect_shape, flag, index_array, integer_in_range, length_from_offsets, padding_mask
+from refattn.checks import (
+    expect_shape,
+    flag,
+    integer_in_range,
+    length_from_offsets,
+    offsets_array,
+    padding_mask,
+)
 from refattn.fsat import FSATGrads
 
 from . import _kernels
@@ -235,17 +242,7 @@ def _sparse_inputs(q, k, v, offsets, bias, key_padding_mask):
     batch, heads, length, dim = mq.shape
     sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
     mv = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
-    host_offsets = index_array(host_small(offsets), "offsets", rank=3, axes="(B, H, K)")
-    expect_shape(host_offsets, "offsets", (batch, heads, None), "(B, H, K)")
-    if host_offsets.shape[2] < 1:
-        raise ValueError(f"offsets: expected at least one offset per (batch, head), got shape {host_offsets.shape}")
-    if np.any(np.abs(host_offsets) > length - 1):
-        raise ValueError(
-            f"offsets: expected offsets in [-(L-1), L-1] = [{-(length - 1)}, {length - 1}], "
-            f"got values in [{host_offsets.min()}, {host_offsets.max()}]"
-        )
-    if np.any(np.diff(np.sort(host_offsets, axis=-1), axis=-1) == 0):
-        raise ValueError("offsets: expected distinct offsets within each (batch, head), got a repeated offset")
+    host_offsets = offsets_array(host_small(offsets), batch, heads, length)
     if bias is not None:
         bm = score_array(bias, "bias", rank=3, axes="(B, H, K)")
         expect_shape(bm, "bias", host_offsets.shape, "(B, H, K)")

@@ -50,6 +50,7 @@ import torch
 
 from refattn.checks import centroid_array, flag, real_number, shared_keys
 from refattn.routing import CentroidState
+from refattn.routing.attention import default_num_clusters, default_window
 from refattn.routing.profiles import Profile, check_configuration, get_profile
 
 from . import _checks as chk
@@ -122,24 +123,6 @@ def _any_rank(x: Any, name: str) -> torch.Tensor:
         raise ValueError(
             f"{name}: expected a tensor whose last axis (D) has at least 1 entry, got shape {tuple(x.shape)}")
     return x
-
-
-# --------------------------------------------------------------------------------------------
-# defaults
-# --------------------------------------------------------------------------------------------
-
-
-def default_num_clusters(length: int) -> int:
-    """C = max(1, round(sqrt(L))) (spec/routing.md, "Defaults")."""
-    length = chk.integer_in_range(length, "length", low=1)
-    return max(1, int(round(math.sqrt(length))))
-
-
-def default_window(length: int, num_clusters: int) -> int:
-    """W = ceil(L / C), always in [1, L]."""
-    length = chk.integer_in_range(length, "length", low=1)
-    clusters = chk.integer_in_range(num_clusters, "num_clusters", low=1)
-    return -(-length // clusters)
 
 
 # --------------------------------------------------------------------------------------------
