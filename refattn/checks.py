@@ -442,7 +442,8 @@ def check_overflow(result: Any, where: str, *, allow_neg_inf: bool = False, **op
     ±Inf (with ``allow_neg_inf``: NaN or +Inf; -inf then means "no valid pair").
 
     The inputs were checked finite, so a non-finite result is an overflow of the compute dtype. The
-    message names the operands, as the caller's user passed them, and how large their product gets::
+    message names the operands, as the caller's user passed them (None operands, optional arguments
+    not given, are left out), and how large their product gets::
 
         q and k overflow float64 in the cross: |q|·|k| up to 1.0e+310
 
@@ -459,6 +460,7 @@ def check_overflow(result: Any, where: str, *, allow_neg_inf: bool = False, **op
         return
     elif bool(array_namespace(result).isfinite(result).all()):
         return  # finite entries whose sum overflows
+    operands = {name: x for name, x in operands.items() if x is not None}
     names = list(operands)
     subject = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
     verb = "overflows" if len(names) == 1 else "overflow"

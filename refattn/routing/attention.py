@@ -96,7 +96,7 @@ def attention_core(
     and returned in that dtype; raises ``ValueError`` when a step overflows it."""
     q_members, k_members = _members(q, k, centroids, window, shared_qk, profile, key_padding_mask)
     o = cluster_attention_core(q, k, v, q_members, k_members, causal=causal, shared_qk=shared_qk, profile=profile)
-    checks.check_overflow(o, "the cluster attention", **({"q": q} if k is None else {"q": q, "k": k}))
+    checks.check_overflow(o, "the cluster attention", q=q, k=k)
     out = combine_core(o, q_members, q.shape[2], profile=profile)
     checks.check_overflow(out, "the combination of the cluster outputs", v=v)
     return out
@@ -178,7 +178,7 @@ def attention_vjp_core(
     where = "the gradient of the routing attention"
     for gradient in (dq, dk):
         if gradient is not None:
-            checks.check_overflow(gradient, where, dout=dout, v=v, **({"q": q} if k is None else {"q": q, "k": k}))
+            checks.check_overflow(gradient, where, dout=dout, v=v, q=q, k=k)
     checks.check_overflow(dv, where, dout=dout)
     return dq, dk, dv
 

@@ -257,5 +257,5 @@ def update_centroids(
     q_hat, k_hat = as_float64(q_hat, k_hat)
     new = update_centroids_core(state, q_hat, k_hat, profile=profile, key_padding_mask=key_padding_mask, decay=decay)
     for part in new:
-        checks.check_overflow(part, "the centroid update", q_hat=q_hat, **({} if k_hat is None else {"k_hat": k_hat}))
+        checks.check_overflow(part, "the centroid update", q_hat=q_hat, k_hat=k_hat)
     return new

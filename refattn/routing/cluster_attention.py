@@ -83,11 +83,6 @@ def check_cluster_attention(
     return q, k, v, q_members, k_members, causal, shared_qk, profile
 
 
-def _logit_operands(q: Any, k: Any) -> dict[str, Any]:
-    """The user's arrays whose products are the logits, to name in an overflow error."""
-    return {"q": q} if k is None else {"q": q, "k": k}
-
-
 def _features(q: Any, k: Any, shared_qk: bool, profile: Profile) -> tuple[Any, Any]:
     """(f_q, f_k), the (B, H, L, D) vectors whose dot products are the logits."""
     if profile.logits_use_normalized:
@@ -202,7 +197,7 @@ def cluster_attention(
     )
     q, k, v = as_float64(q, k, v)
     o = cluster_attention_core(q, k, v, q_members, k_members, causal=causal, shared_qk=shared_qk, profile=profile)
-    checks.check_overflow(o, "the cluster attention", **_logit_operands(q, k))
+    checks.check_overflow(o, "the cluster attention", q=q, k=k)
     return o
 
 
@@ -290,6 +285,6 @@ def cluster_attention_vjp(
     where = "the gradient of the cluster attention"
     for gradient in (dq, dk):
         if gradient is not None:
-            checks.check_overflow(gradient, where, do=do, v=v, **_logit_operands(q, k))
+            checks.check_overflow(gradient, where, do=do, v=v, q=q, k=k)
     checks.check_overflow(dv, where, do=do)
     return dq, dk, dv
