@@ -439,7 +439,8 @@ def _magnitude(operands: dict[str, Any]) -> str:
 
 def check_overflow(result: Any, where: str, *, allow_neg_inf: bool = False, **operands: Any) -> None:
     """``ValueError`` if ``result``, computed in ``where`` from the finite ``operands``, holds NaN or
-    ±Inf (with ``allow_neg_inf``: NaN or +Inf; -inf then means "no valid pair").
+    ±Inf (with ``allow_neg_inf``: NaN or +Inf; -inf then means "no valid pair"). ``result`` may be a
+    tuple of arrays (gradients), each checked, None entries skipped.
 
     The inputs were checked finite, so a non-finite result is an overflow of the compute dtype. The
     message names the operands, as the caller's user passed them (None operands, optional arguments
@@ -451,6 +452,11 @@ def check_overflow(result: Any, where: str, *, allow_neg_inf: bool = False, **op
     operands are read only to word the error. Backends call it once per result they return, after
     any loop, with their own compute dtype (float32 for float16 and bfloat16 inputs).
     """
+    if isinstance(result, tuple):
+        for part in result:
+            if part is not None:
+                check_overflow(part, where, allow_neg_inf=allow_neg_inf, **operands)
+        return
     if not values_readable(result) or _size(result) == 0:
         return
     if allow_neg_inf:

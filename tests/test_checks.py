@@ -252,6 +252,9 @@ def test_overflow_check_passes_finite_results_whose_sum_overflows():
         checks.check_overflow(np.array([0.0, -np.inf]), "the step", x=huge)
     with pytest.raises(ValueError, match=r"^q overflows float64 in the step: \|q\| up to 1\.0e\+308$"):
         checks.check_overflow(np.array([np.inf]), "the step", q=huge, k=None)  # k not given: not named
+    checks.check_overflow((np.ones(2), None), "the gradient", dout=huge)  # a tuple: each part, None skipped
+    with pytest.raises(ValueError, match=r"^dout overflows float64 in the gradient"):
+        checks.check_overflow((np.ones(2), None, np.array([np.nan])), "the gradient", dout=huge)
 
 
 def test_finite_check_has_no_false_alarm_and_counts_the_culprits():

@@ -175,11 +175,8 @@ def attention_vjp_core(
     dq, dk, dv = cluster_attention_vjp_core(
         q, k, v, q_members, k_members, do, causal=causal, shared_qk=shared_qk, profile=profile
     )
-    where = "the gradient of the routing attention"
-    for gradient in (dq, dk):
-        if gradient is not None:
-            checks.check_overflow(gradient, where, dout=dout, v=v, q=q, k=k)
-    checks.check_overflow(dv, where, dout=dout)
+    checks.check_overflow((dq, dk), "the gradient of the routing attention", dout=dout, v=v, q=q, k=k)
+    checks.check_overflow(dv, "the gradient of the routing attention", dout=dout)
     return dq, dk, dv
 
 

@@ -256,6 +256,5 @@ def update_centroids(
     state = CentroidState(*as_float64(*state))
     q_hat, k_hat = as_float64(q_hat, k_hat)
     new = update_centroids_core(state, q_hat, k_hat, profile=profile, key_padding_mask=key_padding_mask, decay=decay)
-    for part in new:
-        checks.check_overflow(part, "the centroid update", q_hat=q_hat, k_hat=k_hat)
+    checks.check_overflow(new, "the centroid update", q_hat=q_hat, k_hat=k_hat)
     return new

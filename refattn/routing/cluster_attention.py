@@ -282,9 +282,6 @@ def cluster_attention_vjp(
     dq, dk, dv = cluster_attention_vjp_core(
         q, k, v, q_members, k_members, do, causal=causal, shared_qk=shared_qk, profile=profile
     )
-    where = "the gradient of the cluster attention"
-    for gradient in (dq, dk):
-        if gradient is not None:
-            checks.check_overflow(gradient, where, do=do, v=v, q=q, k=k)
-    checks.check_overflow(dv, where, do=do)
+    checks.check_overflow((dq, dk), "the gradient of the cluster attention", do=do, v=v, q=q, k=k)
+    checks.check_overflow(dv, "the gradient of the cluster attention", do=do)
     return dq, dk, dv
