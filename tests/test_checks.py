@@ -1,6 +1,6 @@
 """refattn.checks and the checked/core split of the reference's steps.
 
-- the arguments of issue-14 kind: flags that are not bools, numbers that are strings, ranges, NaN,
+- arguments that are not arrays: flags that are not bools, numbers that are strings, ranges, NaN,
   NumPy integers and bools (accepted);
 - arrays of another library handed to the reference (a torch tensor): a TypeError naming the argument;
 - overflow of a computation: a ValueError naming the user's arguments and the cause, never an
