@@ -14,9 +14,10 @@ import functools
 import importlib
 import importlib.metadata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -53,13 +54,25 @@ def _identity(array: Any, *args: Any, **kwargs: Any) -> Any:
     return array
 
 
+def _no_device_work() -> None:
+    """The ``synchronize`` of a backend that computes on the host: its results are ready on return."""
+
+
 @dataclass(frozen=True)
 class Backend:
-    """A backend: the ``fsat`` and ``routing`` namespaces of spec/interface.md, and its array bridge.
+    """A backend: spec/interface.md in code.
 
-    ``from_numpy(array, dtype, device)`` makes the backend's array from a NumPy array (``dtype`` a
-    name from ``capabilities.dtypes``); ``to_numpy(x)`` returns a float64 or int64 NumPy array.
-    ``status`` is one line for ``refattn info`` (device or simulator in use).
+    - ``name``: the registry's name (``"numpy"``, ``"torch"``, ...);
+    - ``fsat``, ``routing``: the two namespaces, with the functions, signatures and errors of
+      spec/interface.md (the reference's modules for ``"numpy"``);
+    - ``capabilities``: what it supports here (:class:`Capabilities`);
+    - ``from_numpy(array, dtype, device)``: the backend's array from a NumPy array (``dtype`` a name
+      from ``capabilities.dtypes``, ``device`` one of ``capabilities.devices``); ``to_numpy(x)``: a
+      float64 or int64 NumPy array (the array bridge the conformance suite uses);
+    - ``synchronize()``: returns once every computation the backend has started has finished (a
+      device's queue drained); a no-op for host backends. Timings call it before reading the clock;
+    - ``status``: one line for ``refattn info`` (device or simulator in use);
+    - ``extra``: backend-specific facts (e.g. ``{"simulator": True}``), never needed by a caller.
     """
 
     name: str
@@ -70,6 +83,7 @@ class Backend:
     to_numpy: Callable[[Any], np.ndarray] = np.asarray
     status: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    synchronize: Callable[[], None] = _no_device_work
 
 
 @dataclass(frozen=True)

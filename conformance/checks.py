@@ -11,8 +11,9 @@ float64, and the tolerance comes from :mod:`refattn.conformance.tolerances`.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -109,7 +110,7 @@ def run(check: Check, backend: Backend, reference: Backend) -> Result:
         tolerance = (tolerances.GRADIENT if check.gradient else tolerances.FORWARD)[check.dtype]
     worst_abs = worst_rel = 0.0
     problems = []
-    for position, (got, want) in enumerate(zip(actual, expected)):
+    for position, (got, want) in enumerate(zip(actual, expected, strict=True)):
         if got is None or want is None:
             if (got is None) != (want is None):
                 problems.append(f"output {position}: {'None' if got is None else 'an array'}, expected "

@@ -8,7 +8,8 @@ is not tie-free by the dtype's margin are replaced by the next seed (see :func:`
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,8 @@ def _attention_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
         yield Check(
             "fsat", "attention", label, dtype, x,
             call=lambda ns, x, c=causal: ns.attention(x["q"], x["k"], x["v"], x["w"], TOP_K, **_attention_kwargs(x, c)),
-            oracle=lambda x, c=causal: oracle.attention(x["q"], x["k"], x["v"], x["w"], TOP_K, **_attention_kwargs(x, c)),
+            oracle=lambda x, c=causal: oracle.attention(x["q"], x["k"], x["v"], x["w"], TOP_K,
+                                                        **_attention_kwargs(x, c)),
             oracle_kind="naive O(L^2)",
         )
         if shape not in gradient_shapes or (noisy and crossed):
@@ -188,7 +190,8 @@ def _step_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
         batch, heads, length, dim, _ = shape
         label = _label(shape, padded=padded)
         rng = np.random.default_rng(seed_for("fsat steps", shape, padded))
-        x = {"a": rng.standard_normal((batch, heads, length, dim)), "b": rng.standard_normal((batch, heads, length, dim)),
+        x = {"a": rng.standard_normal((batch, heads, length, dim)),
+             "b": rng.standard_normal((batch, heads, length, dim)),
              "c": rng.standard_normal((batch, heads, 2 * length - 1, dim)), "w": rng.standard_normal((heads, dim)),
              "mask": padding(rng, batch, length) if padded else None,
              "dc": rng.standard_normal((batch, heads, 2 * length - 1, dim)),
@@ -196,7 +199,8 @@ def _step_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
         if dtype == "float64":
             yield Check("fsat", "pair_counts", label, dtype, x, discrete=frozenset({0}),
                         call=lambda ns, x, n=length: ns.pair_counts(n, x["mask"]),
-                        oracle=lambda x, n=length, b=batch: oracle.pair_counts(n, x["mask"], 1 if x["mask"] is None else b),
+                        oracle=lambda x, n=length, b=batch: oracle.pair_counts(n, x["mask"],
+                                                                               1 if x["mask"] is None else b),
                         oracle_kind="naive O(L^2)")
         yield Check("fsat", "cross", label, dtype, x,
                     call=lambda ns, x: ns.cross(x["a"], x["b"], key_padding_mask=x["mask"]),
@@ -208,7 +212,8 @@ def _step_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
             continue
         yield Check("fsat", "cross_vjp", label, dtype, x, gradient=True,
                     call=lambda ns, x: tuple(ns.cross_vjp(x["a"], x["b"], x["dc"], key_padding_mask=x["mask"])),
-                    oracle=lambda x: numerical_vjp(lambda a, b: oracle.cross(a, b, x["mask"]), (x["a"], x["b"]), x["dc"]),
+                    oracle=lambda x: numerical_vjp(lambda a, b: oracle.cross(a, b, x["mask"]), (x["a"], x["b"]),
+                                                   x["dc"]),
                     oracle_kind="finite differences")
 
         def estimate_differences(x):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def numerical_vjp(
         if len(outputs) != len(cotangents):
             raise ValueError(f"cotangent: f returned {len(outputs)} outputs, got {len(cotangents)} cotangents")
         total = 0.0
-        for out, cot in zip(outputs, cotangents):
+        for out, cot in zip(outputs, cotangents, strict=True):
             if cot is None:
                 continue
             out = np.asarray(out, dtype=np.float64)

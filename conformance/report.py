@@ -34,7 +34,8 @@ def print_table(results: list[Result], stream: TextIO) -> None:
     for backend in dict.fromkeys(result.backend for result in results):
         rows = [result for result in results if result.backend == backend]
         print(f"\nbackend {backend}", file=stream)
-        header = f"  {'function':<34} {'dtype':<9} {'case':<42} {'against':<19} {'result':<6} {'max abs':>8} {'max rel':>8}"
+        header = (f"  {'function':<34} {'dtype':<9} {'case':<42} {'against':<19} {'result':<6} "
+                  f"{'max abs':>8} {'max rel':>8}")
         print(header, file=stream)
         print("  " + "-" * (len(header) - 2), file=stream)
         for row in rows:

@@ -11,7 +11,8 @@ backend-specific generator, so its numbers are not comparable across backends.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,8 @@ def _attention_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
         yield Check("routing", "cluster_attention_vjp+combine_vjp", label, dtype, dict(x, **members), gradient=True,
                     oracle_kind="finite differences",
                     call=lambda ns, x, o=options: tuple(ns.cluster_attention_vjp(
-                        x["q"], x["k"], x["v"], x["qm"], x["km"], ns.combine_vjp(x["qm"], x["dout"], profile=o["profile"]),
+                        x["q"], x["k"], x["v"], x["qm"], x["km"], ns.combine_vjp(x["qm"], x["dout"],
+                                                                                 profile=o["profile"]),
                         causal=o["causal"], shared_qk=o["shared_qk"], profile=o["profile"])),
                     oracle=lambda x, o=options: _routed_differences(x, o))
 

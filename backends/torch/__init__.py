@@ -35,6 +35,13 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.double() if tensor.is_floating_point() else tensor.long()).numpy()
 
 
+def _synchronize() -> None:
+    """Wait for every CUDA device's queue; tensors on the CPU are computed when a call returns."""
+    if torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+
+
 def backend() -> Backend:
     """The PyTorch backend on the CPU, and on CUDA when a device is visible."""
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
@@ -47,4 +54,5 @@ def backend() -> Backend:
         from_numpy=_from_numpy,
         to_numpy=_to_numpy,
         status=f"PyTorch {torch.__version__}, {where}",
+        synchronize=_synchronize,
     )

@@ -119,7 +119,7 @@ def routed_attention(q, k, v, q_members, k_members, *, causal=False, shared_qk=F
                     peak = max(logits)
                     weights = [math.exp(z - peak) for z in logits]
                     norm = sum(weights)
-                    for weight, j in zip(weights, keys):
+                    for weight, j in zip(weights, keys, strict=True):
                         total += (weight / norm) * v[b, h, j]
                 out[b, h, t] = total / (len(clusters_of[t]) + _COMBINE_EPS[profile])
     return out
