@@ -26,10 +26,9 @@ from hypothesis import strategies as st
 
 pytest.importorskip("cupy", reason="the CuPy backend needs cupy (pip install 'refattn[cupy]')")
 
+import refattn.fsat as ref_fsat
 from refattn.backends.cupy import emulation, fsat, host_execution
 from refattn.conformance.tolerances import FORWARD, GRADIENT, compare
-
-import refattn.fsat as ref_fsat
 
 DTYPES = ("float64", "float32", "float16")
 
