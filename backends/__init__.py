@@ -72,7 +72,11 @@ class Backend:
     - ``synchronize()``: returns once every computation the backend has started has finished (a
       device's queue drained); a no-op for host backends. Timings call it before reading the clock;
     - ``status``: one line for ``refattn info`` (device or simulator in use);
-    - ``extra``: backend-specific facts (e.g. ``{"simulator": True}``), never needed by a caller.
+    - ``extra``: backend-specific facts (e.g. ``{"simulator": True}``), never needed by a caller;
+    - ``plans(shape, dtype)``: for backends that launch CUDA kernels, the
+      :class:`refattn.backends.launch.FunctionPlan` of every public function that launches kernels, for one
+      :class:`refattn.backends.launch.Shape` and dtype name, computed as the calls themselves compute their
+      launches (``refattn audit`` checks them); None for backends that launch no kernels.
     """
 
     name: str
@@ -84,6 +88,7 @@ class Backend:
     status: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     synchronize: Callable[[], None] = _no_device_work
+    plans: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
