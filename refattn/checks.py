@@ -124,6 +124,8 @@ def _sum_dtype(x: Any) -> Any:
 
 def _sum(x: Any) -> float:
     """The sum of ``x``'s entries, read back (a NumPy overflow of finite entries gives inf silently)."""
+    if _library(x) == "torch":
+        x = x.detach()  # a value read, not part of the graph (and no "requires_grad to a scalar" warning)
     with np.errstate(over="ignore", invalid="ignore"):
         return float(x.sum(dtype=_sum_dtype(x)))
 
@@ -375,9 +377,9 @@ def integer_in_range(value: Any, name: str, *, low: int, high: int | None = None
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
         raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
-    bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+    bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
     if value < low or (high is not None and value > high):
-        raise ValueError(f"{name}: expected an integer in {bound}, got {value}")
+        raise ValueError(f"{name}: expected an integer {bound}, got {value}")
     return int(value)
 
 
