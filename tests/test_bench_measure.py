@@ -114,18 +114,23 @@ def _fake_sweep_case(monkeypatch: pytest.MonkeyPatch, seconds: dict[int, float])
                 "compute_dtype": dtype}
         return cases.Case(backend, algorithm, direction, dtype, "cpu", shape, lambda: shape.length, "fake", info)
 
+    def time_calls(fn: Any, **kw: Any) -> list[float]:
+        built.append((kw["warmup"], kw["repeats"]))
+        return [seconds[fn()]]
+
     monkeypatch.setattr(cases, "build_case", build_case)
-    monkeypatch.setattr(measure, "time_calls", lambda fn, **kw: [seconds[fn()]])
+    monkeypatch.setattr(measure, "time_calls", time_calls)
     return built
 
 
 def test_the_sweep_stops_a_series_whose_next_call_would_exceed_the_call_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     built = _fake_sweep_case(monkeypatch, {1024: 1.0, 2048: 2.2, 4096: 5.0, 8192: 11.0})
     results = runner.sweep(backends=["numpy"], algorithms=["dense"], lengths=[4096, 1024, 2048, 8192],
-                           directions=["fwd"], dtypes=["float32"], batch=1, call_budget=10.0, memory=False,
-                           progress=False)
-    # dense is O(L²): 2.2 s at 2,048 predicts 8.8 s at 4,096 (run), then 5.0 s predicts 20 s at 8,192 (not run)
-    assert built == [1024, 2048, 4096]
+                           directions=["fwd"], dtypes=["float32"], batch=1, call_budget=10.0, max_seconds=8.0,
+                           repeats=5, warmup=1, memory=False, progress=False)
+    # dense is O(L²): 2.2 s at 2,048 predicts 8.8 s at 4,096 (run, and longer than the 8 s timing budget: once,
+    # without a warm-up call), then 5.0 s predicts 20 s at 8,192 (not run)
+    assert built == [1024, (1, 5), 2048, (1, 5), 4096, (0, 1)]
     skipped = results[-1]
     assert (skipped["length"], skipped["status"]) == (8192, "skipped")
     assert skipped["reason"] == ("predicted 20 s per call (from 5 s at L=4096, scaled by the FLOP model) exceeds the "
@@ -137,7 +142,7 @@ def test_the_sweep_stops_a_series_that_does_not_fit_in_memory(monkeypatch: pytes
     budget_gib = cases.minimum_bytes("fsat", "fwd", "float32", cases.Shape(1, 8, 128, 64)) / 2**30
     results = runner.sweep(backends=["numpy"], algorithms=["fsat"], lengths=[64, 128, 256], directions=["fwd"],
                            dtypes=["float32"], batch=1, memory_budget=budget_gib, memory=False, progress=False)
-    assert built == [64, 128]
+    assert [length for length in built if isinstance(length, int)] == [64, 128]
     assert results[-1]["status"] == "skipped" and results[-1]["reason"].startswith("needs at least")
 
 

@@ -11,7 +11,8 @@ the peer ``lucidrains`` (``routing_transformer.KmeansAttention``, routing only).
   (profile ``lucidrains`` by default, so the peer computes the same function on the same inputs);
 - ``dense``: the baseline: ``torch.nn.functional.scaled_dot_product_attention`` for torch, a
   NumPy dense softmax attention (per head, float64) for the reference; only while it fits
-  (``dense_max_gflop`` and, for NumPy, the L×L matrices within ``dense_max_bytes``).
+  (``dense_max_gflop``, by default 2,500 GFLOP for SDPA and 150 for NumPy's, and for NumPy the L×L
+  matrices within ``dense_max_bytes``, by default the memory available or 2 GiB).
 
 Directions: ``fwd`` (torch under ``no_grad``), ``bwd`` (torch: the forward runs once when the case
 is built, then ``out.backward(dout, retain_graph=True)`` is timed alone, gradients reset each call;
@@ -38,6 +39,7 @@ ALGORITHMS = ("fsat", "routing", "dense")
 DIRECTIONS = models.DIRECTIONS
 PEER = "lucidrains"
 LENGTHS = (1024, 4096, 16384, 65536)
+DENSE_MAX_GFLOP = 2500.0  # SDPA fwd+bwd at L = 16,384, B = 1 is ~1,900 GFLOP
 NUMPY_DENSE_MAX_GFLOP = 150.0  # float64 matmuls per head: a few GFLOP/s on a small CPU
 
 
@@ -221,12 +223,12 @@ def _dense_numpy_vjp(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarr
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense_fits(numpy_arrays: bool, direction: str, shape: Shape, dense_max_gflop: float,
+def _dense_fits(numpy_arrays: bool, direction: str, shape: Shape, dense_max_gflop: float | None,
                 dense_max_bytes: float) -> None:
-    """Unsupported unless the dense baseline fits its budget (the NumPy baseline: a tighter one)."""
+    """Unsupported unless the dense baseline fits its budget (None: the default of its framework)."""
     flops = models.dense_flops(shape.batch, shape.heads, shape.length, shape.dim, direction=direction)
-    if numpy_arrays:
-        dense_max_gflop = min(dense_max_gflop, NUMPY_DENSE_MAX_GFLOP)
+    if dense_max_gflop is None:
+        dense_max_gflop = NUMPY_DENSE_MAX_GFLOP if numpy_arrays else DENSE_MAX_GFLOP
     if flops > dense_max_gflop * 1e9:
         raise Unsupported(f"dense at L={shape.length}: {flops / 1e9:.0f} GFLOP exceeds the dense budget "
                           f"({dense_max_gflop:.0f} GFLOP; raise --dense-max-gflop to run it)")
@@ -411,13 +413,14 @@ def _sdpa_with(kernel: str, q: Any, k: Any, v: Any) -> Callable[[], Any]:
 
 
 def build_case(backend: str, algorithm: str, direction: str, dtype: str, shape: Shape, *,
-               profile: str = "lucidrains", device: str | None = None, dense_max_gflop: float = 2500.0,
-               dense_max_bytes: float = 2 * 2**30, memory_available: int | None = None, sdpa: str | None = None,
+               profile: str = "lucidrains", device: str | None = None, dense_max_gflop: float | None = None,
+               dense_max_bytes: float | None = None, memory_available: int | None = None, sdpa: str | None = None,
                seed: int = 0) -> Case:
     """The timed case, or :class:`Unsupported` with the reason it cannot run here.
 
     ``memory_available`` (bytes): skip the case, before anything is allocated, when even
-    :func:`minimum_bytes` exceeds it. ``sdpa``: the dense baseline's kernel on torch (None: torch's choice).
+    :func:`minimum_bytes` exceeds it (and NumPy's dense baseline when its L×L matrices do, unless
+    ``dense_max_bytes`` says otherwise). ``sdpa``: the dense baseline's kernel on torch (None: torch's choice).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
@@ -433,6 +436,8 @@ def build_case(backend: str, algorithm: str, direction: str, dtype: str, shape: 
         loaded = load_backend(backend)
         framework = array_library(loaded)
     if algorithm == "dense":
+        if dense_max_bytes is None:
+            dense_max_bytes = memory_available if memory_available is not None else 2 * 2**30
         _dense_fits(framework == "numpy", direction, shape, dense_max_gflop, dense_max_bytes)
     needed = minimum_bytes(algorithm, direction, dtype, shape)
     if memory_available is not None and needed > memory_available:

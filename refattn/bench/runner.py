@@ -9,7 +9,8 @@ Long sequences: lengths run in increasing order and each (backend, algorithm, di
 series stops growing at the first length that cannot fit: its inputs, output and gradients exceed
 the memory available (checked before the case is built), it runs out of memory (the process may map
 no more than was available; the case fails cleanly and is recorded), or its predicted call time (the
-previous length's median scaled by the FLOP model) exceeds ``--call-budget``.
+previous length's median scaled by the FLOP model) exceeds ``--call-budget``. A call predicted to
+outlast ``--max-seconds`` is timed once, without a warm-up call.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda or cuda:N (sweep default: cuda when present, else cpu; --targets: cpu, "
                              "or cuda for the GPU targets)")
     parser.add_argument("--dense-max-gflop", type=types.number(0, open_low=True), metavar="GFLOP",
-                        help="skip dense cases above this many GFLOP (default 2500)")
+                        help="skip dense cases above this many GFLOP (default 2500 for SDPA, 150 for NumPy's)")
     parser.add_argument("--out", default="bench-results", metavar="DIR", help="where the JSON and the plots go")
     parser.add_argument("--json", metavar="PATH",
                         help="write the JSON here (default DIR/bench.json, with --targets DIR/targets.json)")
@@ -136,7 +137,7 @@ def sweep(*, backends: Iterable[str], algorithms: Iterable[str], lengths: Iterab
           dtypes: Iterable[str], repeats: int = DEFAULT_REPEATS, warmup: int = 1, tokens: int = DEFAULT_TOKENS,
           batch: int | None = None, heads: int = 8, dim: int = 64, top_k: int = 16, clusters: int | None = None,
           window: int | None = None, profile: str = "lucidrains", device: str | None = None,
-          dense_max_gflop: float = 2500.0, max_seconds: float | None = 60.0, call_budget: float | None = 600.0,
+          dense_max_gflop: float | None = None, max_seconds: float | None = 60.0, call_budget: float | None = 600.0,
           memory_budget: float | None = None, memory: bool = True, progress: bool = True) -> list[dict[str, Any]]:
     """Run every combination, shortest lengths first; returns the result records (also those skipped, with
     their reason)."""
@@ -157,19 +158,22 @@ def sweep(*, backends: Iterable[str], algorithms: Iterable[str], lengths: Iterab
         if series in stopped:
             results.append({**record, "status": "skipped", "reason": stopped[series]})
             continue
-        if series in last and call_budget is not None:
+        predicted = None
+        if series in last:
             median, work, shorter = last[series]
             predicted = median * cases.flops(algorithm, direction, shape) / work
-            if predicted > call_budget:
+            if call_budget is not None and predicted > call_budget:
                 stopped[series] = (f"predicted {predicted:.0f} s per call (from {median:.3g} s at L={shorter}, scaled "
                                    f"by the FLOP model) exceeds the call budget of {call_budget:g} s")
                 results.append({**record, "status": "skipped", "reason": stopped[series]})
                 continue
+        # a call predicted to outlast the timing budget is timed once, without a warm-up call before it
+        long_call = predicted is not None and max_seconds is not None and predicted >= max_seconds
         available = _budget(memory_budget)
         with measure.address_space_limit(available):
             record = _measure_case(record, shape, available, profile=profile, device=device,
-                                   dense_max_gflop=dense_max_gflop, repeats=repeats, warmup=warmup,
-                                   max_seconds=max_seconds, memory=memory)
+                                   dense_max_gflop=dense_max_gflop, repeats=1 if long_call else repeats,
+                                   warmup=0 if long_call else warmup, max_seconds=max_seconds, memory=memory)
         if record["status"] == "ok":
             last[series] = (record["median_s"], record["flops"], length)
         elif record.get("out_of_memory") or record["reason"].startswith("needs at least"):
@@ -179,7 +183,8 @@ def sweep(*, backends: Iterable[str], algorithms: Iterable[str], lengths: Iterab
 
 
 def _measure_case(record: dict[str, Any], shape: cases.Shape, available: int | None, *, profile: str,
-                  device: str | None, dense_max_gflop: float, repeats: int, warmup: int, max_seconds: float | None,
+                  device: str | None, dense_max_gflop: float | None, repeats: int, warmup: int,
+                  max_seconds: float | None,
                   memory: bool) -> dict[str, Any]:
     """Build, time and measure one case; the record with status ok, skipped or error."""
     try:
@@ -191,7 +196,7 @@ def _measure_case(record: dict[str, Any], shape: cases.Shape, available: int | N
     except Exception as error:  # noqa: BLE001 - recorded with its message, never as a number
         return {**record, "status": "error", "reason": f"{type(error).__name__}: {error}",
                 "out_of_memory": measure.out_of_memory(error)}
-    record = {**record, **case.info}
+    record = {**record, **case.info, "warmup_calls": warmup}
     try:
         times = measure.time_calls(case.fn, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
         stats = measure.summarize(times)
@@ -385,7 +390,7 @@ def run(arguments: argparse.Namespace) -> int:
             tokens=_given(arguments.tokens, DEFAULT_TOKENS), batch=arguments.batch, heads=_given(arguments.heads, 8),
             dim=_given(arguments.dim, 64), top_k=_given(arguments.top_k, 16), clusters=arguments.clusters,
             window=arguments.window, profile=_given(arguments.profile, "lucidrains"), device=arguments.device,
-            dense_max_gflop=_given(arguments.dense_max_gflop, 2500.0),
+            dense_max_gflop=arguments.dense_max_gflop,
             max_seconds=_given(arguments.max_seconds, 60.0), call_budget=_given(arguments.call_budget, 600.0),
             memory_budget=arguments.memory_budget, memory=not arguments.no_memory, progress=not arguments.no_progress,
         )
