@@ -59,6 +59,11 @@ def test_numpy_peak_is_the_allocation() -> None:
     assert 8_000_000 <= peak < 8_000_000 + 4096  # the buffer and its array object
 
 
+no_cuda_devices = pytest.mark.skipif(bool(measure.nvidia_devices()),
+                                     reason="NVIDIA devices present: the address-space limit is off (CUDA contexts)")
+
+
+@no_cuda_devices
 def test_the_address_space_limit_turns_an_oversized_allocation_into_a_clean_error() -> None:
     before = resource.getrlimit(resource.RLIMIT_AS)
     with measure.address_space_limit(256 * 2**20):
@@ -71,6 +76,7 @@ def test_the_address_space_limit_turns_an_oversized_allocation_into_a_clean_erro
 
 
 @needs_torch
+@no_cuda_devices
 def test_torch_allocations_beyond_the_limit_fail_cleanly_too() -> None:
     import torch
 
@@ -199,3 +205,11 @@ def test_bench_prints_no_profiler_noise(progress: bool, tmp_path: Path) -> None:
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["machine"]["date"] and "torch_threads" in payload["machine"]
     assert all(r["peak_bytes"] > 0 for r in payload["results"])
+
+
+def test_the_address_space_limit_stays_off_where_cuda_contexts_may_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA context reserves far more address space than memory: a limit would make CUDA fail to start."""
+    monkeypatch.setattr(measure, "nvidia_devices", lambda: ["/dev/nvidia0"])
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    with measure.address_space_limit(2**20):
+        assert resource.getrlimit(resource.RLIMIT_AS) == before

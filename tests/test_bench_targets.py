@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -171,8 +172,9 @@ def test_what_cannot_be_measured_is_reported_with_the_reason() -> None:
     target = _target("time ratio", 1.0, at_most=False)
     assert targets.measure_target(target, unsupported)["verdict"] == (
         "not measured: routing_transformer is not installed")
-    assert targets.measure_target(target, out_of_memory)["verdict"] == (
-        "not measured: ran out of memory (MemoryError: Unable to allocate 8.00 GiB)")
+    verdict = targets.measure_target(target, out_of_memory)["verdict"]
+    assert re.fullmatch(r"not measured: ran out of the \d+\.\d GiB available \(MemoryError: Unable to allocate "
+                        r"8\.00 GiB\)", verdict), verdict
     assert targets.measure_target(target, broken)["verdict"] == "error: RuntimeError: shapes do not match"
     build = fake_builder({}, FakeClock(), [], peaks={})
     assert targets.measure_target(_target("memory ratio", 1.0, True), build)["verdict"].startswith(

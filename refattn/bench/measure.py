@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import glob
 import os
 import platform
 import re
@@ -198,9 +199,10 @@ def address_space_limit(extra_bytes: int | None) -> Iterator[None]:
     """Within the context, the process may map at most ``extra_bytes`` more than it has mapped now
     (``RLIMIT_AS``): an allocation beyond fails cleanly (``MemoryError``, torch's ``RuntimeError``
     "can't allocate memory") instead of pushing the machine into swap or the OOM killer. A no-op
-    where the limit cannot be read or set, or when ``extra_bytes`` is None."""
+    where the limit cannot be read or set, when ``extra_bytes`` is None, and on a machine with NVIDIA
+    devices (a CUDA context reserves far more address space than memory: the limit would break it)."""
     mapped = _address_space()
-    if extra_bytes is None or mapped is None:
+    if extra_bytes is None or mapped is None or nvidia_devices():
         yield
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -218,6 +220,11 @@ def address_space_limit(extra_bytes: int | None) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def nvidia_devices() -> list[str]:
+    """The NVIDIA device files of this machine (``/dev/nvidia0``, ...): empty where no CUDA context can exist."""
+    return sorted(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def out_of_memory(error: BaseException) -> bool:

@@ -214,7 +214,8 @@ def measure_target(target: Target, build: Builder, repeats: int = MIN_REPEATS,
     record: dict[str, Any] = {"target": target.name, "claim": target.claim, "kind": target.kind,
                               "device": target.device, "threshold": target.threshold,
                               "comparison": "<=" if target.at_most else ">=", "value_label": target.value_label,
-                              "load_average_before": measure.load_average()}
+                              "load_average_before": measure.load_average(),
+                              "memory_available_bytes": measure.available_bytes()}
     try:
         built = [build(side) for side in target.sides]
         sides = [{"label": side.label(), **case.info} for side, case in zip(target.sides, built, strict=True)]
@@ -230,7 +231,9 @@ def measure_target(target: Target, build: Builder, repeats: int = MIN_REPEATS,
         record["verdict"] = f"not measured: {error}"
     except Exception as error:  # noqa: BLE001 - recorded with its message, never as a number
         if measure.out_of_memory(error):
-            record["verdict"] = f"not measured: ran out of memory ({type(error).__name__}: {error})"
+            available = record["memory_available_bytes"]
+            where = f"the {available / 2**30:.1f} GiB available" if available is not None else "memory"
+            record["verdict"] = f"not measured: ran out of {where} ({type(error).__name__}: {error})"
         else:
             record["verdict"] = f"error: {type(error).__name__}: {error}"
     else:
