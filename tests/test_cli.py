@@ -114,8 +114,8 @@ def test_bench_targets_on_cuda_without_a_device_fails_cleanly(tmp_path) -> None:
         pytest.skip("a CUDA device is present")
     result = subprocess.run([sys.executable, "-m", "refattn", "bench", "--targets", "--device", "cuda", "--json",
                              str(tmp_path / "targets.json")], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"refattn bench: no CUDA device: torch {torch.__version__} sees none "
                                      f"(torch.cuda.is_available() is False)")
-    assert not (tmp_path / "targets.json").exists()
+    assert sorted(tmp_path.iterdir()) == []  # no JSON, no bench-results/

@@ -362,7 +362,6 @@ def run(arguments: argparse.Namespace) -> int:
             print(f"refattn bench: no CUDA device: {missing}", file=sys.stderr)
             return 1
     out_dir = Path(arguments.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     machine = measure.machine_info()
     started = time.time()
     config = {key: value for key, value in vars(arguments).items() if key not in ("run", "parser")}  # command_line too
@@ -397,6 +396,7 @@ def run(arguments: argparse.Namespace) -> int:
         payload["results"] = results
         print(table(results))
         if not arguments.no_plots:
+            out_dir.mkdir(parents=True, exist_ok=True)
             for path in plots(results, out_dir):
                 print(f"plot: {path}")
         json_path = Path(arguments.json) if arguments.json else out_dir / "bench.json"
