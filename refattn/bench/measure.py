@@ -34,7 +34,6 @@ import glob
 import os
 import platform
 import re
-import resource
 import statistics
 import sys
 import tempfile
@@ -205,6 +204,8 @@ def address_space_limit(extra_bytes: int | None) -> Iterator[None]:
     if extra_bytes is None or mapped is None or nvidia_devices():
         yield
         return
+    import resource  # POSIX only; /proc/self/status (read above) exists on Linux only anyway
+
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = mapped + max(0, extra_bytes)
     if hard != resource.RLIM_INFINITY:
