@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -137,11 +138,15 @@ class _NoDevice:
 
 
 def _without_device(backend: Backend, builtin: _Builtin | None) -> Backend:
-    """``backend`` itself when it has a device here; else the same backend whose functions raise
-    :class:`BackendUnavailableError` with the reason (capabilities, bridge and plans stay usable:
-    ``refattn info``, the conformance suite and ``refattn audit`` read them)."""
+    """``backend`` itself when it has a device here, or when the variable that runs it without one is set
+    to 1; else the same backend whose functions raise :class:`BackendUnavailableError` with the reason
+    (capabilities, bridge and plans stay usable: ``refattn info``, the conformance suite and
+    ``refattn audit`` read them)."""
     if backend.capabilities.devices:
         return backend
+    if builtin is not None and builtin.without_device is not None:
+        if os.environ.get(builtin.without_device[0], "").strip() == "1":
+            return backend  # asked to run without a device (e.g. CuPy's kernels as CUDA C emulated on the CPU)
     reason = backend.capabilities.unavailable or "no device"
     message = f"backend {backend.name!r} cannot compute on this machine: {reason}"
     if builtin is not None and builtin.without_device is not None:

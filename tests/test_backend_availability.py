@@ -107,3 +107,17 @@ def test_backends_with_a_device_are_returned_as_they_are() -> None:
         from refattn.backends import torch as torch_backend
 
         assert refattn.get_backend("torch").fsat is torch_backend.fsat
+
+
+def test_cupy_with_the_emulation_switched_on_is_left_to_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """REFATTN_CUDA_EMULATION=1 runs CuPy's kernels as CUDA C on the CPU: the registry does not stand in the way."""
+    _without_a_device("cupy", "cupy")
+    from refattn import backends
+    from refattn.backends import cupy as cupy_backend
+
+    monkeypatch.setenv("REFATTN_CUDA_EMULATION", "1")
+    backends.get_backend.cache_clear()
+    try:
+        assert backends.get_backend("cupy").fsat is cupy_backend.fsat
+    finally:
+        backends.get_backend.cache_clear()
