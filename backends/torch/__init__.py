@@ -24,7 +24,7 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch
 
 
 def _from_numpy(array: np.ndarray, dtype: str | None = None, device: str = "cpu") -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(np.require(array, requirements="C"))  # ascontiguousarray would make 0-d arrays 1-d
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(_DTYPES[dtype])
     return tensor.to(device)
