@@ -14,6 +14,7 @@ import functools
 import importlib
 import importlib.metadata
 import warnings
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable
@@ -49,8 +50,29 @@ class Capabilities:
     algorithms: tuple[str, ...] = ("fsat", "routing")
 
 
+@dataclass(frozen=True)
+class Strategy:
+    """One of a backend's alternative code paths, which the conformance suite checks on its own.
+
+    ``name`` says which path (e.g. ``"gathered"``); ``functions`` are the ``"algorithm.function"``
+    names of spec/interface.md whose computation it changes (a ``*_vjp`` is listed on its own; the
+    autograd of a listed function goes with it); ``force()`` returns a context manager inside which the backend
+    takes this path on every device, whatever it would choose by itself.
+    """
+
+    name: str
+    functions: tuple[str, ...]
+    force: Callable[[], AbstractContextManager[Any]]
+
+
 def _identity(array: Any, *args: Any, **kwargs: Any) -> Any:
     return array
+
+
+def _dtype_name(array: Any) -> str:
+    """The dtype name of anything with a NumPy-style ``dtype`` (NumPy, CuPy, Numba arrays) or of a Python scalar."""
+    dtype = getattr(array, "dtype", None)
+    return np.dtype(np.asarray(array).dtype if dtype is None else dtype).name
 
 
 @dataclass(frozen=True)
@@ -58,8 +80,15 @@ class Backend:
     """A backend: the ``fsat`` and ``routing`` namespaces of spec/interface.md, and its array bridge.
 
     ``from_numpy(array, dtype, device)`` makes the backend's array from a NumPy array (``dtype`` a
-    name from ``capabilities.dtypes``); ``to_numpy(x)`` returns a float64 or int64 NumPy array.
-    ``status`` is one line for ``refattn info`` (device or simulator in use).
+    name from ``capabilities.dtypes``); ``to_numpy(x)`` returns a float64 or int64 NumPy array;
+    ``dtype_of(x)`` names the dtype of a backend array (``"float16"``, ``"bfloat16"``, ``"int64"``,
+    ...). ``status`` is one line for ``refattn info`` (device or simulator in use).
+
+    For the conformance suite (spec/interface.md, "What the conformance suite needs"):
+    ``autodiff(function, inputs, cotangents)``, when the backend has autograd, returns the gradients
+    of ``function(*inputs)`` (backend arrays in, an array or a tuple of arrays out) against
+    ``cotangents`` (one per output, None to ignore one), one per input, zeros for an input nothing
+    depends on; ``strategies`` lists its alternative code paths.
     """
 
     name: str
@@ -70,6 +99,9 @@ class Backend:
     to_numpy: Callable[[Any], np.ndarray] = np.asarray
     status: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype_of: Callable[[Any], str] = _dtype_name
+    autodiff: Callable[[Callable[..., Any], tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]] | None = None
+    strategies: tuple[Strategy, ...] = ()
 
 
 @dataclass(frozen=True)
