@@ -14,11 +14,12 @@ import itertools
 import numpy as np
 import pytest
 
+from refattn import get_backend
+
 torch = pytest.importorskip("torch")
 
 from refattn.backends.torch import routing as F
 
-from refattn import get_backend
 from refattn import routing as ref
 
 
