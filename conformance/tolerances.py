@@ -68,16 +68,17 @@ def round_to(values: np.ndarray | None, dtype: str) -> np.ndarray | None:
     """``values`` rounded to the nearest ``dtype`` numbers (ties to even), returned as float64.
 
     What a backend holds after ``from_numpy(values, dtype)``: float64 to float32 first, then (bfloat16)
-    to 8 significant bits, as torch does. None stays None.
+    to 8 significant bits, as torch does; beyond the dtype's range, +-inf. None stays None.
     """
     if values is None:
         return None
     values = np.asarray(values, dtype=np.float64)
-    if dtype == "bfloat16":
-        bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
-    return values.astype(dtype).astype(np.float64)
+    with np.errstate(over="ignore"):  # beyond the dtype's range is +-inf, as a cast gives
+        if dtype == "bfloat16":
+            bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+        return values.astype(dtype).astype(np.float64)
 
 
 # The reference checked against finite differences: central differences with a step of 1e-6 times

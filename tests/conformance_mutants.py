@@ -32,14 +32,16 @@ HALF = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class Mutant:
-    """A named bug: ``build(correct)`` wraps a correct backend; ``replaces`` lists the
-    ``algorithm.function`` names it changes (the self-test runs only the checks that call them)."""
+    """A named bug: ``build()`` wraps a correct backend; ``replaces`` lists the ``algorithm.function``
+    names it changes (the self-test runs only the checks that call them), on the quick grid or, when
+    ``large``, on the full grid's large part (a bug that needs L > 32)."""
 
     name: str
     gap: str
     replaces: tuple[str, ...]
     build: Callable[[], Backend]
     description: str
+    large: bool = False
 
 
 def wrapper(base: Backend, name: str = "wrapper", **replacements: Callable[..., Any]) -> Backend:
@@ -389,6 +391,21 @@ def local_attention_looks_back_two_blocks() -> Backend:
     return wrapper(t, "local_attention_looks_back_two_blocks", routing__local_attention=local_attention)
 
 
+def sparse_attention_second_tile_ignores_padding() -> Backend:
+    """A kernel's second tile of 32 queries forgets the padding mask (rows 32 and on)."""
+    t = _torch()
+
+    def sparse_attention(q, k, v, offsets, bias=None, *, causal=False, key_padding_mask=None):
+        out, lse = t.fsat.sparse_attention(q, k, v, offsets, bias, causal=causal, key_padding_mask=key_padding_mask)
+        if key_padding_mask is None or q.shape[2] <= 32:
+            return out, lse
+        unmasked_out, unmasked_lse = t.fsat.sparse_attention(q, k, v, offsets, bias, causal=causal)
+        return (torch.cat([out[:, :, :32], unmasked_out[:, :, 32:]], dim=2),
+                torch.cat([lse[:, :, :32], unmasked_lse[:, :, 32:]], dim=2))
+
+    return wrapper(t, "sparse_attention_second_tile_ignores_padding", fsat__sparse_attention=sparse_attention)
+
+
 def local_attention_float16_accumulates_in_float16() -> Backend:
     """float16 logits q.k summed over the features in float16 (the rest in float32)."""
     t = _torch()
@@ -511,7 +528,10 @@ MUTANTS = [
            sparse_attention_softmax_without_max, "sparse_attention: softmax without subtracting the maximum"),
     Mutant("local_attention_looks_back_two_blocks", "shapes", ("routing.local_attention",),
            local_attention_looks_back_two_blocks, "local attention: two blocks back instead of one"),
-    Mutant("local_attention_float16_accumulates_in_float16", "shapes", ("routing.local_attention",),
+    Mutant("sparse_attention_second_tile_ignores_padding", "shapes", ("fsat.sparse_attention",),
+           sparse_attention_second_tile_ignores_padding, "sparse_attention: rows 32 and on ignore the padding",
+           large=True),
+    Mutant("local_attention_float16_accumulates_in_float16", "tolerances", ("routing.local_attention",),
            local_attention_float16_accumulates_in_float16, "local attention: float16 logits summed in float16"),
     Mutant("commitment_loss_vjp_doubled_below_float64", "tolerances", ("routing.commitment_loss_vjp",),
            commitment_loss_vjp_doubled_below_float64, "commitment_loss_vjp twice too large except in float64"),

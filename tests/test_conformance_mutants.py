@@ -1,8 +1,9 @@
 """The conformance suite's mutation self-test: every mutant backend of conformance_mutants.py fails the
 suite, and the same wrappers with nothing changed pass it.
 
-Each mutant runs only the checks that call the functions it replaces (the quick grid, every dtype,
-device and strategy it declares) and stops at its first failing check.
+Each mutant runs only the checks that call the functions it replaces (the quick grid, or for a bug
+that needs L > 32 the full grid's large part; every dtype, device and strategy it declares) and
+stops at its first failing check.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def _algorithms(replaces: tuple[str, ...]) -> list[str]:
 
 @pytest.mark.parametrize("mutant", mutants.MUTANTS, ids=[mutant.name for mutant in mutants.MUTANTS])
 def test_the_suite_fails_the_mutant(mutant: mutants.Mutant) -> None:
-    rows = runner.check_loaded(mutant.build(), quick=True, algorithms=_algorithms(mutant.replaces),
-                               calling=mutant.replaces, stop_at_first_failure=True)
+    rows = runner.check_loaded(mutant.build(), quick=not mutant.large, algorithms=_algorithms(mutant.replaces),
+                               parts=("large",) if mutant.large else runner.PARTS, calling=mutant.replaces,
+                               stop_at_first_failure=True)
     failed = [row for row in rows if row.status == "fail"]
     assert failed, f"{mutant.name} ({mutant.description}) passed {len(rows)} checks"
 
