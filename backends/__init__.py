@@ -56,8 +56,8 @@ class Strategy:
 
     ``name`` says which path (e.g. ``"gathered"``); ``functions`` are the ``"algorithm.function"``
     names of spec/interface.md whose computation it changes (a ``*_vjp`` is listed on its own; the
-    autograd of a listed function goes with it); ``force()`` returns a context manager inside which the backend
-    takes this path on every device, whatever it would choose by itself.
+    autograd of a listed function goes with it); ``force()`` returns a context manager inside which
+    the backend takes this path on every device, whatever it would choose by itself.
     """
 
     name: str
