@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from refattn.backends import Backend, Strategy
 from refattn.conformance import tolerances
 from refattn.conformance.gradcheck import Projection

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
 from refattn.conformance import tolerances
 from refattn.conformance.checks import Autodiff, Check, Inputs, flag_grid, padding, seed_for
 from refattn.conformance.gradcheck import Projection, directional_vjp, numerical_vjp

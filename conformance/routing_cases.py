@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
 from refattn.conformance import tolerances
 from refattn.conformance.checks import Autodiff, Check, Inputs, padding, seed_for
 from refattn.conformance.gradcheck import Projection, directional_vjp, numerical_vjp

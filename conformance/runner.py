@@ -13,12 +13,11 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
+from refattn import backends
 from refattn.backends import Backend, Strategy
 from refattn.conformance import checks as checks_module
 from refattn.conformance import fsat_cases, report, routing_cases, tolerances
 from refattn.conformance.report import Result
-
-from refattn import backends
 
 ALGORITHMS = {"fsat": fsat_cases, "routing": routing_cases}
 DTYPES = tuple(tolerances.FORWARD)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from refattn.conformance import checks, runner
 
 from refattn import backends
+from refattn.conformance import checks, runner
 
 
 def _variants(name: str, check: checks.Check) -> list[tuple[str | None, backends.Strategy | None]]:

@@ -20,7 +20,8 @@ from refattn import backends
 
 
 def _info(_: argparse.Namespace) -> int:
-    print(f"refattn {refattn.__version__} (Python {platform.python_version()}, NumPy {np.__version__}, SciPy {scipy.__version__})")
+    print(f"refattn {refattn.__version__} (Python {platform.python_version()}, NumPy {np.__version__}, "
+          f"SciPy {scipy.__version__})")
     print(f"selected backend (REFATTN_BACKEND): {refattn.SELECTED_BACKEND}")
     print("backends:")
     for name, origin in backends.registered().items():
@@ -84,11 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = commands.add_parser(
         "bench", help="time and peak memory of every backend and algorithm against L: table, JSON, PNG plots"
     )
-    bench.add_argument("--backend", action="append", metavar="NAME", help="backend (repeatable; default: all, and the peer 'lucidrains')")
-    bench.add_argument("--algorithm", action="append", choices=("fsat", "routing", "dense"), help="(repeatable; default: all)")
-    bench.add_argument("--length", action="append", type=int, metavar="L", help="(repeatable; default: 1024 4096 16384 65536)")
-    bench.add_argument("--direction", action="append", choices=("fwd", "bwd", "fwdbwd"), help="(repeatable; default: all)")
-    bench.add_argument("--dtype", action="append", metavar="DTYPE", help="float32 (default), float64, bfloat16, float16 (repeatable)")
+    bench.add_argument("--backend", action="append", metavar="NAME",
+                       help="backend (repeatable; default: all, and the peer 'lucidrains')")
+    bench.add_argument("--algorithm", action="append", choices=("fsat", "routing", "dense"),
+                       help="(repeatable; default: all)")
+    bench.add_argument("--length", action="append", type=int, metavar="L",
+                       help="(repeatable; default: 1024 4096 16384 65536)")
+    bench.add_argument("--direction", action="append", choices=("fwd", "bwd", "fwdbwd"),
+                       help="(repeatable; default: all)")
+    bench.add_argument("--dtype", action="append", metavar="DTYPE",
+                       help="float32 (default), float64, bfloat16, float16 (repeatable)")
     bench.add_argument("--repeats", type=int, default=5, help="timed calls per case (median and IQR reported)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     bench.add_argument("--max-seconds", type=float, default=60.0, help="stop timing a case after this many seconds")
@@ -106,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--no-plots", action="store_true")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
     bench.add_argument("--no-progress", action="store_true")
-    bench.add_argument("--targets", action="store_true", help="measure issue 6's targets instead of a sweep")
+    bench.add_argument("--targets", action="store_true",
+                       help="measure the performance targets (FSAT vs dense, FSAT scaling, routing vs lucidrains, "
+                            "NumPy vs torch) instead of a sweep")
     bench.set_defaults(run=_bench)
     arguments = parser.parse_args(argv)
     return arguments.run(arguments)

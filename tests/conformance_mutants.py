@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from refattn.backends import Backend, Capabilities, Strategy
 
 from refattn import backends
+from refattn.backends import Backend, Capabilities, Strategy
 
 HALF = (torch.float16, torch.bfloat16)
 

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import conformance_mutants as mutants  # noqa: E402
+
 from refattn.conformance import runner  # noqa: E402
 
 

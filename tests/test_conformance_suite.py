@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from refattn.backends import Backend, Capabilities, Strategy
-from refattn.conformance import checks, fsat_cases, gradcheck, report, routing_cases, runner, tolerances
 
 import refattn
+from refattn.backends import Backend, Capabilities, Strategy
+from refattn.conformance import checks, fsat_cases, gradcheck, report, routing_cases, runner, tolerances
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,8 +164,8 @@ def test_torch_backend_passes_the_whole_suite_in_every_dtype(tmp_path: Path) -> 
     """``refattn conformance --backend torch``: the full grid, float64, float32, bfloat16 and float16, on CPU."""
     pytest.importorskip("torch")
     report = tmp_path / "torch.json"
-    result = subprocess.run([sys.executable, "-m", "refattn", "conformance", "--backend", "torch", "--json",
-                             str(report)], capture_output=True, text=True, timeout=1200)
+    command = [sys.executable, "-m", "refattn", "conformance", "--backend", "torch", "--json", str(report)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     rows = json.loads(report.read_text())
     failures = [row for row in rows if row["status"] != "pass"]
     assert result.returncode == 0 and not failures, failures[:5]

@@ -8,17 +8,15 @@ float64 row of the tolerance table of spec/interface.md, float32/bfloat16/float1
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-import scipy.fft
 
 torch = pytest.importorskip("torch")
 
 from refattn import fsat as ref  # noqa: E402
+from refattn.backends.torch import fsat as F  # noqa: E402
 from refattn.conformance.tolerances import FORWARD, GRADIENT  # noqa: E402
 from refattn.fsat.select import candidate_order  # noqa: E402
-from refattn.backends.torch import fsat as F  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +61,7 @@ def assert_close(actual, expected, tol, what=""):
 
 def assert_grads(actual, expected, tol):
     assert len(actual) == len(expected)
-    for index, (x, y) in enumerate(zip(actual, expected)):
+    for index, (x, y) in enumerate(zip(actual, expected, strict=True)):
         if y is None:
             assert x is None, index
         else:
@@ -132,11 +130,6 @@ SHAPES = [  # (B, H, L, D, Dv)
 # ------------------------------------------------------------------------------ step 1: the cross
 
 
-def test_next_fast_len_matches_scipy():
-    for n in list(range(1, 3000)) + [2**20 + 1, 3**9 + 7, 5**8 + 1, 32767]:
-        assert F._next_fast_len(n) == scipy.fft.next_fast_len(n, real=True), n
-
-
 @pytest.mark.parametrize("kind", ["none", "random", "full-row"])
 @pytest.mark.parametrize("length", [1, 2, 7, 16])
 def test_pair_counts(length, kind):
@@ -177,7 +170,8 @@ def test_estimate_and_vjp(shape, kind):
     w = rng.standard_normal((heads, dim))
     ds = rng.standard_normal((batch, heads, 2 * length - 1))
     M = T(mask)
-    assert_close(F.estimate(T(c), T(w), key_padding_mask=M), ref.estimate(c, w, key_padding_mask=mask), FORWARD["float64"], "s")
+    assert_close(F.estimate(T(c), T(w), key_padding_mask=M), ref.estimate(c, w, key_padding_mask=mask),
+                 FORWARD["float64"], "s")
     expected = ref.estimate_vjp(c, w, ds, key_padding_mask=mask)
     assert_grads(F.estimate_vjp(T(c), T(w), T(ds), key_padding_mask=M), expected, GRADIENT["float64"])
     tc, tw = T(c).requires_grad_(), T(w).requires_grad_()
@@ -216,7 +210,8 @@ def test_select_tie_breaks(causal):
         np.testing.assert_array_equal(F.select(T(s), top_k, causal=causal).numpy(), ref.select(s, top_k, causal=causal))
     # all tied: tau = 0, then -1, 1, -2, 2, ...
     assert F.select(torch.zeros(1, 1, 2 * length - 1, dtype=torch.float64), 4).tolist() == [[[-2, -1, 0, 1]]]
-    assert F.select(torch.zeros(1, 1, 2 * length - 1, dtype=torch.float64), 4, causal=True).tolist() == [[[-3, -2, -1, 0]]]
+    assert F.select(torch.zeros(1, 1, 2 * length - 1, dtype=torch.float64), 4,
+                    causal=True).tolist() == [[[-3, -2, -1, 0]]]
 
 
 # --------------------------------------------------------------------- step 3: sparse attention
@@ -224,7 +219,8 @@ def test_select_tie_breaks(causal):
 
 def random_offsets(rng, batch, heads, length, count):
     pool = np.arange(-(length - 1), length)
-    return np.stack([np.stack([rng.choice(pool, size=count, replace=False) for _ in range(heads)]) for _ in range(batch)])
+    return np.stack([np.stack([rng.choice(pool, size=count,
+                                          replace=False) for _ in range(heads)]) for _ in range(batch)])
 
 
 SPARSE_CASES = [  # (L, D, Dv, K)
@@ -266,11 +262,13 @@ def _check_sparse_attention_and_vjp(case, bias_kind, kind, causal):
     assert_close(out, ref_out, FORWARD["float64"], "out")
     assert_close(lse, ref_lse, FORWARD["float64"], "lse")
     expected = ref.sparse_attention_vjp(q, k, v, offsets, bias, dout, dlse=dlse, causal=causal, key_padding_mask=mask)
-    actual = F.sparse_attention_vjp(T(q), T(k), T(v), T(offsets), T(bias), T(dout), dlse=T(dlse), causal=causal, key_padding_mask=M)
+    actual = F.sparse_attention_vjp(T(q), T(k), T(v), T(offsets), T(bias), T(dout), dlse=T(dlse), causal=causal,
+                                    key_padding_mask=M)
     assert_grads(actual, expected, GRADIENT["float64"])
     # autograd through both outputs; the cotangent of lse at -inf rows is ignored (as in the reference)
     leaves = [T(x).requires_grad_() for x in (q, k, v)] + ([T(bias).requires_grad_()] if bias is not None else [])
-    out_t, lse_t = F.sparse_attention(*leaves[:3], T(offsets), leaves[3] if bias is not None else None, causal=causal, key_padding_mask=M)
+    out_t, lse_t = F.sparse_attention(*leaves[:3], T(offsets), leaves[3] if bias is not None else None, causal=causal,
+                                      key_padding_mask=M)
     finite = torch.isfinite(lse_t)
     loss = (out_t * T(dout)).sum() + torch.where(finite, lse_t * T(dlse), torch.zeros(()).double()).sum()
     grads = torch.autograd.grad(loss, leaves)
@@ -336,13 +334,15 @@ def _attention_problem(case, seed=0, dtype="float64"):
         rng, q, k, v, w, kw, dout = problem(1000 * seed + attempt + sum(shape), batch, heads, length, dim, dim_v,
                                             mask=mask, noise=noise, cross=cross)
         q, k, v, w, dout = (rounded(x, dtype) for x in (q, k, v, w, dout))
-        kw = {name: rounded(x, dtype) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x for name, x in kw.items()}
+        kw = {name: rounded(x, dtype) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x for name,
+              x in kw.items()}
         if selection_margin(q, k, w, top_k, causal, kw) > 1e-3:
             return q, k, v, w, top_k, dict(kw, causal=causal), dout
     raise RuntimeError("no tie-free seed")
 
 
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-{c[2]}-noise{c[3]}-cross{c[4]}-causal{c[5]}")
+@pytest.mark.parametrize("case", ATTENTION_CASES,
+                         ids=lambda c: f"{c[0]}-K{c[1]}-{c[2]}-noise{c[3]}-cross{c[4]}-causal{c[5]}")
 def test_attention_forward_vjp_and_autograd(case):
     q, k, v, w, top_k, kw, dout = _attention_problem(case)
     tkw = torch_kw(kw)
@@ -395,7 +395,8 @@ def test_gradient_truncation(crossed):
     mask = tkw["key_padding_mask"]
     s = F.estimate(F.cross(a.detach(), b.detach(), key_padding_mask=mask), T(w), key_padding_mask=mask)
     bias = torch.gather(s, 2, offsets + (q.shape[2] - 1))
-    dq, dk, dv, dbias = F.sparse_attention_vjp(T(q), T(k), T(v), offsets, bias, T(dout), causal=True, key_padding_mask=mask)
+    dq, dk, dv, dbias = F.sparse_attention_vjp(T(q), T(k), T(v), offsets, bias, T(dout), causal=True,
+                                               key_padding_mask=mask)
     for got, want in ((tq.grad, dq), (tk.grad, dk), (tv.grad, dv)):
         assert_close(got, N(want), GRADIENT["float64"])
     assert float(dbias.abs().max()) > 0 and float(tw.grad.abs().max()) > 0  # w learns through the bias
@@ -461,7 +462,8 @@ def test_steps_reduced_precision(dtype):
     ref_c = ref.cross(q, k, key_padding_mask=mask)
     assert_close(c, ref_c, FORWARD[dtype], "c")
     rc = rounded(ref_c, dtype)
-    assert_close(F.estimate(T(rc, dtype), T(w, dtype), key_padding_mask=M), ref.estimate(rc, w, key_padding_mask=mask), FORWARD[dtype], "s")
+    assert_close(F.estimate(T(rc, dtype), T(w, dtype), key_padding_mask=M), ref.estimate(rc, w, key_padding_mask=mask),
+                 FORWARD[dtype], "s")
     offsets = random_offsets(rng, batch, heads, length, 5)
     bias = rounded(rng.standard_normal((batch, heads, 5)), dtype)
     out, lse = F.sparse_attention(T(q, dtype), T(k, dtype), T(v, dtype), T(offsets), T(bias, dtype), key_padding_mask=M)
@@ -471,7 +473,8 @@ def test_steps_reduced_precision(dtype):
     assert_close(lse, ref_lse, FORWARD[dtype], "lse")
     dout = rounded(rng.standard_normal(v.shape), dtype)
     assert_grads(
-        F.sparse_attention_vjp(T(q, dtype), T(k, dtype), T(v, dtype), T(offsets), T(bias, dtype), T(dout, dtype), key_padding_mask=M),
+        F.sparse_attention_vjp(T(q, dtype), T(k, dtype), T(v, dtype), T(offsets), T(bias, dtype), T(dout, dtype),
+                               key_padding_mask=M),
         ref.sparse_attention_vjp(q, k, v, offsets, bias, dout, key_padding_mask=mask),
         GRADIENT[dtype],
     )
@@ -496,7 +499,7 @@ def test_torch_compile_matches_eager(tmp_path, monkeypatch):
 
     eager = run(f)
     compiled = run(torch.compile(f, backend="inductor"))
-    for x, y in zip(compiled, eager):
+    for x, y in zip(compiled, eager, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     torch._dynamo.reset()
 
@@ -593,7 +596,8 @@ def test_rejects_bad_w_shape():
 
 def test_rejects_non_bool_mask():
     q, k, v, w = _good()
-    with pytest.raises(TypeError, match=r"key_padding_mask: expected a bool tensor \(True = padding\), got dtype torch.int64"):
+    with pytest.raises(TypeError,
+                       match=r"key_padding_mask: expected a bool tensor \(True = padding\), got dtype torch.int64"):
         F.attention(q, k, v, w, 2, key_padding_mask=torch.zeros(2, 5, dtype=torch.long))
 
 
@@ -620,7 +624,8 @@ def test_rejects_only_one_cross_input():
 
 def test_rejects_qkv_dtype_mismatch():
     q, k, v, w = _good()
-    with pytest.raises(TypeError, match=r"q, k, v: expected one floating-point dtype, got q torch.float64, k torch.float32"):
+    with pytest.raises(TypeError,
+                       match=r"q, k, v: expected one floating-point dtype, got q torch.float64, k torch.float32"):
         F.attention(q, k.float(), v, w, 2)
     with pytest.raises(TypeError, match=r"expected one floating-point dtype"):
         F.sparse_attention(q, k, v.float(), torch.zeros(2, 2, 1, dtype=torch.long))
@@ -650,7 +655,8 @@ def test_rejects_float_offsets():
 
 def test_rejects_out_of_range_offsets():
     q, k, v, _ = _good()
-    with pytest.raises(ValueError, match=r"offsets: expected offsets in \[-\(L-1\), L-1\] = \[-4, 4\], got values in \[0, 5\]"):
+    with pytest.raises(ValueError,
+                       match=r"offsets: expected offsets in \[-\(L-1\), L-1\] = \[-4, 4\], got values in \[0, 5\]"):
         F.sparse_attention(q, k, v, torch.tensor([0, 5]).expand(2, 2, 2))
 
 
@@ -720,5 +726,6 @@ def test_cuda_matches_reference():
             expected = ref.attention_vjp(q, k, v, w, top_k, dout, **kw)
             assert_grads(list(grads) + [None] * (6 - len(grads)), expected, GRADIENT[dtype])
             explicit = F.attention_vjp(*[x.detach() for x in leaves[:4]], top_k, T(dout, dtype, "cuda"),
-                                       **{n: (x.detach() if isinstance(x, torch.Tensor) else x) for n, x in tkw.items()})
+                                       **{n: (x.detach() if isinstance(x, torch.Tensor) else x) for n,
+                                          x in tkw.items()})
             assert_grads(explicit, expected, GRADIENT[dtype])

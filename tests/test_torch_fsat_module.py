@@ -101,7 +101,8 @@ def test_cross_projection_learns_only_through_the_estimator():
     a, b = attn.cross(x2.detach()).detach().chunk(2, dim=-1)
     split = lambda t, f: t.view(2, 11, 3, f).transpose(1, 2)  # noqa: E731
     q, k, v = attn.qkv(x2).chunk(3, dim=-1)
-    out = F.attention(split(q, 4), split(k, 4), split(v, 4), attn.w, 4, causal=True, cross_q=split(a, 2), cross_k=split(b, 2))
+    out = F.attention(split(q, 4), split(k, 4), split(v, 4), attn.w, 4, causal=True, cross_q=split(a, 2),
+                      cross_k=split(b, 2))
     attn.out(out.transpose(1, 2).reshape(2, 11, 12)).square().sum().backward()
     torch.testing.assert_close(x2.grad, dx, rtol=1e-12, atol=1e-12)
 

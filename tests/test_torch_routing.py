@@ -14,13 +14,13 @@ import itertools
 import numpy as np
 import pytest
 
+pytest.importorskip("torch", reason="the torch backend needs torch (pip install 'refattn[torch]')")
+
+import torch
+
 from refattn import get_backend
-
-torch = pytest.importorskip("torch")
-
-from refattn.backends.torch import routing as F
-
 from refattn import routing as ref
+from refattn.backends.torch import routing as F
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +143,7 @@ def test_attention_and_autograd_match_reference(shape, profile, causal, shared, 
     vjp = F.attention_vjp(tq.detach(), None if shared else tk.detach(), tv.detach(), T(mu, dtype), T(dout, dtype),
                           key_padding_mask=T(mask), **kw)
     assert (vjp[1] is None) == shared
-    for got, want in zip(vjp, (dq, dk, dv)):
+    for got, want in zip(vjp, (dq, dk, dv), strict=True):
         if want is not None:
             close(got, want, GRADIENT[dtype])
     if padded and mask is not None:
@@ -162,7 +162,8 @@ def test_attention_reduced_precision(profile, causal, shared, dtype):
     close(out, ref.attention(q, k, v, mu, key_padding_mask=mask, **kw), FORWARD[dtype])
     grads = torch.autograd.grad(out, leaves, T(dout, dtype))
     dq, dk, dv = ref.attention_vjp(q, k, v, mu, dout, key_padding_mask=mask, **kw)
-    for got, want in zip(grads, (dq, dv, dk)):
+    assert (dk is None) == shared
+    for got, want in zip(grads, (dq, dv) if shared else (dq, dv, dk), strict=True):
         assert got.dtype == DTYPES[dtype]
         close(got, want, GRADIENT[dtype])
 
@@ -177,7 +178,8 @@ def test_backend_bridge_keeps_a_0d_array_0d():
 
 def test_default_window_and_l1():
     q, k, v, mu, _, _ = problem((2, 2, 10, 4, 4, 3, 4), "tacl", False, False, False)
-    np.testing.assert_allclose(N(F.attention(T(q), T(k), T(v), T(mu))), ref.attention(q, k, v, mu), rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(N(F.attention(T(q), T(k), T(v), T(mu))), ref.attention(q, k, v, mu), rtol=1e-9,
+                               atol=1e-11)
     assert F.default_num_clusters(10) == ref.default_num_clusters(10) == 3
     assert F.default_window(10, 3) == ref.default_window(10, 3) == 4
     # L = 1, lucidrains shared: the self logit is the only one -> v / (1 + 1e-5)
@@ -193,7 +195,7 @@ def test_attention_does_not_differentiate_through_centroids_and_leaves_inputs_al
     copies = [x.clone() for x in (tq, tk, tv, tmu)]
     out = F.attention(tq, tk, tv, tmu, window=3, key_padding_mask=T(mask))
     assert not out.requires_grad  # no gradient path from the centroids (membership is discrete)
-    for x, y in zip((tq, tk, tv, tmu), copies):
+    for x, y in zip((tq, tk, tv, tmu), copies, strict=True):
         assert torch.equal(x, y)
 
 
@@ -226,12 +228,12 @@ def test_similarity_and_vjp(dtype):
     ds = N(T(rng.standard_normal((2, 3, 7, 4)), dtype))
     close(F.similarity(T(x, dtype), T(mu, dtype)), ref.similarity(x, mu), FORWARD[dtype])
     got = F.similarity_vjp(T(x, dtype), T(mu, dtype), T(ds, dtype))
-    for a, b in zip(got, ref.similarity_vjp(x, mu, ds)):
+    for a, b in zip(got, ref.similarity_vjp(x, mu, ds), strict=True):
         close(a, b, GRADIENT[dtype])
     # and autograd through similarity agrees with the explicit VJP
     tx, tmu = T(x).requires_grad_(), T(mu).requires_grad_()
     auto = torch.autograd.grad(F.similarity(tx, tmu), (tx, tmu), T(ds))
-    for a, b in zip(auto, ref.similarity_vjp(x, mu, ds)):
+    for a, b in zip(auto, ref.similarity_vjp(x, mu, ds), strict=True):
         close(a, b, GRADIENT["float64"])
 
 
@@ -314,13 +316,14 @@ def test_cluster_attention_combine_and_vjps(profile, causal, shared, dtype):
     o = F.cluster_attention(T(q, dtype), T(k, dtype), T(v, dtype), T(qm), T(km), **kw)
     o_ref = ref.cluster_attention(q, k, v, qm, km, **kw)
     close(o, o_ref, FORWARD[dtype])
-    close(F.combine(T(o_ref, dtype), T(qm), 11, profile=profile), ref.combine(o_ref, qm, 11, profile=profile), FORWARD[dtype])
+    close(F.combine(T(o_ref, dtype), T(qm), 11, profile=profile), ref.combine(o_ref, qm, 11, profile=profile),
+          FORWARD[dtype])
     do = ref.combine_vjp(qm, dout, profile=profile)
     close(F.combine_vjp(T(qm), T(dout, dtype), profile=profile), do, GRADIENT[dtype])
     got = F.cluster_attention_vjp(T(q, dtype), T(k, dtype), T(v, dtype), T(qm), T(km), T(do, dtype), **kw)
     want = ref.cluster_attention_vjp(q, k, v, qm, km, do, **kw)
     assert (got[1] is None) == shared
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         if b is not None:
             close(a, b, GRADIENT[dtype])
 
@@ -336,7 +339,8 @@ def test_cluster_attention_edge_cases():
     np.testing.assert_allclose(N(got), want, rtol=1e-12, atol=1e-14)
     assert np.all(N(got)[0, 0, 0] == 0.0)  # positions 0 and 2 see no key <= them; slot 2 empty
     dq, dk, dv = F.cluster_attention_vjp(T(q), T(k), T(v), T(qm), T(km), T(np.ones(want.shape)), causal=True)
-    for a, b in zip((dq, dk, dv), ref.cluster_attention_vjp(q, k, v, qm, km, np.ones(want.shape), causal=True)):
+    for a, b in zip((dq, dk, dv), ref.cluster_attention_vjp(q, k, v, qm, km, np.ones(want.shape), causal=True),
+                    strict=True):
         np.testing.assert_allclose(N(a), b, rtol=1e-10, atol=1e-12)
 
 
@@ -356,7 +360,7 @@ def test_local_attention_and_vjp(length, block, causal, padded, dtype):
     close(F.local_attention(T(q, dtype), T(k, dtype), T(v, dtype), block, **tkw),
           ref.local_attention(q, k, v, block, **kw), FORWARD[dtype])
     got = F.local_attention_vjp(T(q, dtype), T(k, dtype), T(v, dtype), block, T(dout, dtype), **tkw)
-    for a, b in zip(got, ref.local_attention_vjp(q, k, v, block, dout, **kw)):
+    for a, b in zip(got, ref.local_attention_vjp(q, k, v, block, dout, **kw), strict=True):
         close(a, b, GRADIENT[dtype])
 
 
@@ -384,12 +388,12 @@ def test_init_centroids():
         a = F.init_centroids(2, 5, 4, rng=np.random.default_rng(7), profile=profile, dtype=torch.float64)
         b = ref.init_centroids(2, 5, 4, rng=np.random.default_rng(7), profile=profile)
         assert isinstance(a, ref.CentroidState)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             np.testing.assert_allclose(N(x), y, rtol=1e-14, atol=1e-15)
         g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         c1 = F.init_centroids(2, 5, 4, rng=g1, profile=profile)
         c2 = F.init_centroids(2, 5, 4, rng=g2, profile=profile)
-        assert all(torch.equal(x, y) for x, y in zip(c1, c2))
+        assert all(torch.equal(x, y) for x, y in zip(c1, c2, strict=True))
         assert c1.means.dtype == torch.get_default_dtype() and c1.counts.shape == (2, 5)
         assert torch.equal(c1.counts, torch.zeros(2, 5)) and torch.equal(c1.sums, c1.means)
         if profile == "lucidrains":
@@ -411,14 +415,15 @@ def test_update_centroids(profile, shared, padded, dtype):
     q_hat, k_hat = N(T(q_hat, dtype)), N(T(k_hat, dtype))
     state = F.CentroidState(T(mu, dtype), T(counts, dtype), T(sums, dtype))
     before = [x.clone() for x in state]
-    new = F.update_centroids(state, T(q_hat, dtype), T(k_hat, dtype), profile=profile, key_padding_mask=T(mask), decay=0.9)
+    new = F.update_centroids(state, T(q_hat, dtype), T(k_hat, dtype), profile=profile, key_padding_mask=T(mask),
+                             decay=0.9)
     want = ref.update_centroids(ref.CentroidState(mu, counts, sums), q_hat, k_hat, profile=profile,
                                 key_padding_mask=mask, decay=0.9)
     assert isinstance(new, ref.CentroidState)
-    for a, b in zip(new, want):
+    for a, b in zip(new, want, strict=True):
         assert a.dtype == DTYPES[dtype]
         close(a, b, FORWARD[dtype])
-    assert all(torch.equal(x, y) for x, y in zip(state, before))  # functional
+    assert all(torch.equal(x, y) for x, y in zip(state, before, strict=True))  # functional
 
 
 def test_statistics_split_and_sum_equals_whole_batch():
@@ -431,9 +436,9 @@ def test_statistics_split_and_sum_equals_whole_batch():
         whole = F.update_centroids(state, q_hat, k_hat, profile=profile, key_padding_mask=T(mask))
         halves = [F.centroid_statistics(state, q_hat[s], k_hat[s], key_padding_mask=T(mask)[s])
                   for s in (slice(0, 2), slice(2, 4))]
-        summed = tuple((a[0] + b[0], a[1] + b[1]) for a, b in zip(*halves))
+        summed = tuple((a[0] + b[0], a[1] + b[1]) for a, b in zip(*halves, strict=True))
         split = F.apply_centroid_statistics(state, summed, profile=profile)
-        for a, b in zip(split, whole):
+        for a, b in zip(split, whole, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
 
 
@@ -469,7 +474,7 @@ def test_torch_compile_matches_eager(profile, causal, shared, tmp_path, monkeypa
     explanation = torch._dynamo.explain(f)(T(q), None if shared else T(k), T(v), T(mu))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = run(torch.compile(f, backend="inductor"))
-    for x, y in zip(compiled, eager):
+    for x, y in zip(compiled, eager, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     close(eager[0], ref.attention(q, k, v, mu, window=4, causal=causal, shared_qk=shared, profile=profile,
                                   key_padding_mask=mask), FORWARD["float64"])
@@ -632,7 +637,8 @@ def test_rejects_float_members():
 def test_rejects_cluster_count_mismatch():
     q, k, v, _ = _good()
     with pytest.raises(ValueError, match="k_members: expected the same number of clusters"):
-        F.cluster_attention(q, k, v, torch.zeros(2, 2, 3, 1, dtype=torch.int64), torch.zeros(2, 2, 2, 1, dtype=torch.int64))
+        F.cluster_attention(q, k, v, torch.zeros(2, 2, 3, 1, dtype=torch.int64),
+                            torch.zeros(2, 2, 2, 1, dtype=torch.int64))
 
 
 def test_rejects_combine_shape_mismatch():
@@ -753,7 +759,7 @@ def test_lucidrains_parity(causal, shared, batch, heads, length, dim, clusters, 
     # gradients: torch autograd through our attention vs through KmeansAttention
     ours = torch.autograd.grad(out, leaves, T(dout, dtype))
     theirs = torch.autograd.grad(expected, [lq, lv] + ([] if shared else [lk]), T(dout, dtype))
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         close(a, N(b), gtol)
     # aux loss = commitment_loss over normalize(cat(q, k)) (q alone when shared)
     x = T(q if shared else np.concatenate([q, k], axis=2), dtype)
@@ -800,7 +806,7 @@ def test_cuda_matches_reference():
             close(out, ref.attention(q, k, v, mu, key_padding_mask=mask, **kw), FORWARD[dtype], f"{dtype} {profile}")
             grads = torch.autograd.grad(out, leaves, T(dout, dtype, "cuda"))
             dq, dk, dv = ref.attention_vjp(q, k, v, mu, dout, key_padding_mask=mask, **kw)
-            for got, want in zip(grads, (dq, dv, dk)):
+            for got, want in zip(grads, (dq, dv, dk), strict=True):
                 close(got, want, GRADIENT[dtype], f"{dtype} {profile} grad")
         # route ties and padding on the device
         s = np.random.default_rng(0).integers(-2, 3, size=(3, 2, 29, 4)).astype(np.float64)

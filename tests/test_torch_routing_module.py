@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch", reason="the torch backend needs torch (pip install 'refattn[torch]')")
 
-from refattn.backends.torch import routing as F
-from refattn.backends.torch.routing_module import RoutingAttention
+import torch
 
 from refattn import routing as ref
+from refattn.backends.torch import routing as F
+from refattn.backends.torch.routing_module import RoutingAttention
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +37,8 @@ def N(t):
 
 def split(m: RoutingAttention, x: torch.Tensor, width: int) -> np.ndarray:
     """(B, L, count * D) -> (B, count, L, D) as NumPy."""
-    b, l, _ = x.shape
-    return N(x.reshape(b, l, -1, m.dim_head).transpose(1, 2))
+    b, length, _ = x.shape
+    return N(x.reshape(b, length, -1, m.dim_head).transpose(1, 2))
 
 
 def manual(m: RoutingAttention, x: torch.Tensor, mask: np.ndarray | None) -> np.ndarray:
@@ -138,7 +139,7 @@ def test_training_forward_updates_centroids_functionally(profile, causal, shared
                                     None if k_hat is None else N(k_hat), profile=profile,
                                     key_padding_mask=mask.numpy(), decay=0.9)
     y = m(x, mask)
-    for got, expected, expected_ref in zip(m.centroid_state, want, want_ref):
+    for got, expected, expected_ref in zip(m.centroid_state, want, want_ref, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
         np.testing.assert_allclose(N(got), expected_ref, rtol=1e-10, atol=1e-12)
     assert not torch.equal(m.means, state.means)
@@ -159,7 +160,8 @@ def test_no_update_in_eval_and_update_under_no_grad_in_training():
     assert not torch.equal(m.means, means)
 
 
-@pytest.mark.parametrize("profile,shared", [("tacl", False), ("tacl", True), ("lucidrains", False), ("lucidrains", True)])
+@pytest.mark.parametrize("profile,shared",
+                         [("tacl", False), ("tacl", True), ("lucidrains", False), ("lucidrains", True)])
 def test_commitment_loss_per_profile(profile, shared):
     m = layer(profile=profile, shared_qk=shared, local_heads=1).eval()
     x = torch.randn(2, 9, 12, dtype=torch.float64)
@@ -201,7 +203,7 @@ def test_padding_does_not_leak():
     x2[mask] = 100.0 * torch.randn(int(mask.sum()), 12, dtype=torch.float64)
     y2 = m(x2, mask)
     torch.testing.assert_close(y1[~mask], y2[~mask], rtol=1e-12, atol=1e-12)
-    for a, b in zip(after1, m.centroid_state):  # padded tokens are not in the centroid statistics
+    for a, b in zip(after1, m.centroid_state, strict=True):  # padded tokens are not in the centroid statistics
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -246,7 +248,7 @@ def test_load_centroid_state():
     m = layer()
     state = F.init_centroids(3, 3, 4, rng=np.random.default_rng(0), dtype=torch.float64)
     m.load_centroid_state(state)
-    assert all(torch.equal(a, b) for a, b in zip(m.centroid_state, state))
+    assert all(torch.equal(a, b) for a, b in zip(m.centroid_state, state, strict=True))
     with pytest.raises(ValueError, match="state: expected shapes"):
         m.load_centroid_state(F.init_centroids(3, 2, 4, rng=np.random.default_rng(0), dtype=torch.float64))
 
@@ -283,7 +285,8 @@ def test_autocast_bfloat16():
     (dict(dim=12, heads=3, num_clusters=2, local_heads=3), "local_heads: expected an integer in"),
     (dict(dim=12, heads=3), "num_clusters: expected an integer >= 1, or max_seq_len"),
     (dict(dim=10, heads=3, num_clusters=2), "dim, heads: expected dim divisible by heads"),
-    (dict(dim=12, heads=3, num_clusters=2, causal=True, profile="lucidrains"), "profile: 'lucidrains' does not support"),
+    (dict(dim=12, heads=3, num_clusters=2, causal=True, profile="lucidrains"),
+     "profile: 'lucidrains' does not support"),
     (dict(dim=12, heads=3, num_clusters=2, profile="other"), "profile: expected one of"),
     (dict(dim=12, heads=3, num_clusters=0), "num_clusters: expected an integer >= 1"),
     (dict(dim=12, heads=3, num_clusters=2, window=0), "window: expected an integer >= 1"),
@@ -355,6 +358,6 @@ def test_module_on_cuda():
         y_cpu, y_gpu = cpu(x, mask), gpu(x.cuda(), mask.cuda())
         torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-9, atol=1e-11)
         (y_gpu.square().mean() + gpu.commitment_loss).backward()
-        for a, b in zip(gpu.centroid_state, cpu.centroid_state):
+        for a, b in zip(gpu.centroid_state, cpu.centroid_state, strict=True):
             assert a.device.type == "cuda"
             torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-11)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from refattn.backends import Backend, Capabilities, Strategy
 from refattn.backends.torch import fsat, routing
 from refattn.backends.torch.fsat_module import FSATAttention
@@ -36,6 +37,13 @@ def _from_numpy(array: np.ndarray, dtype: str | None = None, device: str = "cpu"
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach().cpu()
     return (tensor.double() if tensor.is_floating_point() else tensor.long()).numpy()
+
+
+def _synchronize() -> None:
+    """Wait for every CUDA device's queue; tensors on the CPU are computed when a call returns."""
+    if torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
 
 
 def _dtype_of(tensor: Any) -> str:
@@ -82,6 +90,7 @@ def backend() -> Backend:
         from_numpy=_from_numpy,
         to_numpy=_to_numpy,
         status=f"PyTorch {torch.__version__}, {where}",
+        synchronize=_synchronize,
         dtype_of=_dtype_of,
         autodiff=_autodiff,
         strategies=STRATEGIES,

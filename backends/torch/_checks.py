@@ -1,21 +1,17 @@
-"""Tensor input checks shared by the PyTorch backend (``fsat`` and ``routing``).
+"""Tensor input checks of the PyTorch backend (``fsat`` and ``routing``).
 
-The tensor counterparts of :mod:`refattn._validation`: every public function of the backend
-validates its arguments first, and a bad argument fails with a message that names the argument,
-what was expected and what came, worded like the reference's. On top of the reference's checks:
+The checks and their messages are :mod:`refattn.checks`' (which words them "tensor" for tensors);
+this module adds what is particular to tensors:
 
-- every tensor argument of one call must live on one device (``ValueError``, see :func:`same_device`);
-- q, k and v (and other arrays that are computed together) must share one dtype (``TypeError``,
-  see :func:`same_dtype`);
 - arguments must be ``torch.Tensor`` (``TypeError``): NumPy arrays are converted by
-  ``Backend.from_numpy``, never implicitly.
+  ``Backend.from_numpy``, never implicitly (:func:`tensor`);
+- every tensor argument of one call must live on one device (``ValueError``, :func:`same_device`);
+- q, k and v (and other arrays that are computed together) must share one dtype (``TypeError``,
+  :func:`same_dtype`).
 
-Value checks (NaN/Inf, offset ranges) need the data on the host; they are skipped for tensors on
-the ``meta`` device (no data) and while ``torch.compile`` traces (a data-dependent branch would
-break the graph). Eager calls always run them.
-
-Integer and choice checks (``integer_in_range``, ``one_of``) are the reference's own functions,
-re-exported here so that both backends import every check from one place.
+Value checks (NaN/Inf, offset ranges) need the data; :mod:`refattn.checks` skips them for tensors on
+the ``meta`` device and while ``torch.compile`` traces (:func:`checking_values`). Eager calls always
+run them.
 """
 
 from __future__ import annotations
@@ -24,7 +20,8 @@ from typing import Any
 
 import torch
 
-from refattn._validation import integer_in_range, one_of
+from refattn import checks
+from refattn.checks import expect_shape, integer_in_range, length_from_offsets, one_of
 
 __all__ = [
     "integer_in_range",
@@ -43,27 +40,7 @@ __all__ = [
     "compute_dtype",
 ]
 
-
-def _is_compiling() -> bool:
-    try:
-        return bool(torch.compiler.is_compiling())
-    except AttributeError:  # pragma: no cover - older torch
-        return False
-
-
-def checking_values(x: torch.Tensor) -> bool:
-    """Whether value checks (finite, ranges) run for ``x``: not on ``meta``, not while compiling."""
-    return x.device.type != "meta" and not _is_compiling()
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """Whether every entry of ``x`` is finite, in one reduction when it is.
-
-    A finite sum implies finite entries (NaN and ±Inf propagate through a sum); a non-finite sum,
-    which an overflow of finite entries also gives, is settled by the exact elementwise test.
-    """
-    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
+checking_values = checks.values_readable
 
 
 def tensor(x: Any, name: str) -> torch.Tensor:
@@ -73,93 +50,30 @@ def tensor(x: Any, name: str) -> torch.Tensor:
     return x
 
 
-def _rank(x: torch.Tensor, name: str, rank: int | None, axes: str | None) -> None:
-    if rank is not None and x.dim() != rank:
-        layout = f" {axes}" if axes else ""
-        raise ValueError(f"{name}: expected a {rank}-D tensor{layout}, got shape {tuple(x.shape)}")
-
-
 def float_tensor(x: Any, name: str, *, rank: int | None = None, axes: str | None = None) -> torch.Tensor:
-    """Return ``x`` if it is a finite real floating-point tensor of the given rank, else raise.
-
-    ``TypeError`` for a non-tensor or a non-float dtype (integer, bool, complex); ``ValueError``
-    for a wrong rank or NaN/Inf entries. The tensor is returned unchanged (no copy, no cast).
-    """
-    x = tensor(x, name)
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
-    _rank(x, name, rank, axes)
-    if checking_values(x) and x.numel() and not _all_finite(x):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf entries")
-    return x
+    """:func:`refattn.checks.float_array` of a tensor: returned unchanged (no copy, no cast)."""
+    return checks.float_array(tensor(x, name), name, rank=rank, axes=axes)
 
 
 def score_tensor(x: Any, name: str, *, rank: int, axes: str) -> torch.Tensor:
     """Like :func:`float_tensor`, but ``-inf`` is allowed (scores of offsets that have no pair)."""
-    x = tensor(x, name)
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
-    _rank(x, name, rank, axes)
-    if checking_values(x) and x.numel() and bool((torch.isnan(x) | (x == float("inf"))).any()):
-        raise ValueError(f"{name}: expected finite values or -inf, got NaN or +Inf entries")
-    return x
+    return checks.float_array(tensor(x, name), name, rank=rank, axes=axes, allow_neg_inf=True)
 
 
 def index_tensor(x: Any, name: str, *, rank: int, axes: str) -> torch.Tensor:
-    """Return ``x`` as an int64 tensor of the given rank (bool is not an index), or raise."""
-    x = tensor(x, name)
-    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
-    _rank(x, name, rank, axes)
-    return x.long()
+    """:func:`refattn.checks.index_array` of a tensor: int64 (bool is not an index)."""
+    return checks.index_array(tensor(x, name), name, rank=rank, axes=axes)
 
 
-def expect_shape(x: torch.Tensor, name: str, expected: tuple[int | None, ...], axes: str) -> None:
-    """Raise unless ``x.shape`` matches ``expected`` (``None`` matches any size)."""
-    shape = tuple(x.shape)
-    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
-    if not ok:
-        wanted = tuple("*" if e is None else e for e in expected)
-        raise ValueError(f"{name}: expected shape {axes} = {wanted}, got {shape}")
-
-
-def sequence(x: Any, name: str, axes: str, like: tuple[int, ...] | None = None, *, feature: int | None = None) -> torch.Tensor:
-    """Validate a ``(B, H, L, F)`` float tensor; with ``like = (B, H, L)`` its leading axes must match.
-
-    ``feature`` (when given) fixes F as well. Every axis must be non-empty.
-    """
-    x = float_tensor(x, name, rank=4, axes=axes)
-    if like is not None:
-        expect_shape(x, name, (*like, feature), axes)
-    if 0 in x.shape:
-        raise ValueError(f"{name}: expected every axis of {axes} to be at least 1, got shape {tuple(x.shape)}")
-    return x
-
-
-def length_from_offsets(count: int, name: str) -> int:
-    """L from the size 2L - 1 of an offset axis, or raise naming ``name`` if that size is even or 0."""
-    if count < 1 or count % 2 == 0:
-        raise ValueError(f"{name}: expected 2L - 1 offsets along axis 2 (an odd number, L >= 1), got {count}")
-    return (count + 1) // 2
+def sequence(x: Any, name: str, axes: str, like: tuple[int, ...] | None = None, *,
+             feature: int | None = None) -> torch.Tensor:
+    """:func:`refattn.checks.sequence` of a tensor."""
+    return checks.sequence(tensor(x, name), name, axes, like, feature=feature)
 
 
 def padding_mask(mask: Any, batch: int | None, length: int) -> torch.Tensor | None:
-    """Validate ``key_padding_mask``: None, or a bool tensor (B, L), True = padding.
-
-    ``batch=None`` accepts any B >= 1 (for functions whose batch size no other argument fixes).
-    """
-    if mask is None:
-        return None
-    mask = tensor(mask, "key_padding_mask")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask: expected a bool tensor (True = padding), got dtype {mask.dtype}")
-    if batch is None:
-        if mask.dim() != 2 or mask.shape[1] != length or mask.shape[0] < 1:
-            raise ValueError(f"key_padding_mask: expected shape (B, L) with L = {length}, got {tuple(mask.shape)}")
-    elif tuple(mask.shape) != (batch, length):
-        raise ValueError(f"key_padding_mask: expected shape (B, L) = ({batch}, {length}), got {tuple(mask.shape)}")
-    return mask
+    """:func:`refattn.checks.padding_mask` of a bool tensor (B, L), True = padding, or None."""
+    return None if mask is None else checks.padding_mask(tensor(mask, "key_padding_mask"), batch, length)
 
 
 def same_device(**named: Any) -> torch.device | None:

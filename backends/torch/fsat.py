@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 
+from refattn.checks import flag
 from refattn.fsat import FSATGrads
+from refattn.fsat.cross import next_fast_len
 
 from . import _checks as chk
 
@@ -57,32 +59,9 @@ _NEG_INF = float("-inf")
 # --------------------------------------------------------------------------------------------
 
 
-def _next_fast_len(target: int) -> int:
-    """The smallest 2**a * 3**b * 5**c >= target: ``scipy.fft.next_fast_len(target, real=True)``.
-
-    Pure Python so that ``torch.compile`` traces it as a constant (scipy's is a C extension that
-    Dynamo cannot trace); tests check it against scipy.
-    """
-    if target <= 6:
-        return max(int(target), 1)
-    best = 1 << (target - 1).bit_length()  # a power of two is always a candidate
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            # the smallest power of two with p35 * 2**a >= target
-            quotient = -(-target // p35)
-            candidate = p35 * (1 << (quotient - 1).bit_length())
-            if candidate < best:
-                best = candidate
-            p35 *= 3
-        p5 *= 5
-    return best
-
-
 def _fft_length(length: int) -> int:
     """N >= 2L - 1, a fast real-FFT size: no wrap-around reaches the entries the convolutions keep."""
-    return _next_fast_len(2 * length - 1)
+    return next_fast_len(2 * length - 1)
 
 
 def _counts(length: int, unpadded: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -96,7 +75,8 @@ def _counts(length: int, unpadded: torch.Tensor | None, device: torch.device) ->
     return torch.fft.irfft(spectrum, n=n, dim=-1)[:, : 2 * length - 1].round()
 
 
-def _inverse_counts(length: int, unpadded: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _inverse_counts(length: int, unpadded: torch.Tensor | None, device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
     """1 / n_tau as a (B or 1, 1, 2L - 1, 1) tensor of ``dtype``, 0 where n_tau = 0."""
     counts = _counts(length, unpadded, device)
     inverse = torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), torch.zeros_like(counts))
@@ -139,7 +119,8 @@ def _cross_core(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None)
     return numerator * _inverse_counts(length, unpadded, a.device, a.dtype)
 
 
-def _cross_vjp_core(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor, unpadded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _cross_vjp_core(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor,
+                    unpadded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(da, db) for compute-dtype tensors.
 
     With g = dc / n: da = (b conv reverse(g))[L-1 : 2L-1], db = (a conv g)[L-1 : 2L-1]; a circular
@@ -173,7 +154,8 @@ class _Cross(torch.autograd.Function):
         return da, db, None
 
 
-def _check_cross_inputs(a: Any, b: Any, key_padding_mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _check_cross_inputs(a: Any, b: Any,
+                        key_padding_mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     chk.same_device(a=a, b=b, key_padding_mask=key_padding_mask)
     a = chk.sequence(a, "a", "(B, H, L, Dc)")
     b = chk.sequence(b, "b", "(B, H, L, Dc)", tuple(a.shape[:3]), feature=a.shape[3])
@@ -225,7 +207,8 @@ def cross_vjp(a: Any, b: Any, dc: Any, *, key_padding_mask: Any = None) -> tuple
 # --------------------------------------------------------------------------------------------
 
 
-def _check_estimate_inputs(c: Any, w: Any, key_padding_mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+def _check_estimate_inputs(c: Any, w: Any,
+                           key_padding_mask: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     chk.same_device(c=c, w=w, key_padding_mask=key_padding_mask)
     c = chk.sequence(c, "c", "(B, H, 2L - 1, Dc)")
     batch, heads, count, features = c.shape
@@ -248,7 +231,8 @@ def _estimate_core(c: torch.Tensor, w: torch.Tensor, has_pairs: torch.Tensor | N
     return _scores(torch.einsum("bhtd,hd->bht", c, w), c.shape[3], has_pairs)
 
 
-def _scores_from_spectrum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, unpadded: torch.Tensor | None) -> torch.Tensor:
+def _scores_from_spectrum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+                          unpadded: torch.Tensor | None) -> torch.Tensor:
     """s = estimate(cross(a, b), w) without forming c: by linearity of the inverse FFT,
     sum_d w_d irfft(P_d) = irfft(sum_d w_d P_d), one inverse transform per (b, h) instead of Dc.
 
@@ -337,7 +321,7 @@ def select(s: Any, top_k: int, *, causal: bool = False, noise: Any = None) -> to
         noise = chk.float_tensor(noise, "noise", rank=3, axes="(B, H, 2L - 1)")
         chk.expect_shape(noise, "noise", tuple(s.shape), "(B, H, 2L - 1)")
         s = s + noise.detach().to(cd)
-    return _select_core(s, top_k, bool(causal))
+    return _select_core(s, top_k, flag(causal, "causal"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,7 +546,7 @@ def sparse_attention(
     cd = chk.compute_dtype(dtype)
     bias_c = None if bias is None else bias.to(cd)
     out, lse = _SparseAttention.apply(
-        q.to(cd), k.to(cd), v.to(cd), offsets, bias_c, _unpadded(mask), bool(causal)
+        q.to(cd), k.to(cd), v.to(cd), offsets, bias_c, _unpadded(mask), flag(causal, "causal")
     )
     return out.to(dtype), lse.to(dtype)
 
@@ -592,7 +576,7 @@ def sparse_attention_vjp(
         qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
         bias_c = None if bias is None else bias.to(cd)
         unpadded = _unpadded(mask)
-        out, lse, probs = _sparse_forward(qc, kc, vc, offsets, bias_c, bool(causal), unpadded)
+        out, lse, probs = _sparse_forward(qc, kc, vc, offsets, bias_c, flag(causal, "causal"), unpadded)
         dq, dk, dv, dbias = _sparse_backward(
             qc, kc, vc, offsets, probs, lse, out, dout.to(cd), None if dlse is None else dlse.to(cd), bias is not None
         )
@@ -605,7 +589,8 @@ def sparse_attention_vjp(
 
 
 def _check_attention_inputs(q, k, v, w, top_k, key_padding_mask, noise, cross_q, cross_k):
-    chk.same_device(q=q, k=k, v=v, w=w, key_padding_mask=key_padding_mask, noise=noise, cross_q=cross_q, cross_k=cross_k)
+    chk.same_device(q=q, k=k, v=v, w=w, key_padding_mask=key_padding_mask, noise=noise, cross_q=cross_q,
+                    cross_k=cross_k)
     q = chk.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     k = chk.sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
@@ -691,7 +676,7 @@ def attention_with_offsets(
     q, k, v, w, top_k, mask, noise, cross_q, cross_k = _check_attention_inputs(
         q, k, v, w, top_k, key_padding_mask, noise, cross_q, cross_k
     )
-    causal = bool(causal)
+    causal = flag(causal, "causal")
     cd = chk.compute_dtype(q.dtype)
     offsets, bias = _plan(q, k, w, top_k, causal, mask, noise, cross_q, cross_k)
     out, _ = _SparseAttention.apply(q.to(cd), k.to(cd), v.to(cd), offsets, bias, _unpadded(mask), causal)
@@ -724,12 +709,13 @@ def attention_vjp(
     chk.same_device(q=q, dout=dout)
     batch, heads, length, _ = q.shape
     dout = chk.sequence(dout, "dout", "(B, H, L, Dv)", (batch, heads, length), feature=v.shape[3])
-    causal = bool(causal)
+    causal = flag(causal, "causal")
     cd = chk.compute_dtype(q.dtype)
     # The planning steps' gradient (dw, and the cross inputs' when given) is their autograd VJP at
     # dbias: the scatter of dbias to the selected offsets, the estimate's and the cross's VJPs.
     w_leaf = w.detach().to(cd).requires_grad_()
-    cross_leaves = (None, None) if cross_q is None else tuple(x.detach().to(cd).requires_grad_() for x in (cross_q, cross_k))
+    cross_leaves = (None,
+                    None) if cross_q is None else tuple(x.detach().to(cd).requires_grad_() for x in (cross_q, cross_k))
     with torch.enable_grad():
         offsets, bias = _plan(q.detach(), k.detach(), w_leaf, top_k, causal, mask, noise, *cross_leaves)
     with torch.no_grad():

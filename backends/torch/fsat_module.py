@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from refattn.checks import flag
+
 from . import fsat as _fsat
 
 __all__ = ["FSATAttention"]
@@ -74,7 +76,7 @@ class FSATAttention(nn.Module):
         self.heads = heads
         self.head_dim = dim // heads
         self.top_k = top_k
-        self.causal = bool(causal)
+        self.causal = flag(causal, "causal")
         self.cross_dim = cross_dim
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -88,7 +90,7 @@ class FSATAttention(nn.Module):
         self.generator = generator
         self.last_offsets: torch.Tensor | None = None
 
-    def manual_seed(self, seed: int) -> "FSATAttention":
+    def manual_seed(self, seed: int) -> FSATAttention:
         """Reseed the layer's noise generator; returns the layer."""
         self.generator.manual_seed(seed)
         return self

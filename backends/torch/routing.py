@@ -48,9 +48,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from refattn.checks import centroid_array, flag, real_number, shared_keys
 from refattn.routing import CentroidState
-from refattn.routing._checks import check_configuration
-from refattn.routing.profiles import Profile, get_profile
+from refattn.routing.attention import default_num_clusters, default_window
+from refattn.routing.profiles import Profile, check_configuration, get_profile
 
 from . import _checks as chk
 
@@ -94,18 +95,15 @@ def _profile(profile: Any) -> Profile:
 
 
 def _centroids(centroids: Any, heads: int | None, dim: int | None, name: str = "centroids") -> torch.Tensor:
-    centroids = chk.float_tensor(centroids, name, rank=3, axes="(H, C, D)")
-    chk.expect_shape(centroids, name, (heads, None, dim), "(H, C, D)")
-    if 0 in centroids.shape:
-        raise ValueError(f"{name}: expected every axis of (H, C, D) to be at least 1, got shape {tuple(centroids.shape)}")
-    return centroids
+    return centroid_array(chk.tensor(centroids, name), heads, dim, name)
 
 
 def _members(members: Any, name: str, batch: int, heads: int, length: int) -> torch.Tensor:
     members = chk.index_tensor(members, name, rank=4, axes="(B, H, C, W)")
     chk.expect_shape(members, name, (batch, heads, None, None), "(B, H, C, W)")
     if 0 in members.shape:
-        raise ValueError(f"{name}: expected every axis of (B, H, C, W) to be at least 1, got shape {tuple(members.shape)}")
+        raise ValueError(
+            f"{name}: expected every axis of (B, H, C, W) to be at least 1, got shape {tuple(members.shape)}")
     if chk.checking_values(members):
         low, high = int(members.min()), int(members.max())
         if low < -1 or high >= length:
@@ -119,51 +117,12 @@ def _members(members: Any, name: str, batch: int, heads: int, length: int) -> to
     return members
 
 
-def _check_shared(k: Any, shared_qk: bool) -> None:
-    if shared_qk and k is not None:
-        raise ValueError("k: expected None with shared_qk=True (the keys are the queries), got a tensor")
-    if not shared_qk and k is None:
-        raise ValueError("k: expected a (B, H, L, D) tensor with shared_qk=False, got None")
-
-
-
 def _any_rank(x: Any, name: str) -> torch.Tensor:
     x = chk.float_tensor(x, name)
     if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name}: expected a tensor whose last axis (D) has at least 1 entry, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected a tensor whose last axis (D) has at least 1 entry, got shape {tuple(x.shape)}")
     return x
-
-
-def _beta(beta: Any) -> float:
-    beta = float(beta)
-    if not math.isfinite(beta):
-        raise ValueError(f"beta: expected a finite number, got {beta}")
-    return beta
-
-
-def _decay(decay: Any) -> float:
-    decay = float(decay)
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay: expected a number in [0, 1], got {decay}")
-    return decay
-
-
-# --------------------------------------------------------------------------------------------
-# defaults
-# --------------------------------------------------------------------------------------------
-
-
-def default_num_clusters(length: int) -> int:
-    """C = max(1, round(sqrt(L))) (spec/routing.md, "Defaults")."""
-    length = chk.integer_in_range(length, "length", low=1)
-    return max(1, int(round(math.sqrt(length))))
-
-
-def default_window(length: int, num_clusters: int) -> int:
-    """W = ceil(L / C), always in [1, L]."""
-    length = chk.integer_in_range(length, "length", low=1)
-    clusters = chk.integer_in_range(num_clusters, "num_clusters", low=1)
-    return -(-length // clusters)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,14 +130,14 @@ def default_window(length: int, num_clusters: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _normalize(x: torch.Tensor, spec: Profile) -> torch.Tensor:
+def _normalize(x: torch.Tensor, profile: Profile) -> torch.Tensor:
     """The profile's normalization over the last axis (compute-dtype tensor, no checks)."""
-    if spec.norm == "layernorm":
+    if profile.norm == "layernorm":
         # (x - mean) / sqrt(biased variance + eps), no affine: exactly torch's fused layer_norm
-        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=spec.norm_eps)
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=profile.norm_eps)
     # vector_norm's backward is 0 (not NaN) at a zero row; the clamp makes dx = dy / eps there
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / norm.clamp(min=spec.norm_eps)
+    return x / norm.clamp(min=profile.norm_eps)
 
 
 def normalize(x: Any, *, profile: str = "tacl") -> torch.Tensor:
@@ -187,33 +146,34 @@ def normalize(x: Any, *, profile: str = "tacl") -> torch.Tensor:
     ``tacl``: x̂ = (x - mean) / sqrt(var + 1e-6) (LayerNorm, no affine); ``lucidrains``:
     x̂ = x / max(||x||, 1e-12). Any rank >= 1; differentiable; returns x's dtype.
     """
-    spec = _profile(profile)
+    profile = _profile(profile)
     x = _any_rank(x, "x")
-    return _normalize(x.to(chk.compute_dtype(x.dtype)), spec).to(x.dtype)
+    return _normalize(x.to(chk.compute_dtype(x.dtype)), profile).to(x.dtype)
 
 
-def _vjp(function, inputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+def _vjp(function, inputs: Sequence[torch.Tensor],
+         cotangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``function(*inputs)`` (a tensor or tuple of tensors) against the cotangents."""
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_(True) for x in inputs]
         outputs = function(*leaves)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        pairs = [(o, c) for o, c in zip(outputs, cotangents) if c is not None and o.requires_grad]
+        pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if c is not None and o.requires_grad]
         if not pairs:
             return tuple(torch.zeros_like(x) for x in leaves)
         grads = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True))
 
 
 def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> torch.Tensor:
     """VJP of :func:`normalize`: dx of x's shape and dtype."""
-    spec = _profile(profile)
+    profile = _profile(profile)
     chk.same_device(x=x, dx_hat=dx_hat)
     x = _any_rank(x, "x")
     dy = chk.float_tensor(dx_hat, "dx_hat")
     chk.expect_shape(dy, "dx_hat", tuple(x.shape), "like x")
     cd = chk.compute_dtype(x.dtype)
-    (dx,) = _vjp(lambda a: _normalize(a, spec), [x.to(cd)], [dy.to(cd)])
+    (dx,) = _vjp(lambda a: _normalize(a, profile), [x.to(cd)], [dy.to(cd)])
     return dx.to(x.dtype)
 
 
@@ -327,7 +287,8 @@ def route(similarities: Any, window: int, *, key_padding_mask: Any = None) -> to
     scores = chk.float_tensor(similarities, "similarities", rank=4, axes="(B, H, L, C)")
     batch, heads, length, clusters = scores.shape
     if 0 in scores.shape:
-        raise ValueError(f"similarities: expected every axis of (B, H, L, C) to be at least 1, got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"similarities: expected every axis of (B, H, L, C) to be at least 1, got shape {tuple(scores.shape)}")
     window = chk.integer_in_range(window, "window", low=1, high=length)
     mask = chk.padding_mask(key_padding_mask, batch, length)
     return _route(scores.to(chk.compute_dtype(scores.dtype)), window, mask)
@@ -405,46 +366,47 @@ def _softmax_rows(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return weights * valid.any(dim=-1, keepdim=True).to(weights.dtype)
 
 
-def _features(q: torch.Tensor, k: torch.Tensor | None, spec: Profile, shared_qk: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if spec.logits_use_normalized:
-        f_q = _normalize(q, spec)
-        f_k = f_q if shared_qk else _normalize(k, spec)
+def _features(q: torch.Tensor, k: torch.Tensor | None, profile: Profile,
+              shared_qk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if profile.logits_use_normalized:
+        f_q = _normalize(q, profile)
+        f_k = f_q if shared_qk else _normalize(k, profile)
     else:
         f_q = q
-        f_k = _normalize(q, spec) if shared_qk else k
+        f_k = _normalize(q, profile) if shared_qk else k
     return f_q, f_k
 
 
-def _cluster_attention(q, k, v, q_members, k_members, causal: bool, shared_qk: bool, spec: Profile) -> torch.Tensor:
+def _cluster_attention(q, k, v, q_members, k_members, causal: bool, shared_qk: bool, profile: Profile) -> torch.Tensor:
     """o (B, H, C, Wq, Dv) for compute-dtype tensors (no checks); differentiable in q, k, v."""
-    f_q, f_k = _features(q, k, spec, shared_qk)
-    return _attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, spec)
+    f_q, f_k = _features(q, k, profile, shared_qk)
+    return _attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
 
 
-def _attend(f_q, f_k, v, q_members, k_members, causal: bool, shared_qk: bool, spec: Profile) -> torch.Tensor:
+def _attend(f_q, f_k, v, q_members, k_members, causal: bool, shared_qk: bool, profile: Profile) -> torch.Tensor:
     """Attention inside the clusters from the logit features f_q, f_k (B, H, L, D)."""
-    if spec.scaled_logits:  # scale the L x D queries, not the C x W x W logits
+    if profile.scaled_logits:  # scale the L x D queries, not the C x W x W logits
         f_q = f_q * (1.0 / math.sqrt(f_q.shape[-1]))
     fq, fk, vg = _gather(f_q, q_members), _gather(f_k, k_members), _gather(v, k_members)
     logits = torch.matmul(fq, fk.transpose(-1, -2))  # (B, H, C, Wq, Wk)
-    if not causal and not (shared_qk and spec.self_logit is not None) and _all_slots_filled(q_members, k_members):
+    if not causal and not (shared_qk and profile.self_logit is not None) and _all_slots_filled(q_members, k_members):
         return torch.matmul(torch.softmax(logits, dim=-1), vg)  # nothing to mask
     qpos, kpos = q_members.unsqueeze(-1), k_members.unsqueeze(-2)
     valid = (qpos >= 0) & (kpos >= 0)
     if causal:
         valid = valid & (kpos <= qpos)
-    if shared_qk and spec.self_logit is not None:
+    if shared_qk and profile.self_logit is not None:
         fixed = valid & (kpos == qpos)
-        logits = logits.masked_fill(fixed, spec.self_logit)
+        logits = logits.masked_fill(fixed, profile.self_logit)
     return torch.matmul(_softmax_rows(logits, valid), vg)
 
 
 def _check_cluster(q, k, v, q_members, k_members, causal, shared_qk, profile):
-    spec = _profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
+    profile = _profile(profile)
+    causal, shared_qk = flag(causal, "causal"), flag(shared_qk, "shared_qk")
     chk.same_device(q=q, k=k, v=v, q_members=q_members, k_members=k_members)
-    _check_shared(k, shared_qk)
-    check_configuration(spec, causal, shared_qk)
+    shared_keys(k, shared_qk)
+    check_configuration(profile, causal, shared_qk)
     q = chk.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     if k is not None:
@@ -458,7 +420,7 @@ def _check_cluster(q, k, v, q_members, k_members, causal, shared_qk, profile):
             f"k_members: expected the same number of clusters C = {q_members.shape[2]} as q_members, "
             f"got shape {tuple(k_members.shape)}"
         )
-    return q, k, v, q_members, k_members, causal, shared_qk, spec
+    return q, k, v, q_members, k_members, causal, shared_qk, profile
 
 
 def cluster_attention(
@@ -478,9 +440,10 @@ def cluster_attention(
     logit scale itself; causal by position; masked logits -inf; a query with no valid key (and an
     empty query slot) outputs 0. Returns o (B, H, C, Wq, Dv) of q's dtype, differentiable in q, k, v.
     """
-    q, k, v, qm, km, causal, shared_qk, spec = _check_cluster(q, k, v, q_members, k_members, causal, shared_qk, profile)
+    q, k, v, qm, km, causal, shared_qk, profile = _check_cluster(q, k, v, q_members, k_members, causal, shared_qk,
+                                                                 profile)
     cd = chk.compute_dtype(q.dtype)
-    o = _cluster_attention(q.to(cd), None if k is None else k.to(cd), v.to(cd), qm, km, causal, shared_qk, spec)
+    o = _cluster_attention(q.to(cd), None if k is None else k.to(cd), v.to(cd), qm, km, causal, shared_qk, profile)
     return o.to(q.dtype)
 
 
@@ -499,14 +462,16 @@ def cluster_attention_vjp(
     """VJP of :func:`cluster_attention` (membership fixed): (dq, dk, dv) of the inputs' (B, H, L, ·)
     shapes; dk is None with shared QK; positions in no cluster get 0."""
     chk.same_device(q=q, do=do)
-    q, k, v, qm, km, causal, shared_qk, spec = _check_cluster(q, k, v, q_members, k_members, causal, shared_qk, profile)
+    q, k, v, qm, km, causal, shared_qk, profile = _check_cluster(q, k, v, q_members, k_members, causal, shared_qk,
+                                                                 profile)
     do = chk.float_tensor(do, "do", rank=5, axes="(B, H, C, W, Dv)")
     chk.expect_shape(do, "do", tuple(qm.shape) + (v.shape[3],), "(B, H, C, W, Dv)")
     cd = chk.compute_dtype(q.dtype)
     if shared_qk:
-        dq, dv = _vjp(lambda a, c: _cluster_attention(a, None, c, qm, km, causal, True, spec), [q.to(cd), v.to(cd)], [do.to(cd)])
+        dq, dv = _vjp(lambda a, c: _cluster_attention(a, None, c, qm, km, causal, True, profile), [q.to(cd), v.to(cd)],
+                      [do.to(cd)])
         return dq.to(q.dtype), None, dv.to(v.dtype)
-    dq, dk, dv = _vjp(lambda a, b, c: _cluster_attention(a, b, c, qm, km, causal, False, spec),
+    dq, dk, dv = _vjp(lambda a, b, c: _cluster_attention(a, b, c, qm, km, causal, False, profile),
                       [q.to(cd), k.to(cd), v.to(cd)], [do.to(cd)])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -524,33 +489,34 @@ def _member_counts(members: torch.Tensor, length: int, dtype: torch.dtype) -> to
     return torch.zeros(batch, heads, length, dtype=dtype, device=members.device).scatter_add(2, index, filled)
 
 
-def _combine(o: torch.Tensor, q_members: torch.Tensor, length: int, spec: Profile) -> torch.Tensor:
+def _combine(o: torch.Tensor, q_members: torch.Tensor, length: int, profile: Profile) -> torch.Tensor:
     total = _scatter_add(o, q_members, length)
-    return total / (_member_counts(q_members, length, o.dtype) + spec.combine_eps).unsqueeze(-1)
+    return total / (_member_counts(q_members, length, o.dtype) + profile.combine_eps).unsqueeze(-1)
 
 
 def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> torch.Tensor:
     """out[b, h, t] = Σ of the slot outputs o whose query member is t / (count_t + ε); ε = 1e-2
     (tacl) or 1e-5 (lucidrains). Tokens in no cluster output 0. (B, H, L, Dv), differentiable in o."""
-    spec = _profile(profile)
+    profile = _profile(profile)
     chk.same_device(o=o, q_members=q_members)
     length = chk.integer_in_range(length, "length", low=1)
     o = chk.float_tensor(o, "o", rank=5, axes="(B, H, C, W, Dv)")
     members = _members(q_members, "q_members", o.shape[0], o.shape[1], length)
     if tuple(members.shape) != tuple(o.shape[:4]):
-        raise ValueError(f"q_members: expected shape (B, H, C, W) = {tuple(o.shape[:4])} (that of o), got {tuple(members.shape)}")
-    return _combine(o.to(chk.compute_dtype(o.dtype)), members, length, spec).to(o.dtype)
+        raise ValueError(
+            f"q_members: expected shape (B, H, C, W) = {tuple(o.shape[:4])} (that of o), got {tuple(members.shape)}")
+    return _combine(o.to(chk.compute_dtype(o.dtype)), members, length, profile).to(o.dtype)
 
 
 def combine_vjp(q_members: Any, dout: Any, *, profile: str = "tacl") -> torch.Tensor:
     """VJP of :func:`combine`: do[b, h, c, w] = dout[b, h, t] / (count_t + ε), 0 at empty slots."""
-    spec = _profile(profile)
+    profile = _profile(profile)
     chk.same_device(q_members=q_members, dout=dout)
     dout = chk.float_tensor(dout, "dout", rank=4, axes="(B, H, L, Dv)")
     batch, heads, length, _ = dout.shape
     members = _members(q_members, "q_members", batch, heads, length)
     cd = chk.compute_dtype(dout.dtype)
-    scaled = dout.to(cd) / (_member_counts(members, length, cd) + spec.combine_eps).unsqueeze(-1)
+    scaled = dout.to(cd) / (_member_counts(members, length, cd) + profile.combine_eps).unsqueeze(-1)
     do = _gather(scaled, members)
     do = torch.where((members >= 0).unsqueeze(-1), do, torch.zeros((), dtype=cd, device=do.device))
     return do.to(dout.dtype)
@@ -605,13 +571,14 @@ def _check_local(q, k, v, block, key_padding_mask):
     return q, k, v, block, mask
 
 
-def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False, key_padding_mask: Any = None) -> torch.Tensor:
+def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False,
+                    key_padding_mask: Any = None) -> torch.Tensor:
     """Blocked local attention (spec/routing.md, step 6): query i sees key j iff j's block is i's
     or the previous one (or the next one when not causal), j <= i when causal, neither padded;
     logits q·k/sqrt(D). (B, H, L, Dv), differentiable in q, k, v."""
     q, k, v, block, mask = _check_local(q, k, v, block, key_padding_mask)
     cd = chk.compute_dtype(q.dtype)
-    return _local_attention(q.to(cd), k.to(cd), v.to(cd), block, bool(causal), mask).to(q.dtype)
+    return _local_attention(q.to(cd), k.to(cd), v.to(cd), block, flag(causal, "causal"), mask).to(q.dtype)
 
 
 def local_attention_vjp(
@@ -623,7 +590,7 @@ def local_attention_vjp(
     dout = chk.float_tensor(dout, "dout", rank=4, axes="(B, H, L, Dv)")
     chk.expect_shape(dout, "dout", tuple(v.shape), "(B, H, L, Dv)")
     cd = chk.compute_dtype(q.dtype)
-    dq, dk, dv = _vjp(lambda a, b, c: _local_attention(a, b, c, block, bool(causal), mask),
+    dq, dk, dv = _vjp(lambda a, b, c: _local_attention(a, b, c, block, flag(causal, "causal"), mask),
                       [q.to(cd), k.to(cd), v.to(cd)], [dout.to(cd)])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -668,7 +635,7 @@ def init_centroids(
     ``dtype`` (default ``torch.get_default_dtype()``) and ``device`` (default the generator's, CPU
     for NumPy) choose where the state lives. Nothing else is drawn.
     """
-    spec = _profile(profile)
+    profile = _profile(profile)
     heads = chk.integer_in_range(num_heads, "num_heads", low=1)
     clusters = chk.integer_in_range(num_clusters, "num_clusters", low=1)
     dim = chk.integer_in_range(dim, "dim", low=1)
@@ -681,7 +648,7 @@ def init_centroids(
         draw = torch.from_numpy(rng.standard_normal((heads, clusters, dim)))
     else:
         raise TypeError(f"rng: expected a torch.Generator or a numpy.random.Generator, got {type(rng).__name__}")
-    means = _normalize(draw, spec).to(device=device if device is not None else draw.device, dtype=dtype)
+    means = _normalize(draw, profile).to(device=device if device is not None else draw.device, dtype=dtype)
     counts = torch.zeros((heads, clusters), dtype=dtype, device=means.device)
     return CentroidState(means, counts, means.clone())
 
@@ -699,7 +666,8 @@ def _state(state: Any) -> CentroidState:
     return CentroidState(means, counts, sums)
 
 
-def _statistics(x_hat: torch.Tensor, means: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _statistics(x_hat: torch.Tensor, means: torch.Tensor,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per head: N_c (H, C) tokens whose nearest centroid is c, S_c (H, C, D) their sum (padding excluded)."""
     heads, clusters, dim = means.shape
     labels = _assign(x_hat, means, mask)  # (B, H, L)
@@ -723,7 +691,8 @@ def centroid_statistics(
     the batch, so data-parallel ranks can ``all_reduce`` them (SUM) and every rank then applies the
     update of the concatenated batch. Computed in the compute dtype of the state and the inputs.
     """
-    chk.same_device(q_hat=q_hat, k_hat=k_hat, key_padding_mask=key_padding_mask, means=state[0] if isinstance(state, tuple) and state else None)
+    chk.same_device(q_hat=q_hat, k_hat=k_hat, key_padding_mask=key_padding_mask,
+                    means=state[0] if isinstance(state, tuple) and state else None)
     state = _state(state)
     heads, clusters, dim = state.means.shape
     q_hat = chk.sequence(q_hat, "q_hat", "(B, H, L, D)")
@@ -738,23 +707,24 @@ def centroid_statistics(
     return tuple(_statistics(x.to(cd), means, mask) for x in inputs)
 
 
-def _apply(state: CentroidState, statistics, spec: Profile, decay: float) -> CentroidState:
+def _apply(state: CentroidState, statistics, profile: Profile, decay: float) -> CentroidState:
     cd = statistics[0][0].dtype if statistics else chk.compute_dtype(state.means.dtype)
     means, counts, sums = (x.to(cd) for x in state)
     clusters = means.shape[1]
-    if spec.update == "vqvae_ema":
+    if profile.update == "vqvae_ema":
         for batch_counts, batch_sums in statistics:
             counts = decay * counts + (1.0 - decay) * batch_counts.to(cd)
             sums = decay * sums + (1.0 - decay) * batch_sums.to(cd)
         total = counts.sum(dim=-1, keepdim=True)
-        smoothed = (counts + spec.laplace_eps) / (total + clusters * spec.laplace_eps) * total
+        smoothed = (counts + profile.laplace_eps) / (total + clusters * profile.laplace_eps) * total
         safe = torch.where(smoothed > 0, smoothed, torch.ones((), dtype=cd, device=smoothed.device))
         new_means = torch.where((total > 0).unsqueeze(-1), sums / safe.unsqueeze(-1), means)
     else:
         batch_counts = sum(c.to(cd) for c, _ in statistics)
         batch_sums = sum(s.to(cd) for _, s in statistics)
         norm = torch.linalg.vector_norm(batch_sums, dim=-1, keepdim=True)
-        batch_means = torch.where((batch_counts > 0).unsqueeze(-1), batch_sums / norm.clamp(min=spec.norm_eps), means)
+        batch_means = torch.where((batch_counts > 0).unsqueeze(-1), batch_sums / norm.clamp(min=profile.norm_eps),
+                                  means)
         new_means = decay * means + (1.0 - decay) * batch_means
     return CentroidState(new_means.to(state.means.dtype), counts.to(state.counts.dtype), sums.to(state.sums.dtype))
 
@@ -774,9 +744,9 @@ def apply_centroid_statistics(
     (μ_c when no token chose c), means <- λ means + (1 - λ) m; counts and sums unchanged. Returns a
     new state of the incoming state's dtypes.
     """
-    spec = _profile(profile)
+    profile = _profile(profile)
     state = _state(state)
-    decay = _decay(decay)
+    decay = real_number(decay, "decay", low=0.0, high=1.0)
     heads, clusters, dim = state.means.shape
     pairs = []
     for i, pair in enumerate(statistics):
@@ -791,7 +761,7 @@ def apply_centroid_statistics(
         raise ValueError("statistics: expected at least one (counts, sums) pair, got none")
     cd = torch.promote_types(chk.compute_dtype(state.means.dtype), chk.compute_dtype(pairs[0][1].dtype))
     pairs = [(c.to(cd), s.to(cd)) for c, s in pairs]
-    return _apply(state, pairs, spec, decay)
+    return _apply(state, pairs, profile, decay)
 
 
 def update_centroids(
@@ -808,10 +778,10 @@ def update_centroids(
     queries then keys, both assigned under the incoming means, Laplace ε = 1e-5. ``lucidrains``:
     spherical batch mean of q̂ and k̂ together, empty clusters keep μ, EMA of the means. Padding is
     excluded. No gradient."""
-    spec = _profile(profile)
-    decay = _decay(decay)
+    profile = _profile(profile)
+    decay = real_number(decay, "decay", low=0.0, high=1.0)
     statistics = centroid_statistics(state, q_hat, k_hat, key_padding_mask=key_padding_mask)
-    return _apply(_state(state), statistics, spec, decay)
+    return _apply(_state(state), statistics, profile, decay)
 
 
 # --------------------------------------------------------------------------------------------
@@ -819,7 +789,8 @@ def update_centroids(
 # --------------------------------------------------------------------------------------------
 
 
-def _residual(x_hat: torch.Tensor, centroids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _residual(x_hat: torch.Tensor, centroids: torch.Tensor,
+              mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂ - μ_a, 0 at padding) with μ a constant, and N·D as a tensor."""
     labels = _assign(x_hat, centroids, mask)
     keep = labels >= 0
@@ -832,7 +803,8 @@ def _residual(x_hat: torch.Tensor, centroids: torch.Tensor, mask: torch.Tensor |
 def _commitment(x_hat: torch.Tensor, centroids: torch.Tensor, mask: torch.Tensor | None, beta: float) -> torch.Tensor:
     residual, count = _residual(x_hat, centroids, mask)
     total = (residual * residual).sum()
-    return torch.where(count > 0, beta * total / count.clamp(min=1).to(total.dtype), torch.zeros((), dtype=total.dtype, device=total.device))
+    return torch.where(count > 0, beta * total / count.clamp(min=1).to(total.dtype),
+                       torch.zeros((), dtype=total.dtype, device=total.device))
 
 
 def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_padding_mask: Any = None) -> torch.Tensor:
@@ -842,7 +814,7 @@ def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_paddi
     dtype: float64/float32 for such inputs, float32 for float16/bfloat16 ones (the wider of the two
     when x_hat and the centroids differ).
     """
-    beta = _beta(beta)
+    beta = real_number(beta, "beta", low=0.0)
     chk.same_device(x_hat=x_hat, centroids=centroids, key_padding_mask=key_padding_mask)
     x_hat, centroids, cd = _check_similarity(x_hat, centroids)
     mask = chk.padding_mask(key_padding_mask, x_hat.shape[0], x_hat.shape[2])
@@ -853,7 +825,7 @@ def commitment_loss_vjp(
     x_hat: Any, centroids: Any, dloss: Any = 1.0, *, beta: float = 1e-4, key_padding_mask: Any = None
 ) -> torch.Tensor:
     """Gradient of :func:`commitment_loss` in x̂: dloss · 2β (x̂ - μ_a) / (N D), 0 at padding."""
-    beta = _beta(beta)
+    beta = real_number(beta, "beta", low=0.0)
     chk.same_device(x_hat=x_hat, centroids=centroids, key_padding_mask=key_padding_mask)
     x_hat, centroids, cd = _check_similarity(x_hat, centroids)
     mask = chk.padding_mask(key_padding_mask, x_hat.shape[0], x_hat.shape[2])
@@ -877,16 +849,16 @@ class _Routed(NamedTuple):
     window: int
     causal: bool
     shared_qk: bool
-    spec: Profile
+    profile: Profile
     mask: torch.Tensor | None
 
 
 def _check_attention(q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask) -> _Routed:
-    spec = _profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
+    profile = _profile(profile)
+    causal, shared_qk = flag(causal, "causal"), flag(shared_qk, "shared_qk")
     chk.same_device(q=q, k=k, v=v, centroids=centroids, key_padding_mask=key_padding_mask)
-    _check_shared(k, shared_qk)
-    check_configuration(spec, causal, shared_qk)
+    shared_keys(k, shared_qk)
+    check_configuration(profile, causal, shared_qk)
     q = chk.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     if k is not None:
@@ -898,7 +870,7 @@ def _check_attention(q, k, v, centroids, window, causal, shared_qk, profile, key
         window = default_window(length, centroids.shape[1])
     window = chk.integer_in_range(window, "window", low=1, high=length)
     mask = chk.padding_mask(key_padding_mask, batch, length)
-    return _Routed(q, k, v, centroids, window, causal, shared_qk, spec, mask)
+    return _Routed(q, k, v, centroids, window, causal, shared_qk, profile, mask)
 
 
 def _routed_by(x_hat: torch.Tensor, centroids: torch.Tensor, window: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -909,22 +881,22 @@ def _routed_by(x_hat: torch.Tensor, centroids: torch.Tensor, window: int, mask: 
         return _route_by_centroid(scores, window, mask)
 
 
-def _attention(q, k, v, centroids, window: int, causal: bool, shared_qk: bool, spec: Profile, mask) -> torch.Tensor:
+def _attention(q, k, v, centroids, window: int, causal: bool, shared_qk: bool, profile: Profile, mask) -> torch.Tensor:
     """The pipeline on compute-dtype tensors (no checks); differentiable in q, k, v.
 
     The normalized q̂ (and k̂) are formed once: routed (detached) and, where the profile uses them,
     the logit features (tacl: q̂, k̂; lucidrains with shared QK: q̂ as the keys).
     """
-    q_hat = _normalize(q, spec)
-    k_hat = None if shared_qk else _normalize(k, spec)
+    q_hat = _normalize(q, profile)
+    k_hat = None if shared_qk else _normalize(k, profile)
     q_members = _routed_by(q_hat, centroids, window, mask)
     k_members = q_members if shared_qk else _routed_by(k_hat, centroids, window, mask)
-    if spec.logits_use_normalized:
+    if profile.logits_use_normalized:
         f_q, f_k = q_hat, (q_hat if shared_qk else k_hat)
     else:
         f_q, f_k = q, (q_hat if shared_qk else k)
-    o = _attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, spec)
-    return _combine(o, q_members, q.shape[2], spec)
+    o = _attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
+    return _combine(o, q_members, q.shape[2], profile)
 
 
 def attention(
@@ -950,7 +922,7 @@ def attention(
     r = _check_attention(q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask)
     cd = chk.compute_dtype(r.q.dtype)
     out = _attention(r.q.to(cd), None if r.k is None else r.k.to(cd), r.v.to(cd), r.centroids.to(cd),
-                     r.window, r.causal, r.shared_qk, r.spec, r.mask)
+                     r.window, r.causal, r.shared_qk, r.profile, r.mask)
     return out.to(r.q.dtype)
 
 
@@ -975,9 +947,9 @@ def attention_vjp(
     cd = chk.compute_dtype(r.q.dtype)
     means = r.centroids.to(cd)
     if r.shared_qk:
-        dq, dv = _vjp(lambda a, c: _attention(a, None, c, means, r.window, r.causal, True, r.spec, r.mask),
+        dq, dv = _vjp(lambda a, c: _attention(a, None, c, means, r.window, r.causal, True, r.profile, r.mask),
                       [r.q.to(cd), r.v.to(cd)], [dout.to(cd)])
         return dq.to(r.q.dtype), None, dv.to(r.v.dtype)
-    dq, dk, dv = _vjp(lambda a, b, c: _attention(a, b, c, means, r.window, r.causal, False, r.spec, r.mask),
+    dq, dk, dv = _vjp(lambda a, b, c: _attention(a, b, c, means, r.window, r.causal, False, r.profile, r.mask),
                       [r.q.to(cd), r.k.to(cd), r.v.to(cd)], [dout.to(cd)])
     return dq.to(r.q.dtype), dk.to(r.k.dtype), dv.to(r.v.dtype)

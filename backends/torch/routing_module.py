@@ -23,13 +23,14 @@ dropout and lucidrains' learned memory key/values are not part of this layer (sp
 Centroids. One (R, C, D) set of means per layer (R routing heads), shared by queries and keys, held
 with the moving-average statistics as buffers ``means``, ``counts`` and ``sums`` (in
 ``state_dict``; ``.to()`` moves them and converts them to float64/float32, but a float16/bfloat16
-conversion of the layer leaves them in float32, where the moving averages do not stall). They are initialised by ``routing.init_centroids`` from the
-layer's generator (``generator``, or one seeded from the global torch RNG, so ``torch.manual_seed``
-makes construction reproducible). After each forward in training mode (never in eval mode) they
-are updated with the profile's rule, from the forward's normalized queries (and keys) and under the
-means that routed it: ``routing.centroid_statistics`` gives the batch's counts and sums; under an
-initialized ``torch.distributed`` process group they are summed across ranks (one ``all_reduce``),
-and ``routing.apply_centroid_statistics`` applies the update, identical on every rank and equal to
+conversion of the layer leaves them in float32, where the moving averages do not stall). They are
+initialised by ``routing.init_centroids`` from the layer's generator (``generator``, or one seeded
+from the global torch RNG, so ``torch.manual_seed`` makes construction reproducible). After each
+forward in training mode (never in eval mode) they are updated with the profile's rule, from the
+forward's normalized queries (and keys) and under the means that routed it:
+``routing.centroid_statistics`` gives the batch's counts and sums; under an initialized
+``torch.distributed`` process group they are summed across ranks (one ``all_reduce``), and
+``routing.apply_centroid_statistics`` applies the update, identical on every rank and equal to
 the update of the concatenated global batch. (lucidrains averages its batch means across forward
 calls and applies them from a backward hook; here every training forward is one update.) Padded
 tokens are excluded from the statistics.
@@ -49,7 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from refattn.routing._checks import check_configuration
+from refattn.checks import flag, real_number
+from refattn.routing.profiles import check_configuration
 
 from . import routing as _routing
 from .routing import CentroidState
@@ -126,34 +128,33 @@ class RoutingAttention(nn.Module):
                              f"(at least one routing head), got {local_heads}")
         if dim_head is None:
             if dim % heads:
-                raise ValueError(f"dim, heads: expected dim divisible by heads (or give dim_head), got dim={dim}, heads={heads}")
+                raise ValueError(
+                    f"dim, heads: expected dim divisible by heads (or give dim_head), got dim={dim}, heads={heads}")
             dim_head = dim // heads
         dim_head = _positive_int(dim_head, "dim_head")
         max_seq_len = _positive_int(max_seq_len, "max_seq_len", allow_none=True)
         num_clusters = _positive_int(num_clusters, "num_clusters", allow_none=True)
         if num_clusters is None:
             if max_seq_len is None:
-                raise ValueError("num_clusters: expected an integer >= 1, or max_seq_len to derive it from; got neither")
+                raise ValueError(
+                    "num_clusters: expected an integer >= 1, or max_seq_len to derive it from; got neither")
             num_clusters = _routing.default_num_clusters(max_seq_len)
         self.window = _positive_int(window, "window", allow_none=True)
         self.local_block = _positive_int(local_block, "local_block")
-        self.spec = _routing.get_profile(profile)
-        self.profile = self.spec.name
-        self.causal = bool(causal)
-        self.shared_qk = bool(shared_qk)
-        check_configuration(self.spec, self.causal, self.shared_qk)
-        decay = float(decay)
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay: expected a number in [0, 1], got {decay}")
-        self.decay = decay
-        self.commitment = _routing._beta(commitment)
+        profile = _routing.get_profile(profile)
+        self.profile = profile.name
+        self.causal = flag(causal, "causal")
+        self.shared_qk = flag(shared_qk, "shared_qk")
+        check_configuration(profile, self.causal, self.shared_qk)
+        self.decay = real_number(decay, "decay", low=0.0, high=1.0)
+        self.commitment = real_number(commitment, "commitment", low=0.0)
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
         self.local_heads = local_heads
         self.routing_heads = heads - local_heads
         self.num_clusters = num_clusters
         self.max_seq_len = max_seq_len
         self.process_group = process_group
-        self.sync_centroids = bool(sync_centroids)
+        self.sync_centroids = flag(sync_centroids, "sync_centroids")
 
         key_heads = local_heads + (0 if self.shared_qk else self.routing_heads)
         self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
@@ -199,12 +200,12 @@ class RoutingAttention(nn.Module):
         """Copy a ``CentroidState`` (for example ``routing.init_centroids`` or a lucidrains model's
         ``kmeans.means`` with zero counts) into the buffers."""
         state = _routing._state(state)
-        for buffer, value in zip((self.means, self.counts, self.sums), state):
+        for buffer, value in zip((self.means, self.counts, self.sums), state, strict=True):
             if tuple(buffer.shape) != tuple(value.shape):
                 raise ValueError(f"state: expected shapes {tuple(self.means.shape)}, {tuple(self.counts.shape)}, "
                                  f"{tuple(self.sums.shape)}, got {[tuple(x.shape) for x in state]}")
         with torch.no_grad():
-            for buffer, value in zip((self.means, self.counts, self.sums), state):
+            for buffer, value in zip((self.means, self.counts, self.sums), state, strict=True):
                 buffer.copy_(value)
 
     def _syncing(self) -> bool:
@@ -236,7 +237,7 @@ class RoutingAttention(nn.Module):
     def _loss(self, q_hat: torch.Tensor, k_hat: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         means = self.means.detach()
         loss = _routing.commitment_loss
-        if self.spec.name == "lucidrains":
+        if self.profile == "lucidrains":
             if k_hat is None:
                 return loss(q_hat, means, beta=self.commitment, key_padding_mask=mask)
             both = None if mask is None else torch.cat([mask, mask], dim=1)
@@ -263,7 +264,7 @@ class RoutingAttention(nn.Module):
         q = self._heads(self.to_q(x), self.heads)
         v = self._heads(self.to_v(x), self.heads)
         k = None if self.to_k is None else self._heads(self.to_k(x), self.to_k.out_features // self.dim_head)
-        local_first = self.spec.name == "lucidrains"
+        local_first = self.profile == "lucidrains"
         # head slices: tacl [routing | local], lucidrains [local | routing]; keys: [local | routing]
         r_slice = slice(local, None) if local_first else slice(0, routing)
         l_slice = slice(0, local) if local_first else slice(routing, None)
