@@ -184,8 +184,7 @@ def sweep(*, backends: Iterable[str], algorithms: Iterable[str], lengths: Iterab
 
 def _measure_case(record: dict[str, Any], shape: cases.Shape, available: int | None, *, profile: str,
                   device: str | None, dense_max_gflop: float | None, repeats: int, warmup: int,
-                  max_seconds: float | None,
-                  memory: bool) -> dict[str, Any]:
+                  max_seconds: float | None, memory: bool) -> dict[str, Any]:
     """Build, time and measure one case; the record with status ok, skipped or error."""
     try:
         case = cases.build_case(record["backend"], record["algorithm"], record["direction"], record["dtype"], shape,
