@@ -9,9 +9,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from refattn import fsat as ref  # noqa: E402
 from refattn.backends.torch import fsat as F  # noqa: E402
 from refattn.backends.torch.fsat_module import FSATAttention  # noqa: E402
+
+from refattn import fsat as ref  # noqa: E402
 
 
 def layer(**kw):
@@ -101,7 +102,8 @@ def test_cross_projection_learns_only_through_the_estimator():
     a, b = attn.cross(x2.detach()).detach().chunk(2, dim=-1)
     split = lambda t, f: t.view(2, 11, 3, f).transpose(1, 2)  # noqa: E731
     q, k, v = attn.qkv(x2).chunk(3, dim=-1)
-    out = F.attention(split(q, 4), split(k, 4), split(v, 4), attn.w, 4, causal=True, cross_q=split(a, 2), cross_k=split(b, 2))
+    out = F.attention(split(q, 4), split(k, 4), split(v, 4), attn.w, 4, causal=True,
+                      cross_q=split(a, 2), cross_k=split(b, 2))
     attn.out(out.transpose(1, 2).reshape(2, 11, 12)).square().sum().backward()
     torch.testing.assert_close(x2.grad, dx, rtol=1e-12, atol=1e-12)
 
@@ -231,3 +233,65 @@ def test_module_on_cuda_matches_cpu():
     x = torch.randn(2, 33, 12, dtype=torch.float64)  # pragma: no cover
     y = attn(x)  # pragma: no cover
     torch.testing.assert_close(attn.cuda()(x.cuda()).cpu(), y, rtol=1e-9, atol=1e-11)  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------ exploration options
+
+
+def test_noise_temperature_schedules():
+    """T(step) for each schedule, by hand: linear and cosine from 2.0 to 0.5 over 4 training forwards."""
+    constant = layer(noise_scale=0.7)
+    linear = layer(noise_scale=2.0, noise_schedule="linear", noise_final=0.5, noise_steps=4)
+    cosine = layer(noise_scale=2.0, noise_schedule="cosine", noise_final=0.5, noise_steps=4)
+    x = torch.randn(1, 6, 12, dtype=torch.float64)
+    seen = {"constant": [], "linear": [], "cosine": []}
+    for _ in range(6):
+        for name, attn in (("constant", constant), ("linear", linear), ("cosine", cosine)):
+            seen[name].append(attn.noise_temperature())
+            attn(x)
+    assert seen["constant"] == [0.7] * 6
+    assert seen["linear"] == pytest.approx([2.0, 1.625, 1.25, 0.875, 0.5, 0.5], abs=1e-15)
+    cos = [0.5 * (1 - math.cos(math.pi * p)) for p in (0, 0.25, 0.5, 0.75, 1, 1)]
+    assert seen["cosine"] == pytest.approx([2.0 - 1.5 * c for c in cos], abs=1e-15)
+    assert int(linear.noise_step) == 6 and "noise_step" in linear.state_dict()
+    linear.eval()
+    linear(x)
+    assert int(linear.noise_step) == 6  # eval forwards do not advance the schedule
+
+
+def test_noise_is_scaled_gumbel_and_zero_temperature_is_greedy():
+    """Training selection = eval selection of s + T g, with g the layer's Gumbel draw; T = 0 draws nothing
+    and selects exactly what eval mode selects."""
+    x = torch.randn(2, 16, 12, dtype=torch.float64)
+    attn = layer(top_k=4, noise_scale=2.5)
+    attn.train().manual_seed(11)
+    attn(x)
+    trained = attn.last_offsets
+    attn.manual_seed(11)
+    noise = 2.5 * attn.gumbel_noise(2, 16, x.device, torch.float64)
+    q, k, _ = attn.qkv(x).chunk(3, dim=-1)
+    split = lambda t: t.view(2, 16, 3, 4).transpose(1, 2).detach().numpy()  # noqa: E731
+    s = ref.estimate(ref.cross(split(q), split(k)), attn.w.detach().numpy())
+    expected = ref.select(s, 4, noise=noise.numpy())
+    assert torch.equal(trained, torch.from_numpy(expected))
+    greedy = layer(top_k=4, noise_scale=0.0).train()
+    state = greedy.generator.get_state()
+    greedy(x)
+    assert torch.equal(greedy.generator.get_state(), state)  # no draw
+    greedy_offsets = greedy.last_offsets
+    greedy.eval()
+    greedy(x)
+    assert torch.equal(greedy_offsets, greedy.last_offsets)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(noise_scale=-0.1), "noise_scale: expected a finite number >= 0"),
+    (dict(noise_scale=float("nan")), "noise_scale: expected a finite number >= 0"),
+    (dict(noise_final=float("inf")), "noise_final: expected a finite number >= 0"),
+    (dict(noise_schedule="exponential"), "noise_schedule: expected one of constant, linear, cosine, got 'exponential'"),
+    (dict(noise_steps=0), "noise_steps: expected an integer >= 1"),
+    (dict(noise_steps=2.5), "noise_steps: expected an integer >= 1"),
+])
+def test_rejects_bad_exploration_options(bad, message):
+    with pytest.raises(ValueError, match=message):
+        layer(**bad)
