@@ -2,6 +2,8 @@
 
 - ``refattn info``: version, registered backends, whether each loads here, and the devices seen.
 - ``refattn conformance [--backend NAME ...] [--json PATH]``: the conformance report.
+- ``refattn bench``: time and memory of every backend against L.
+- ``refattn quality --task NAME --attention NAME``: does it learn? (:mod:`refattn.quality`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import scipy
 
 import refattn
 from refattn import backends
+from refattn.quality import runner as quality_runner  # torch-free: the options only
 
 
 def _info(_: argparse.Namespace) -> int:
-    print(f"refattn {refattn.__version__} (Python {platform.python_version()}, NumPy {np.__version__}, SciPy {scipy.__version__})")
+    print(f"refattn {refattn.__version__} (Python {platform.python_version()}, NumPy {np.__version__}, "
+          f"SciPy {scipy.__version__})")
     print(f"selected backend (REFATTN_BACKEND): {refattn.SELECTED_BACKEND}")
     print("backends:")
     for name, origin in backends.registered().items():
@@ -53,6 +57,10 @@ def _bench(arguments: argparse.Namespace) -> int:
     return runner.run(arguments)
 
 
+def _quality(arguments: argparse.Namespace) -> int:
+    return quality_runner.run(arguments)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``refattn`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="refattn", description=__doc__.splitlines()[0])
@@ -74,11 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = commands.add_parser(
         "bench", help="time and peak memory of every backend and algorithm against L: table, JSON, PNG plots"
     )
-    bench.add_argument("--backend", action="append", metavar="NAME", help="backend (repeatable; default: all, and the peer 'lucidrains')")
-    bench.add_argument("--algorithm", action="append", choices=("fsat", "routing", "dense"), help="(repeatable; default: all)")
-    bench.add_argument("--length", action="append", type=int, metavar="L", help="(repeatable; default: 1024 4096 16384 65536)")
-    bench.add_argument("--direction", action="append", choices=("fwd", "bwd", "fwdbwd"), help="(repeatable; default: all)")
-    bench.add_argument("--dtype", action="append", metavar="DTYPE", help="float32 (default), float64, bfloat16, float16 (repeatable)")
+    bench.add_argument("--backend", action="append", metavar="NAME",
+                       help="backend (repeatable; default: all, and the peer 'lucidrains')")
+    bench.add_argument("--algorithm", action="append", choices=("fsat", "routing", "dense"),
+                       help="(repeatable; default: all)")
+    bench.add_argument("--length", action="append", type=int, metavar="L",
+                       help="(repeatable; default: 1024 4096 16384 65536)")
+    bench.add_argument("--direction", action="append", choices=("fwd", "bwd", "fwdbwd"),
+                       help="(repeatable; default: all)")
+    bench.add_argument("--dtype", action="append", metavar="DTYPE",
+                       help="float32 (default), float64, bfloat16, float16 (repeatable)")
     bench.add_argument("--repeats", type=int, default=5, help="timed calls per case (median and IQR reported)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     bench.add_argument("--max-seconds", type=float, default=60.0, help="stop timing a case after this many seconds")
@@ -98,7 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--targets", action="store_true", help="measure issue 6's targets instead of a sweep")
     bench.set_defaults(run=_bench)
+    quality = commands.add_parser(
+        "quality", help="does it learn? train small models with each attention on long-range tasks: table, curves"
+    )
+    quality_runner.add_arguments(quality)
+    quality.set_defaults(run=_quality, parser=quality)
     arguments = parser.parse_args(argv)
+    arguments.command_line = list(sys.argv[1:] if argv is None else argv)
     return arguments.run(arguments)
 
 
