@@ -2,6 +2,8 @@
 
 - ``refattn info``: version, registered backends, whether each loads here, and the devices seen.
 - ``refattn conformance [--backend NAME ...] [--json PATH]``: the conformance report.
+- ``refattn bench``: time and memory of every backend against L.
+- ``refattn quality --task NAME --attention NAME``: does it learn? (:mod:`refattn.quality`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import scipy
 
 import refattn
 from refattn import backends
+from refattn.quality import runner as quality_runner  # torch-free: the options only
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -58,6 +61,10 @@ def _bench(arguments: argparse.Namespace) -> int:
     from refattn.bench import runner
 
     return runner.run(arguments)
+
+
+def _quality(arguments: argparse.Namespace) -> int:
+    return quality_runner.run(arguments)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,7 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="measure the performance targets (FSAT vs dense, FSAT scaling, routing vs lucidrains, "
                             "NumPy vs torch) instead of a sweep")
     bench.set_defaults(run=_bench)
+    quality = commands.add_parser(
+        "quality", help="does it learn? train small models with each attention on long-range tasks: table, curves"
+    )
+    quality_runner.add_arguments(quality)
+    quality.set_defaults(run=_quality, parser=quality)
     arguments = parser.parse_args(argv)
+    arguments.command_line = list(sys.argv[1:] if argv is None else argv)
     return arguments.run(arguments)
 
 
