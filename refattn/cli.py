@@ -3,6 +3,7 @@
 - ``refattn info``: version, registered backends, whether each loads here, and the devices seen.
 - ``refattn conformance [--backend NAME ...] [--json PATH]``: the conformance report.
 - ``refattn bench [--targets]``: time and memory against L, or the performance targets (:mod:`refattn.bench`).
+- ``refattn quality --task NAME --attention NAME``: does it learn? (:mod:`refattn.quality`).
 
 Every option is validated by its ``type=`` (:mod:`refattn.arguments`): a bad value is a usage error,
 exit status 2, naming the option and what it expects.
@@ -22,6 +23,7 @@ import scipy
 import refattn
 from refattn import backends
 from refattn.bench import runner as bench_runner  # torch-free: the options and the command
+from refattn.quality import runner as quality_runner  # torch-free: the options only
 
 DESCRIPTION = ("refattn: the reference implementation, and verified backends, of FSAT and Routing attention. "
                "Run 'refattn COMMAND --help' for a command's options.")
@@ -66,6 +68,10 @@ def _bench(arguments: argparse.Namespace) -> int:
     return bench_runner.run(arguments)
 
 
+def _quality(arguments: argparse.Namespace) -> int:
+    return quality_runner.run(arguments)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``refattn`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="refattn", description=DESCRIPTION)
@@ -95,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     bench_runner.add_arguments(bench)
     bench.set_defaults(run=_bench, parser=bench)
+    quality = commands.add_parser(
+        "quality", help="does it learn? train small models with each attention on long-range tasks: table, curves"
+    )
+    quality_runner.add_arguments(quality)
+    quality.set_defaults(run=_quality, parser=quality)
     arguments = parser.parse_args(argv)
     arguments.command_line = list(sys.argv[1:] if argv is None else argv)
     return arguments.run(arguments)
