@@ -8,24 +8,29 @@ error (exit status 2) naming the option, what it expects and what came, before a
     parser.add_argument("--backend", type=arguments.backend_name("lucidrains"))   # the registry's names
     parser.add_argument("--device", type=arguments.device)                         # cpu, cuda, cuda:N
     parser.add_argument("--dtype", choices=arguments.DTYPES)                       # fixed names: choices=
+    parser.add_argument("--json", type=arguments.output_file)                      # a file that can be written
+    parser.add_argument("--out", type=arguments.output_directory)                  # a folder that can be made
 
-argparse prints ``refattn bench: error: argument --length: expected an integer >= 1, got '0'``. Fixed
+argparse prints ``refattn bench: error: argument --length: expected an integer >= 1, got 0``. Fixed
 names use argparse's own ``choices=`` (its message lists them); names known only at run time (the
-registry's backends) use :func:`backend_name`. A check that involves several options (``--repeats``
-with ``--targets``) belongs to the subcommand and ends in ``parser.error(message)``, which exits the
-same way.
+registry's backends, the conformance suite's functions) use :func:`one_of`. Paths are checked before
+anything runs, so that a long run does not end in a traceback when it writes its results. A check that
+involves several options (``--repeats`` with ``--targets``) belongs to the subcommand and ends in
+``parser.error(message)``, which exits the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 """The dtype names every subcommand accepts (the conformance suite's tolerance table)."""
 
-__all__ = ["DTYPES", "backend_name", "device", "integer", "number"]
+__all__ = ["DTYPES", "backend_name", "device", "integer", "number", "one_of", "output_directory", "output_file"]
 
 
 def _bounds(low: float | None, high: float | None, open_low: bool = False) -> str:
@@ -75,19 +80,28 @@ def number(low: float | None = None, high: float | None = None, *, open_low: boo
     return convert
 
 
-def backend_name(*extra: str) -> Callable[[str], str]:
-    """A converter accepting a registered backend's name (read when the option is parsed) or one of ``extra``."""
+def one_of(what: str, names: Callable[[], Iterable[str]]) -> Callable[[str], str]:
+    """A converter accepting one of ``names()``, read when the option is parsed (names known only at run time)."""
 
     def convert(text: str) -> str:
-        from refattn import backends
-
-        names = [*backends.registered(), *extra]
-        if text not in names:
-            raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose from {', '.join(names)}")
+        known = list(names())
+        if text not in known:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; choose from {', '.join(known)}")
         return text
 
-    convert.__name__ = "backend"
+    convert.__name__ = what
     return convert
+
+
+def backend_name(*extra: str) -> Callable[[str], str]:
+    """A converter accepting a registered backend's name or one of ``extra``."""
+
+    def names() -> list[str]:
+        from refattn import backends
+
+        return [*backends.registered(), *extra]
+
+    return one_of("backend", names)
 
 
 def device(text: str) -> str:
@@ -96,3 +110,40 @@ def device(text: str) -> str:
     if text in ("cpu", "cuda") or (index.isdigit() and index.isascii()):
         return text
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
+def _writable_parent(path: Path) -> str | None:
+    """Why the folders up to ``path`` cannot be made, or None: the nearest existing one must be a writable folder."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{str(parent)!r} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{str(parent)!r} is not writable"
+    return None
+
+
+def output_file(text: str) -> str:
+    """A path a file can be written to: not a folder, its missing folders can be made (the writer makes them)."""
+    path = Path(text)
+    problem = "it is a folder" if path.is_dir() else _writable_parent(path)
+    if problem is None and path.exists() and not os.access(path, os.W_OK):
+        problem = "it is not writable"
+    if problem:
+        raise argparse.ArgumentTypeError(f"expected a file path that can be written, got {text!r}: {problem}")
+    return text
+
+
+def output_directory(text: str) -> str:
+    """A folder that exists or can be made (with its missing parents), and is writable."""
+    path = Path(text)
+    if path.exists():
+        problem = None if path.is_dir() else "it is a file"
+        if problem is None and not os.access(path, os.W_OK | os.X_OK):
+            problem = "it is not writable"
+    else:
+        problem = _writable_parent(path)
+    if problem:
+        raise argparse.ArgumentTypeError(f"expected a folder that exists or can be made, got {text!r}: {problem}")
+    return text

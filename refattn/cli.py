@@ -21,6 +21,7 @@ import numpy as np
 import scipy
 
 import refattn
+from refattn import arguments as types  # the option validators; 'arguments' is the parsed namespace
 from refattn import backends
 from refattn.bench import runner as bench_runner  # torch-free: the options and the command
 from refattn.quality import runner as quality_runner  # torch-free: the options only
@@ -48,6 +49,12 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_functions() -> list[str]:
+    from refattn.conformance import runner  # imports no backend's library
+
+    return runner.checked_functions()
+
+
 def _conformance(arguments: argparse.Namespace) -> int:
     # The checks' arrays are tiny: intra-op threads only add synchronisation, which on a loaded machine
     # costs milliseconds per call (torch's FFTs). Set before any backend's library is imported; a
@@ -72,8 +79,8 @@ def _quality(arguments: argparse.Namespace) -> int:
     return quality_runner.run(arguments)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``refattn`` console script; returns the exit status."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``refattn`` command's parser: every subcommand and option (each value validated by its type)."""
     parser = argparse.ArgumentParser(prog="refattn", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"refattn {refattn.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,15 +88,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     conformance = commands.add_parser(
         "conformance", help="check backends against the reference (default: every backend that loads here)"
     )
-    conformance.add_argument("--backend", action="append", metavar="NAME", help="a backend to check (repeatable)")
-    conformance.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    conformance.add_argument("--backend", action="append", type=types.backend_name(), metavar="NAME",
+                             help="a backend to check (repeatable)")
+    conformance.add_argument("--json", type=types.output_file, metavar="PATH",
+                             help="also write the report as JSON to PATH")
     conformance.add_argument("--quick", action="store_true",
                              help="the smallest shapes and a pairwise covering of the flags")
     conformance.add_argument("--algorithm", action="append", choices=("fsat", "routing"),
                              help="only this algorithm (repeatable; default both)")
-    conformance.add_argument("--dtype", action="append", choices=("float64", "float32", "bfloat16", "float16"),
+    conformance.add_argument("--dtype", action="append", choices=types.DTYPES,
                              help="only this dtype (repeatable; default every dtype of the tolerance table)")
-    conformance.add_argument("--function", action="append", metavar="NAME",
+    conformance.add_argument("--function", action="append", type=types.one_of("function", _checked_functions),
+                             metavar="NAME",
                              help="only the checks of this function, e.g. cluster_attention_vjp (repeatable)")
     conformance.add_argument("--part", action="append", choices=("base", "ties", "extreme", "large"),
                              help="only this part of the grid (repeatable; default all): the ordinary cases, "
@@ -106,7 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     quality_runner.add_arguments(quality)
     quality.set_defaults(run=_quality, parser=quality)
-    arguments = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``refattn`` console script; returns the exit status."""
+    arguments = build_parser().parse_args(argv)
     arguments.command_line = list(sys.argv[1:] if argv is None else argv)
     return arguments.run(arguments)
 

@@ -30,6 +30,7 @@ from . import cases, measure
 
 DEFAULT_TOKENS = 16384
 DEFAULT_REPEATS = 5
+DEFAULT_OUT = "bench-results"
 SWEEP_ONLY = ("backend", "algorithm", "length", "direction", "dtype", "tokens", "batch", "heads", "dim", "top_k",
               "clusters", "window", "profile", "dense_max_gflop", "max_seconds", "warmup", "call_budget",
               "memory_budget", "no_memory", "no_plots")
@@ -75,8 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or cuda for the GPU targets)")
     parser.add_argument("--dense-max-gflop", type=types.number(0, open_low=True), metavar="GFLOP",
                         help="skip dense cases above this many GFLOP (default 2500 for SDPA, 150 for NumPy's)")
-    parser.add_argument("--out", default="bench-results", metavar="DIR", help="where the JSON and the plots go")
-    parser.add_argument("--json", metavar="PATH",
+    parser.add_argument("--out", type=types.output_directory, metavar="DIR",
+                        help=f"where the JSON and the plots go (default {DEFAULT_OUT})")
+    parser.add_argument("--json", type=types.output_file, metavar="PATH",
                         help="write the JSON here (default DIR/bench.json, with --targets DIR/targets.json)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
@@ -360,7 +362,7 @@ def run(arguments: argparse.Namespace) -> int:
         if missing:
             print(f"refattn bench: no CUDA device: {missing}", file=sys.stderr)
             return 1
-    out_dir = Path(arguments.out)
+    out_dir = Path(_given(arguments.out, DEFAULT_OUT))
     machine = measure.machine_info()
     started = time.time()
     config = {key: value for key, value in vars(arguments).items() if key not in ("run", "parser")}  # command_line too
