@@ -1,4 +1,4 @@
-"""``FSATAttention`` (backends/torch/fsat_module.py): shapes, parameters, noise, truncation, learning."""
+"""``FSATAttention`` (backends/torch/layers/fsat_attention.py): shapes, parameters, noise, truncation, learning."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from refattn import fsat as ref  # noqa: E402
+from refattn.backends.torch import FSATAttention  # noqa: E402
 from refattn.backends.torch import fsat as F  # noqa: E402
-from refattn.backends.torch.fsat_module import FSATAttention  # noqa: E402
 
 
 def layer(**kw):

@@ -1,4 +1,4 @@
-"""``RoutingAttention`` (backends/torch/routing_module.py): composition, head order, centroid updates,
+"""``RoutingAttention`` (backends/torch/layers/routing_attention.py): composition, head order, centroid updates,
 commitment loss, padding, state_dict, bad arguments, and centroid convergence on clustered data."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ pytest.importorskip("torch", reason="the torch backend needs torch (pip install 
 import torch
 
 from refattn import routing as ref
+from refattn.backends.torch import RoutingAttention
 from refattn.backends.torch import routing as F
-from refattn.backends.torch.routing_module import RoutingAttention
 
 
 @pytest.fixture(autouse=True)

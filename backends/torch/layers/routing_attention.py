@@ -51,10 +51,14 @@ import torch
 from torch import nn
 
 from refattn.checks import flag, real_number
-from refattn.routing.profiles import check_configuration
+from refattn.routing import CentroidState, default_num_clusters, default_window
+from refattn.routing.profiles import check_configuration, get_profile
 
-from . import routing as _routing
-from .routing import CentroidState
+from ..routing.attention import attention
+from ..routing.centroids import apply_centroid_statistics, centroid_statistics, check_state, init_centroids
+from ..routing.commitment import commitment_loss
+from ..routing.local_attention import local_attention
+from ..routing.normalize import normalize
 
 __all__ = ["RoutingAttention"]
 
@@ -138,10 +142,10 @@ class RoutingAttention(nn.Module):
             if max_seq_len is None:
                 raise ValueError(
                     "num_clusters: expected an integer >= 1, or max_seq_len to derive it from; got neither")
-            num_clusters = _routing.default_num_clusters(max_seq_len)
+            num_clusters = default_num_clusters(max_seq_len)
         self.window = _positive_int(window, "window", allow_none=True)
         self.local_block = _positive_int(local_block, "local_block")
-        profile = _routing.get_profile(profile)
+        profile = get_profile(profile)
         self.profile = profile.name
         self.causal = flag(causal, "causal")
         self.shared_qk = flag(shared_qk, "shared_qk")
@@ -165,8 +169,8 @@ class RoutingAttention(nn.Module):
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(int(torch.randint(0, 2**62, ())))
-        state = _routing.init_centroids(self.routing_heads, num_clusters, dim_head, rng=generator, profile=self.profile,
-                                        dtype=torch.get_default_dtype(), device="cpu")
+        state = init_centroids(self.routing_heads, num_clusters, dim_head, rng=generator, profile=self.profile,
+                               dtype=torch.get_default_dtype(), device="cpu")
         self.register_buffer("means", state.means)
         self.register_buffer("counts", state.counts)
         self.register_buffer("sums", state.sums)
@@ -199,7 +203,7 @@ class RoutingAttention(nn.Module):
     def load_centroid_state(self, state: CentroidState) -> None:
         """Copy a ``CentroidState`` (for example ``routing.init_centroids`` or a lucidrains model's
         ``kmeans.means`` with zero counts) into the buffers."""
-        state = _routing._state(state)
+        state = check_state(state)
         for buffer, value in zip((self.means, self.counts, self.sums), state, strict=True):
             if tuple(buffer.shape) != tuple(value.shape):
                 raise ValueError(f"state: expected shapes {tuple(self.means.shape)}, {tuple(self.counts.shape)}, "
@@ -218,7 +222,7 @@ class RoutingAttention(nn.Module):
     def _update_centroids(self, q_hat: torch.Tensor, k_hat: torch.Tensor | None, mask: torch.Tensor | None) -> None:
         """One update from this forward's statistics, summed over the ranks when distributed."""
         state = self.centroid_state
-        statistics = _routing.centroid_statistics(state, q_hat, k_hat, key_padding_mask=mask)
+        statistics = centroid_statistics(state, q_hat, k_hat, key_padding_mask=mask)
         if self._syncing():
             flat = torch.cat([t.reshape(-1) for pair in statistics for t in pair])
             torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=self.process_group)
@@ -229,14 +233,14 @@ class RoutingAttention(nn.Module):
                                flat[offset + n_counts:offset + n_counts + n_sums].view_as(sums)))
                 offset += n_counts + n_sums
             statistics = tuple(pieces)
-        new = _routing.apply_centroid_statistics(state, statistics, profile=self.profile, decay=self.decay)
+        new = apply_centroid_statistics(state, statistics, profile=self.profile, decay=self.decay)
         self.means.copy_(new.means)
         self.counts.copy_(new.counts)
         self.sums.copy_(new.sums)
 
     def _loss(self, q_hat: torch.Tensor, k_hat: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         means = self.means.detach()
-        loss = _routing.commitment_loss
+        loss = commitment_loss
         if self.profile == "lucidrains":
             if k_hat is None:
                 return loss(q_hat, means, beta=self.commitment, key_padding_mask=mask)
@@ -270,20 +274,20 @@ class RoutingAttention(nn.Module):
         l_slice = slice(0, local) if local_first else slice(routing, None)
         qr, vr = q[:, r_slice], v[:, r_slice]
         kr = None if self.shared_qk else k[:, local:]
-        window = min(self.window or _routing.default_window(length, self.num_clusters), length)
-        routed = _routing.attention(qr, kr, vr, self.means, window=window, causal=self.causal,
-                                    shared_qk=self.shared_qk, profile=self.profile, key_padding_mask=key_padding_mask)
+        window = min(self.window or default_window(length, self.num_clusters), length)
+        routed = attention(qr, kr, vr, self.means, window=window, causal=self.causal, shared_qk=self.shared_qk,
+                           profile=self.profile, key_padding_mask=key_padding_mask)
         outputs = [routed]
         if local:
             ql, vl, kl = q[:, l_slice], v[:, l_slice], k[:, :local]
-            local_out = _routing.local_attention(ql, kl, vl, min(self.local_block, length), causal=self.causal,
-                                                 key_padding_mask=key_padding_mask)
+            local_out = local_attention(ql, kl, vl, min(self.local_block, length), causal=self.causal,
+                                        key_padding_mask=key_padding_mask)
             outputs = [local_out, routed] if local_first else [routed, local_out]
         out = torch.cat(outputs, dim=1) if len(outputs) > 1 else routed
         out = self.to_out(out.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head))
 
-        q_hat = _routing.normalize(qr, profile=self.profile)
-        k_hat = None if kr is None else _routing.normalize(kr, profile=self.profile)
+        q_hat = normalize(qr, profile=self.profile)
+        k_hat = None if kr is None else normalize(kr, profile=self.profile)
         self.commitment_loss = self._loss(q_hat, k_hat, key_padding_mask)
         if self.training:
             self._update_centroids(q_hat.detach(), None if k_hat is None else k_hat.detach(), key_padding_mask)

@@ -37,7 +37,7 @@ from torch import nn
 
 from refattn.checks import flag
 
-from . import fsat as _fsat
+from ..fsat.attention import attention_with_offsets
 
 __all__ = ["FSATAttention"]
 
@@ -177,7 +177,7 @@ class FSATAttention(nn.Module):
             if temperature > 0.0:
                 dtype = torch.float32 if x.dtype != torch.float64 else x.dtype
                 noise = self.gumbel_noise(batch, length, x.device, dtype) * temperature
-        out, offsets = _fsat.attention_with_offsets(
+        out, offsets = attention_with_offsets(
             q, k, v, self.w, self.top_k, causal=self.causal, key_padding_mask=key_padding_mask,
             noise=noise, cross_q=cross_q, cross_k=cross_k,
         )
