@@ -35,6 +35,9 @@ the update of the concatenated global batch. (lucidrains averages its batch mean
 calls and applies them from a backward hook; here every training forward is one update.) Padded
 tokens are excluded from the statistics.
 
+Input. ``x`` (B, L, dim) must have the layer's parameter dtype (``TypeError`` otherwise, naming both:
+convert one or the other); under ``torch.autocast`` any floating dtype, which autocast casts.
+
 Commitment loss. ``layer.commitment_loss`` (a 0-d tensor, differentiable in the layer's parameters
 through the normalized queries and keys) is set by every forward; the training loop adds it. Per
 profile: ``tacl`` the sum of the query and the key losses, each ``routing.commitment_loss`` (with
@@ -50,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refattn.checks import flag, real_number
+from refattn import checks
 from refattn.routing import CentroidState, default_num_clusters, default_window
 from refattn.routing.profiles import check_configuration, get_profile
 
@@ -59,17 +62,13 @@ from ..routing.centroids import apply_centroid_statistics, centroid_statistics, 
 from ..routing.commitment import commitment_loss
 from ..routing.local_attention import local_attention
 from ..routing.normalize import normalize
+from ..tensors import layer_input
 
 __all__ = ["RoutingAttention"]
 
 
-def _positive_int(value: Any, name: str, *, allow_none: bool = False, low: int = 1) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        wanted = f"an integer >= {low}" + (" or None" if allow_none else "")
-        raise ValueError(f"{name}: expected {wanted}, got {value!r}")
-    return value
+def _optional_integer(value: Any, name: str) -> int | None:
+    return None if value is None else checks.integer_in_range(value, name, low=1)
 
 
 class RoutingAttention(nn.Module):
@@ -124,41 +123,41 @@ class RoutingAttention(nn.Module):
         sync_centroids: bool = True,
     ) -> None:
         super().__init__()
-        dim = _positive_int(dim, "dim")
-        heads = _positive_int(heads, "heads")
-        local_heads = _positive_int(local_heads, "local_heads", low=0)
-        if local_heads >= heads:
-            raise ValueError(f"local_heads: expected an integer in [0, heads - 1] = [0, {heads - 1}] "
-                             f"(at least one routing head), got {local_heads}")
+        dim = checks.integer_in_range(dim, "dim", low=1)
+        heads = checks.integer_in_range(heads, "heads", low=1)
+        local_heads = checks.integer_in_range(local_heads, "local_heads", low=0, high=heads - 1)
         if dim_head is None:
             if dim % heads:
                 raise ValueError(
                     f"dim, heads: expected dim divisible by heads (or give dim_head), got dim={dim}, heads={heads}")
             dim_head = dim // heads
-        dim_head = _positive_int(dim_head, "dim_head")
-        max_seq_len = _positive_int(max_seq_len, "max_seq_len", allow_none=True)
-        num_clusters = _positive_int(num_clusters, "num_clusters", allow_none=True)
+        dim_head = checks.integer_in_range(dim_head, "dim_head", low=1)
+        max_seq_len = _optional_integer(max_seq_len, "max_seq_len")
+        num_clusters = _optional_integer(num_clusters, "num_clusters")
         if num_clusters is None:
             if max_seq_len is None:
                 raise ValueError(
                     "num_clusters: expected an integer >= 1, or max_seq_len to derive it from; got neither")
             num_clusters = default_num_clusters(max_seq_len)
-        self.window = _positive_int(window, "window", allow_none=True)
-        self.local_block = _positive_int(local_block, "local_block")
+        self.window = _optional_integer(window, "window")
+        self.local_block = checks.integer_in_range(local_block, "local_block", low=1)
         profile = get_profile(profile)
         self.profile = profile.name
-        self.causal = flag(causal, "causal")
-        self.shared_qk = flag(shared_qk, "shared_qk")
+        self.causal = checks.flag(causal, "causal")
+        self.shared_qk = checks.flag(shared_qk, "shared_qk")
         check_configuration(profile, self.causal, self.shared_qk)
-        self.decay = real_number(decay, "decay", low=0.0, high=1.0)
-        self.commitment = real_number(commitment, "commitment", low=0.0)
+        self.decay = checks.real_number(decay, "decay", low=0.0, high=1.0)
+        self.commitment = checks.real_number(commitment, "commitment", low=0.0)
+        bias = checks.flag(bias, "bias")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
         self.local_heads = local_heads
         self.routing_heads = heads - local_heads
         self.num_clusters = num_clusters
         self.max_seq_len = max_seq_len
         self.process_group = process_group
-        self.sync_centroids = flag(sync_centroids, "sync_centroids")
+        self.sync_centroids = checks.flag(sync_centroids, "sync_centroids")
 
         key_heads = local_heads + (0 if self.shared_qk else self.routing_heads)
         self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
@@ -260,9 +259,8 @@ class RoutingAttention(nn.Module):
         ``key_padding_mask`` (B, L) bool, True = padding: padded positions are neither attended to,
         nor routed, nor counted in the centroid statistics, and their output is the projection of 0.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected a (B, L, dim) tensor with dim = {self.dim}, got {shape}")
+        x = layer_input(x, self.dim, self.to_q.weight.dtype)
+        return_loss = checks.flag(return_loss, "return_loss")
         batch, length, _ = x.shape
         routing, local = self.routing_heads, self.local_heads
         q = self._heads(self.to_q(x), self.heads)
