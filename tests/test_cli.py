@@ -8,8 +8,11 @@ import argparse
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -278,3 +281,36 @@ def test_bench_targets_on_cuda_without_a_device_fails_cleanly(tmp_path) -> None:
     assert result.stderr.strip() == (f"refattn bench: no CUDA device: torch {torch.__version__} sees none "
                                      f"(torch.cuda.is_available() is False)")
     assert sorted(tmp_path.iterdir()) == []  # no JSON, no bench-results/
+
+
+def _readme_commands() -> list[str]:
+    """The README's ``refattn SUBCOMMAND ...`` command lines: in its shell blocks (continuation lines joined) and
+    in its inline code (a line break inside is a space); ``refattn COMMAND --help`` and the like are prose."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M).replace("\n", " ")
+    lines += re.findall(r"`([^`]*refattn [^`]*)`", prose)
+    commands = []
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # NUMBA_ENABLE_CUDASIM=1 refattn ...
+            words = words[1:]
+        if words[:1] == ["refattn"] and len(words) > 1 and words[1] in SUBCOMMANDS:
+            commands.append(shlex.join(words[1:]))
+    return list(dict.fromkeys(commands))
+
+
+README_COMMANDS = _readme_commands()
+
+
+def test_the_readme_has_refattn_commands() -> None:
+    assert len(README_COMMANDS) >= 13 and any(command.startswith("bench") for command in README_COMMANDS)
+
+
+@pytest.mark.parametrize("command", README_COMMANDS)
+def test_every_readme_command_line_parses(command: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ``refattn`` line of the README is a valid command line as written (parsed, not run)."""
+    monkeypatch.chdir(tmp_path)  # relative output paths resolve in an empty folder
+    arguments = cli.build_parser().parse_args(shlex.split(command))
+    assert callable(arguments.run)
