@@ -141,6 +141,7 @@ __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict
         if (!pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) continue;
         const long long j = i + tau;
         const Acc z = warp_dot<T>(qi, k + (bh * L + j) * D, D, lane) * Acc(scale) + b;
+        if (z == neg_inf<Acc>()) continue;  // q . k overflowed to -inf: weight 0, as the reference drops it
         const Acc new_max = z > running_max ? z : running_max;
         const Acc alpha = acc_exp(running_max - new_max);  // exp(-inf) = 0 on the first valid pair
         const Acc p = acc_exp(z - new_max);
@@ -155,7 +156,10 @@ __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict
         running_max = new_max;
     }
 
-    const bool has_key = running_sum > Acc(0);
+    // A counted pair adds exp(0) = 1 at the running maximum, so running_sum >= 1 once one is seen; it is NaN
+    // when q . k overflowed to +inf or NaN, which must reach out and lse (the caller reports it), not read
+    // as "no valid key" (running_sum > 0 is false for NaN).
+    const bool has_key = running_sum != Acc(0);
     const Acc inverse = has_key ? Acc(1) / running_sum : Acc(0);
     T* oi = out + (bh * L + i) * Dv;
 #pragma unroll
@@ -206,6 +210,7 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
         if (!pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) continue;
         const long long j = i + tau;
         const Acc z = warp_dot<T>(qi, k + (bh * L + j) * D, D, lane) * Acc(scale) + b;
+        if (z == neg_inf<Acc>()) continue;
         const Acc dp = warp_dot<T>(doi, v + (bh * L + j) * Dv, Dv, lane);
         const Acc new_max = z > running_max ? z : running_max;
         const Acc alpha = acc_exp(running_max - new_max);
@@ -214,7 +219,7 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
         running_dot = running_dot * alpha + p * dp;
         running_max = new_max;
     }
-    const bool has_key = running_sum > Acc(0);
+    const bool has_key = running_sum != Acc(0);  // NaN (an overflow) included, as in the forward
     const Acc row_lse = has_key ? running_max + acc_log(running_sum) : neg_inf<Acc>();
     Acc row_delta = has_key ? running_dot / running_sum : Acc(0);
     if (has_key && has_dlse) row_delta -= dlse[bh * L + i];
@@ -233,7 +238,7 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
             const T* kj = k + (bh * L + j) * D;
             const Acc z = warp_dot<T>(qi, kj, D, lane) * Acc(scale) + b;
             const Acc dp = warp_dot<T>(doi, v + (bh * L + j) * Dv, Dv, lane);
-            g = acc_exp(z - row_lse) * (dp - row_delta);
+            g = z == neg_inf<Acc>() ? Acc(0) : acc_exp(z - row_lse) * (dp - row_delta);
 #pragma unroll
             for (int c = 0; c < REFATTN_VPL; ++c) {
                 const long long col = c0 + lane + 32 * c;
@@ -298,6 +303,7 @@ __global__ void fsat_sparse_backward_key(const T* __restrict__ q, const T* __res
         const T* qi = q + (bh * L + i) * D;
         const T* doi = dout + (bh * L + i) * Dv;
         const Acc z = warp_dot<T>(qi, kj, D, lane) * Acc(scale) + b;
+        if (z == neg_inf<Acc>()) continue;  // warp-uniform: every lane holds the reduced z
         const Acc dp = warp_dot<T>(doi, vj, Dv, lane);
         const Acc p = acc_exp(z - row_lse);
         const Acc g = p * (dp - delta[bh * L + i]);
