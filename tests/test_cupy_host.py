@@ -275,3 +275,27 @@ def test_float16_attention_selects_the_reference_offsets_on_tie_free_inputs(monk
     assert compared >= seeds // 2
     if length == 64:
         assert rounded_differs >= 1, "no seed tells float16-rounded scores from float32 ones"
+
+
+# ------------------------------------------------------------------ validation, once per array
+
+
+@pytest.mark.parametrize("call, arrays", [
+    (lambda q, k, v, w, c, dout: fsat.attention(q, k, v, w, 3), "q k v w"),
+    (lambda q, k, v, w, c, dout: fsat.attention_vjp(q, k, v, w, 3, dout, cross_q=q, cross_k=k),
+     "q k v w dout cross_q cross_k"),
+    (lambda q, k, v, w, c, dout: routing.attention(q, k, v, c), "q k v centroids"),
+    (lambda q, k, v, w, c, dout: routing.attention_vjp(q, k, v, c, dout), "q k v centroids dout"),
+], ids=["fsat.attention", "fsat.attention_vjp", "routing.attention", "routing.attention_vjp"])
+def test_a_composite_call_checks_each_array_once(monkeypatch, call, arrays):
+    """Regression: fsat.attention scanned q for NaN/Inf three times (its own checks, then the cross's and the
+    sparse attention's); every array of a call is now read once, by the reference's check_f."""
+    from refattn import checks
+
+    scanned = []
+    original = checks.expect_finite
+    monkeypatch.setattr(checks, "expect_finite", lambda x, name, **kw: scanned.append(name) or original(x, name, **kw))
+    rng = _rng(4)
+    q, k, v, dout = (rng.standard_normal((2, 2, 6, 3)) for _ in range(4))
+    call(q, k, v, rng.standard_normal((2, 3)), rng.standard_normal((2, 2, 3)), dout)
+    assert sorted(scanned) == sorted(arrays.split()), scanned
