@@ -14,6 +14,7 @@ Without a device and without the emulation it still loads, with no device and th
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -68,19 +69,20 @@ def _to_numpy(x: Any) -> np.ndarray:
     return array.astype(np.float64) if kind == "f" else array.astype(np.int64) if kind in "iu" else array
 
 
-def _synchronize() -> None:
-    """Wait for the queues of every visible CUDA device (nothing to wait for under the emulation)."""
-    if not emulated():
-        import cupy
+def _synchronize(devices: tuple[str, ...]) -> None:
+    """Wait for the queues of the CUDA devices (none without a device, nothing to wait for when emulated)."""
+    import cupy
 
-        for index in range(cupy.cuda.runtime.getDeviceCount()):
-            cupy.cuda.Device(index).synchronize()
+    for name in devices:
+        if name.startswith("cuda:"):
+            cupy.cuda.Device(int(name.removeprefix("cuda:"))).synchronize()
 
 
 def backend() -> Backend:
     """The CuPy backend; never raises for want of a device (``capabilities.devices`` is then empty)."""
     devices, reason, status = device_report()
-    return Backend(name="cupy", fsat=fsat, routing=routing, status=status, synchronize=_synchronize,
+    return Backend(name="cupy", fsat=fsat, routing=routing, status=status,
+                   synchronize=functools.partial(_synchronize, devices),
                    capabilities=Capabilities(dtypes=SUPPORTED_DTYPES, devices=devices, unavailable=reason),
                    from_numpy=_from_numpy, to_numpy=_to_numpy, plans=plans.plans,
                    extra={"emulated": emulated()})
