@@ -22,7 +22,7 @@ pytest.importorskip("cupy", reason="the CuPy backend needs cupy (pip install 're
 import refattn.fsat as ref_fsat
 from refattn.backends import cuda_emulation
 from refattn.backends import cupy as cupy_backend
-from refattn.backends.cupy import device, fsat, routing
+from refattn.backends.cupy import fsat, routing
 from refattn.conformance import tolerances
 
 EMULATION = cuda_emulation.ENVIRONMENT_VARIABLE
@@ -99,12 +99,16 @@ class _CudaTensor:
 
 
 def test_cuda_tensors_are_taken_through_dlpack_which_orders_the_producers_stream(monkeypatch):
+    """Regression: CUDA tensors were taken through __cuda_array_interface__ (version 2: no stream), so one
+    written on a torch side stream could be read before the write; cupy.from_dlpack passes CuPy's stream."""
     import cupy
 
+    q = _rng().standard_normal((1, 1, 3, 2))
     taken = []
-    monkeypatch.setattr(cupy, "from_dlpack", lambda x: taken.append(x) or "device array")
+    monkeypatch.setattr(cupy, "from_dlpack", lambda x: taken.append(x) or q)  # the emulation computes on q
     tensor = _CudaTensor()
-    assert device._device_array(tensor, "q") == "device array" and taken == [tensor]
+    np.testing.assert_array_equal(fsat.cross(q, tensor), fsat.cross(q, q))
+    assert taken == [tensor]
 
 
 def test_a_tensor_that_requires_grad_raises_type_error_naming_it():
