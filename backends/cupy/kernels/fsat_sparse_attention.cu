@@ -108,6 +108,17 @@ pair_valid(long long i, long long tau, long long L, int causal, const unsigned c
     return true;
 }
 
+// The logit z = q_i . k_j * scale + b of a valid pair; false when it is -inf, i.e. q . k overflowed below
+// the accumulation type's range: that key gets weight 0, as in the reference, which drops -inf logits.
+// Every lane holds the same z (warp_dot reduces over the whole warp), so a branch on it is warp-uniform.
+template <typename T> __device__ __forceinline__ bool
+logit(const T* __restrict__ qi, const T* __restrict__ kj, long long D, int lane, double scale,
+      typename Traits<T>::Acc b, typename Traits<T>::Acc* z) {
+    typedef typename Traits<T>::Acc Acc;
+    *z = warp_dot<T>(qi, kj, D, lane) * Acc(scale) + b;
+    return *z != neg_inf<Acc>();
+}
+
 // Forward: out (BH, L, Dv) in T, lse (BH, L) in Acc (written by chunk 0 only).
 template <typename T>
 __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -140,8 +151,8 @@ __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict
         Acc b;
         if (!pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) continue;
         const long long j = i + tau;
-        const Acc z = warp_dot<T>(qi, k + (bh * L + j) * D, D, lane) * Acc(scale) + b;
-        if (z == neg_inf<Acc>()) continue;  // q . k overflowed to -inf: weight 0, as the reference drops it
+        Acc z;
+        if (!logit<T>(qi, k + (bh * L + j) * D, D, lane, scale, b, &z)) continue;
         const Acc new_max = z > running_max ? z : running_max;
         const Acc alpha = acc_exp(running_max - new_max);  // exp(-inf) = 0 on the first valid pair
         const Acc p = acc_exp(z - new_max);
@@ -209,8 +220,8 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
         Acc b;
         if (!pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) continue;
         const long long j = i + tau;
-        const Acc z = warp_dot<T>(qi, k + (bh * L + j) * D, D, lane) * Acc(scale) + b;
-        if (z == neg_inf<Acc>()) continue;
+        Acc z;
+        if (!logit<T>(qi, k + (bh * L + j) * D, D, lane, scale, b, &z)) continue;
         const Acc dp = warp_dot<T>(doi, v + (bh * L + j) * Dv, Dv, lane);
         const Acc new_max = z > running_max ? z : running_max;
         const Acc alpha = acc_exp(running_max - new_max);
@@ -230,15 +241,14 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
     for (int c = 0; c < REFATTN_VPL; ++c) acc[c] = Acc(0);
     for (long long m = 0; m < K; ++m) {
         const long long tau = offsets[bh * K + m];
-        Acc b;
+        Acc b, z;
         Acc g = Acc(0);
-        if (has_key &&
-            pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) {
+        if (has_key && pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b) &&
+            logit<T>(qi, k + (bh * L + i + tau) * D, D, lane, scale, b, &z)) {
             const long long j = i + tau;
             const T* kj = k + (bh * L + j) * D;
-            const Acc z = warp_dot<T>(qi, kj, D, lane) * Acc(scale) + b;
             const Acc dp = warp_dot<T>(doi, v + (bh * L + j) * Dv, Dv, lane);
-            g = z == neg_inf<Acc>() ? Acc(0) : acc_exp(z - row_lse) * (dp - row_delta);
+            g = acc_exp(z - row_lse) * (dp - row_delta);
 #pragma unroll
             for (int c = 0; c < REFATTN_VPL; ++c) {
                 const long long col = c0 + lane + 32 * c;
@@ -302,8 +312,8 @@ __global__ void fsat_sparse_backward_key(const T* __restrict__ q, const T* __res
         if (row_lse == neg_inf<Acc>()) continue;  // cannot happen for a valid pair; kept as a guard
         const T* qi = q + (bh * L + i) * D;
         const T* doi = dout + (bh * L + i) * Dv;
-        const Acc z = warp_dot<T>(qi, kj, D, lane) * Acc(scale) + b;
-        if (z == neg_inf<Acc>()) continue;  // warp-uniform: every lane holds the reduced z
+        Acc z;
+        if (!logit<T>(qi, kj, D, lane, scale, b, &z)) continue;
         const Acc dp = warp_dot<T>(doi, vj, Dv, lane);
         const Acc p = acc_exp(z - row_lse);
         const Acc g = p * (dp - delta[bh * L + i]);
