@@ -108,6 +108,23 @@ pair_valid(long long i, long long tau, long long L, int causal, const unsigned c
     return true;
 }
 
+// Where a warp works: its (batch, head) bh and row (a query, or a key), the batch of the mask, its lane,
+// and the first of the CHUNK output columns its block covers.
+struct Place {
+    long long bh, row, batch, c0;
+    int lane;
+};
+
+__device__ __forceinline__ Place place(long long tiles, long long heads) {
+    Place at;
+    at.lane = threadIdx.x & 31;
+    at.bh = (long long)blockIdx.x / tiles;
+    at.row = (long long)blockIdx.x % tiles * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    at.batch = at.bh / heads;
+    at.c0 = (long long)blockIdx.y * REFATTN_CHUNK;
+    return at;
+}
+
 // The logit z = q_i . k_j * scale + b of a valid pair; false when it is -inf, i.e. q . k overflowed below
 // the accumulation type's range: that key gets weight 0, as in the reference, which drops -inf logits.
 // Every lane holds the same z (warp_dot reduces over the whole warp), so a branch on it is warp-uniform.
@@ -129,15 +146,10 @@ __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict
                                     long long D, long long Dv, long long K, long long tiles, int has_bias,
                                     int has_mask, int causal, double scale) {
     typedef typename Traits<T>::Acc Acc;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    const long long bh = (long long)blockIdx.x / tiles;
-    const long long tile = (long long)blockIdx.x % tiles;
-    const long long i = tile * warps + warp;
-    if (i >= L) return;  // whole warp leaves together
-    const long long batch = bh / heads;
-    const long long c0 = (long long)blockIdx.y * REFATTN_CHUNK;
+    const Place at = place(tiles, heads);
+    if (at.row >= L) return;  // the whole warp leaves together
+    const long long bh = at.bh, i = at.row, batch = at.batch, c0 = at.c0;
+    const int lane = at.lane;
     const T* qi = q + (bh * L + i) * D;
 
     Acc running_max = neg_inf<Acc>();
@@ -199,15 +211,10 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
                                            long long L, long long D, long long Dv, long long K, long long tiles,
                                            int has_bias, int has_mask, int has_dlse, int causal, double scale) {
     typedef typename Traits<T>::Acc Acc;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    const long long bh = (long long)blockIdx.x / tiles;
-    const long long tile = (long long)blockIdx.x % tiles;
-    const long long i = tile * warps + warp;
-    if (i >= L) return;
-    const long long batch = bh / heads;
-    const long long c0 = (long long)blockIdx.y * REFATTN_CHUNK;
+    const Place at = place(tiles, heads);
+    if (at.row >= L) return;  // the whole warp leaves together
+    const long long bh = at.bh, i = at.row, batch = at.batch, c0 = at.c0;
+    const int lane = at.lane;
     const T* qi = q + (bh * L + i) * D;
     const T* doi = dout + (bh * L + i) * Dv;
 
@@ -284,15 +291,10 @@ __global__ void fsat_sparse_backward_key(const T* __restrict__ q, const T* __res
                                          long long Dv, long long K, long long tiles, int has_bias, int has_mask,
                                          int causal, double scale) {
     typedef typename Traits<T>::Acc Acc;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    const long long bh = (long long)blockIdx.x / tiles;
-    const long long tile = (long long)blockIdx.x % tiles;
-    const long long j = tile * warps + warp;
-    if (j >= L) return;
-    const long long batch = bh / heads;
-    const long long c0 = (long long)blockIdx.y * REFATTN_CHUNK;
+    const Place at = place(tiles, heads);
+    if (at.row >= L) return;  // the whole warp leaves together
+    const long long bh = at.bh, j = at.row, batch = at.batch, c0 = at.c0;
+    const int lane = at.lane;
     const T* kj = k + (bh * L + j) * D;
     const T* vj = v + (bh * L + j) * Dv;
 
