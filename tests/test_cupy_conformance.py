@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,3 +70,12 @@ def test_the_torch_backends_float32_cross_meets_the_same_bound(_long_cross):
     a, b, expected = _long_cross
     c = backends.get_backend("torch").fsat.cross(torch.from_numpy(a), torch.from_numpy(b))
     assert _verdicts(c.double().numpy(), a, b, expected)[1]
+
+
+def test_the_ffts_bound_is_the_one_in_the_spec():
+    text = (Path(__file__).parents[1] / "spec" / "interface.md").read_text()
+    assert "    ε · log₂(6L) · F" in text
+    superscript = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")
+    found = dict(re.findall(r"(float\d+): ε = 2⁻([⁰¹²³⁴⁵⁶⁷⁸⁹]+)", text))
+    assert {dtype: 2.0 ** -int(exponent.translate(superscript)) for dtype, exponent in found.items()} == \
+        tolerances.UNIT_ROUNDOFF
