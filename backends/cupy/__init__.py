@@ -14,14 +14,16 @@ Without a device and without the emulation it still loads, with no device and th
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from refattn.backends import Backend, Capabilities
+from refattn.backends import Backend, Capabilities, Strategy
 
-from . import fsat, plans, routing
+from . import fsat, memory, plans, routing
 from .device import SUPPORTED_DTYPES, emulated
 
 __all__ = ["backend", "device_report", "fsat", "routing"]
@@ -78,11 +80,30 @@ def _synchronize(devices: tuple[str, ...]) -> None:
             cupy.cuda.Device(int(name.removeprefix("cuda:"))).synchronize()
 
 
+@contextlib.contextmanager
+def _chunks_of(chunk_bytes: int) -> Iterator[None]:
+    saved, memory.CHUNK_BYTES = memory.CHUNK_BYTES, chunk_bytes
+    try:
+        yield
+    finally:
+        memory.CHUNK_BYTES = saved
+
+
+# The functions that run in chunks. The conformance suite's shapes fit one chunk, so it checks them twice:
+# in one chunk, and chunked as finely as the code allows (a head per group, a block per window).
+CHUNKED = ("fsat.pair_counts", "fsat.cross", "fsat.cross_vjp", "fsat.select", "fsat.sparse_attention",
+           "fsat.sparse_attention_vjp", "fsat.attention", "fsat.attention_vjp", "routing.cluster_attention",
+           "routing.cluster_attention_vjp", "routing.local_attention", "routing.local_attention_vjp",
+           "routing.assign", "routing.attention", "routing.attention_vjp")
+STRATEGIES = (Strategy("one chunk", CHUNKED, functools.partial(_chunks_of, 1 << 62)),
+              Strategy("chunked", CHUNKED, functools.partial(_chunks_of, 1)))
+
+
 def backend() -> Backend:
     """The CuPy backend; never raises for want of a device (``capabilities.devices`` is then empty)."""
     devices, reason, status = device_report()
     return Backend(name="cupy", fsat=fsat, routing=routing, status=status,
                    synchronize=functools.partial(_synchronize, devices),
                    capabilities=Capabilities(dtypes=SUPPORTED_DTYPES, devices=devices, unavailable=reason),
-                   from_numpy=_from_numpy, to_numpy=_to_numpy, plans=plans.plans,
+                   from_numpy=_from_numpy, to_numpy=_to_numpy, plans=plans.plans, strategies=STRATEGIES,
                    extra={"emulated": emulated()})
