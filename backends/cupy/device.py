@@ -151,6 +151,11 @@ class Overflow:
     allow_neg_inf: bool = False
 
 
+def gradient_overflows(where: str) -> list[Overflow]:
+    """The reference's overflow checks of an attention's dq, dk and dv."""
+    return [Overflow(where, ("dout", "v", "k")), Overflow(where, ("dout", "v", "q")), Overflow(where, ("dout",))]
+
+
 def mirror(reference: Callable[..., Any], check: Callable[..., Any], core: Callable[..., Any], *,
            overflow: Sequence[Overflow | None] = (), compute: bool | np.dtype = True,
            head_bytes: Callable[[dict[str, Any], int], int] | None = None) -> Callable[..., Any]:

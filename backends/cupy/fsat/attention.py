@@ -16,8 +16,8 @@ from refattn.fsat.cross import cross_core, cross_vjp_core
 from refattn.fsat.estimate import estimate_vjp_core
 
 from .. import memory
-from ..device import cast, compute_dtype, on_device, result_dtype
-from .sparse_attention import backward, forward
+from ..device import Overflow, cast, compute_dtype, gradient_overflows, mirror, result_dtype
+from .sparse_attention import LSE, backward, forward
 
 reference = importlib.import_module("refattn.fsat.attention")
 FSATGrads = reference.FSATGrads
@@ -45,27 +45,20 @@ def _plan(q: Any, k: Any, w: Any, top_k: int, causal: bool, mask: Any, noise: An
     return offsets, bias
 
 
-@on_device
-def attention(q: Any, k: Any, v: Any, w: Any, top_k: int, *, causal: bool = False, key_padding_mask: Any = None,
-              noise: Any = None, cross_q: Any = None, cross_k: Any = None) -> Any:
-    q, k, v, w, top_k, causal, mask, noise, cross_q, cross_k = reference.check_attention(
-        q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k)
-    offsets, bias = _plan(q, k, w, top_k, causal, mask, noise, cross_q, cross_k, gradient=False)
-    out, lse = forward(q, k, v, offsets, bias, causal, mask)
-    checks.check_overflow(lse, "the sparse attention", allow_neg_inf=True, q=q, k=k)
+def _attention(q: Any, k: Any, v: Any, w: Any, top_k: int, *, causal: bool, key_padding_mask: Any, noise: Any,
+               cross_q: Any, cross_k: Any) -> Any:
+    offsets, bias = _plan(q, k, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k, gradient=False)
+    out, lse = forward(q, k, v, offsets, bias, causal=causal, key_padding_mask=key_padding_mask)
+    checks.check_overflow(lse, LSE.where, allow_neg_inf=True, q=q, k=k)
     return out
 
 
-@on_device
-def attention_vjp(q: Any, k: Any, v: Any, w: Any, top_k: int, dout: Any, *, causal: bool = False,
-                  key_padding_mask: Any = None, noise: Any = None, cross_q: Any = None,
-                  cross_k: Any = None) -> Any:
-    q, k, v, w, top_k, dout, causal, mask, noise, cross_q, cross_k = reference.check_attention_vjp(
-        q, k, v, w, top_k, dout, causal, key_padding_mask, noise, cross_q, cross_k)
+def _attention_vjp(q: Any, k: Any, v: Any, w: Any, top_k: int, dout: Any, *, causal: bool, key_padding_mask: Any,
+                   noise: Any, cross_q: Any, cross_k: Any) -> Any:
+    mask, separate = key_padding_mask, cross_q is not None
     offsets, bias = _plan(q, k, w, top_k, causal, mask, noise, cross_q, cross_k, gradient=True)
-    dq, dk, dv, dbias = backward(q, k, v, offsets, bias, dout, None, causal, mask)
+    dq, dk, dv, dbias = backward(q, k, v, offsets, bias, dout, dlse=None, causal=causal, key_padding_mask=mask)
     xp, compute, length = checks.array_namespace(q), bias.dtype, q.shape[2]
-    separate = cross_q is not None
     dw = xp.zeros(w.shape, compute)
     da, db = (xp.empty(cross_q.shape, compute), xp.empty(cross_k.shape, compute)) if separate else (None, None)
     for group in _groups(q, w, compute, gradient=True, separate=separate):  # the estimator's path, cross recomputed
@@ -78,15 +71,13 @@ def attention_vjp(q: Any, k: Any, v: Any, w: Any, top_k: int, dout: Any, *, caus
         dw[group[1]] += dw_part
         if separate:
             da[group], db[group] = cross_vjp_core(a, b, dc, key_padding_mask=part_mask)
-    where = "the gradient of the attention"
-    checks.check_overflow(dq, where, dout=dout, v=v, k=k)
-    checks.check_overflow(dk, where, dout=dout, v=v, q=q)
-    checks.check_overflow(dv, where, dout=dout)
-    checks.check_overflow(dw, where, dout=dout, v=v, q=q, k=k)
-    checks.check_overflow((da,), where, dout=dout, v=v, w=w, cross_k=cross_k)
-    checks.check_overflow((db,), where, dout=dout, v=v, w=w, cross_q=cross_q)
-    return FSATGrads(dq, dk, dv, *(cast(x, dq.dtype) for x in (dw, da, db)))
+    return FSATGrads(dq, dk, dv, dw, da, db)
 
 
-attention.__doc__ = reference.attention.__doc__
-attention_vjp.__doc__ = reference.attention_vjp.__doc__
+attention = mirror(reference.attention, reference.check_attention, _attention, compute=False)
+
+GRADIENT = "the gradient of the attention"
+attention_vjp = mirror(reference.attention_vjp, reference.check_attention_vjp, _attention_vjp, compute=False,
+                       overflow=[*gradient_overflows(GRADIENT), Overflow(GRADIENT, ("dout", "v", "q", "k")),
+                                 Overflow(GRADIENT, ("dout", "v", "w", "cross_k")),
+                                 Overflow(GRADIENT, ("dout", "v", "w", "cross_q"))])  # dw, da, db

@@ -16,7 +16,7 @@ import numpy as np
 from refattn import checks
 
 from .. import kernels, memory
-from ..device import cast, compute_dtype, on_device, result_dtype
+from ..device import Overflow, compute_dtype, gradient_overflows, mirror, result_dtype
 
 reference = importlib.import_module("refattn.fsat.sparse_attention")
 
@@ -59,19 +59,19 @@ class _Operands:
         kernels.launch(plan, self.dtype, args)
 
 
-def forward(q: Any, k: Any, v: Any, offsets: Any, bias: Any, causal: bool, mask: Any) -> tuple[Any, Any]:
+def forward(q: Any, k: Any, v: Any, offsets: Any, bias: Any, *, causal: bool, key_padding_mask: Any) -> tuple[Any, Any]:
     """(out in the inputs' dtype, lse in the compute dtype) of validated arguments."""
-    x = _Operands(q, k, v, offsets, bias, mask)
+    x = _Operands(q, k, v, offsets, bias, key_padding_mask)
     out, lse = x.xp.empty(x.v.shape, x.dtype), x.xp.empty(x.q.shape[:3], x.acc)
     for group in x.groups():
         x.launch("fsat_sparse_forward", group, x.v.shape[3], (out[group], lse[group]), (causal,))
     return out, lse
 
 
-def backward(q: Any, k: Any, v: Any, offsets: Any, bias: Any, dout: Any, dlse: Any, causal: bool,
-             mask: Any) -> tuple[Any, Any, Any, Any]:
+def backward(q: Any, k: Any, v: Any, offsets: Any, bias: Any, dout: Any, *, dlse: Any, causal: bool,
+             key_padding_mask: Any) -> tuple[Any, Any, Any, Any]:
     """(dq, dk, dv in the inputs' dtype, dbias in the compute dtype or None) of validated arguments."""
-    x = _Operands(q, k, v, offsets, bias, mask, dout)
+    x = _Operands(q, k, v, offsets, bias, key_padding_mask, dout)
     xp, acc, dlse = x.xp, x.acc, x.computed(dlse)
     length, dim, count = x.q.shape[2], x.q.shape[3], x.offsets.shape[2]
     dq, dk, dv = xp.empty_like(x.q), xp.empty_like(x.k), xp.empty_like(x.v)
@@ -89,29 +89,12 @@ def backward(q: Any, k: Any, v: Any, offsets: Any, bias: Any, dout: Any, dlse: A
     return dq, dk, dv, None if bias is None else dbias
 
 
-@on_device
-def sparse_attention(q: Any, k: Any, v: Any, offsets: Any, bias: Any = None, *, causal: bool = False,
-                     key_padding_mask: Any = None) -> tuple[Any, Any]:
-    q, k, v, offsets, bias, causal, mask = reference.check_sparse_attention(q, k, v, offsets, bias, causal,
-                                                                            key_padding_mask)
-    out, lse = forward(q, k, v, offsets, bias, causal, mask)
-    checks.check_overflow(lse, "the sparse attention", allow_neg_inf=True, q=q, k=k)
-    return out, cast(lse, out.dtype)
+LSE = Overflow("the sparse attention", ("q", "k"), allow_neg_inf=True)
+GRADIENT = "the gradient of the sparse attention"
 
+sparse_attention = mirror(reference.sparse_attention, reference.check_sparse_attention, forward, compute=False,
+                          overflow=[None, LSE])
 
-@on_device
-def sparse_attention_vjp(q: Any, k: Any, v: Any, offsets: Any, bias: Any, dout: Any, *, dlse: Any = None,
-                         causal: bool = False, key_padding_mask: Any = None) -> tuple[Any, Any, Any, Any]:
-    q, k, v, offsets, bias, dout, dlse, causal, mask = reference.check_sparse_attention_vjp(
-        q, k, v, offsets, bias, dout, dlse, causal, key_padding_mask)
-    dq, dk, dv, dbias = backward(q, k, v, offsets, bias, dout, dlse, causal, mask)
-    where = "the gradient of the sparse attention"
-    checks.check_overflow(dq, where, dout=dout, v=v, k=k)
-    checks.check_overflow(dk, where, dout=dout, v=v, q=q)
-    checks.check_overflow(dv, where, dout=dout)
-    checks.check_overflow((dbias,), where, dout=dout, v=v)  # None without a bias
-    return dq, dk, dv, cast(dbias, dq.dtype)
-
-
-sparse_attention.__doc__ = reference.sparse_attention.__doc__
-sparse_attention_vjp.__doc__ = reference.sparse_attention_vjp.__doc__
+sparse_attention_vjp = mirror(reference.sparse_attention_vjp, reference.check_sparse_attention_vjp, backward,
+                              compute=False,
+                              overflow=[*gradient_overflows(GRADIENT), Overflow(GRADIENT, ("dout", "v"))])  # dbias

@@ -13,7 +13,7 @@ from typing import Any
 from refattn import checks
 
 from .. import memory
-from ..device import cast, compute_dtype, on_device, result_dtype
+from ..device import cast, compute_dtype, gradient_overflows, mirror, result_dtype
 
 reference = importlib.import_module("refattn.routing.local_attention")
 
@@ -33,12 +33,9 @@ def _window(x: Any, group: tuple[slice, slice], window: slice) -> Any:
     return None if x is None else x[group][:, :, window]
 
 
-@on_device
-def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False, key_padding_mask: Any = None) -> Any:
-    q, k, v, block, causal, mask = reference.check_local_attention(q, k, v, block, causal, key_padding_mask)
-    dtype = result_dtype(q, k, v)
-    compute, xp = compute_dtype(dtype), checks.array_namespace(q)
-    out = xp.empty(v.shape, dtype)
+def _local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool, key_padding_mask: Any) -> Any:
+    dtype, xp, mask = result_dtype(q, k, v), checks.array_namespace(q), key_padding_mask
+    compute, out = compute_dtype(dtype), xp.empty(v.shape, dtype)
     for group, rows, window in _windows(q, v, block, compute.itemsize):
         x = [cast(_window(y, group, window), compute) for y in (q, k, v)]
         part = reference.local_attention_core(*x, block, causal=causal,
@@ -48,13 +45,9 @@ def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False,
     return out
 
 
-@on_device
-def local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causal: bool = False,
-                        key_padding_mask: Any = None) -> tuple[Any, Any, Any]:
-    q, k, v, block, dout, causal, mask = reference.check_local_attention_vjp(q, k, v, block, dout, causal,
-                                                                             key_padding_mask)
-    dtype = result_dtype(q, k, v, dout)
-    compute, xp = compute_dtype(dtype), checks.array_namespace(q)
+def _local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causal: bool,
+                         key_padding_mask: Any) -> tuple[Any, Any, Any]:
+    compute, xp, mask = compute_dtype(result_dtype(q, k, v, dout)), checks.array_namespace(q), key_padding_mask
     dq, dk, dv = (xp.zeros(x.shape, compute) for x in (q, k, v))
     for group, rows, window in _windows(q, v, block, compute.itemsize):
         x = [cast(_window(y, group, window), compute) for y in (q, k, v)]
@@ -66,12 +59,12 @@ def local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causal
         dq[group][:, :, rows] = grads[0][:, :, inside]
         dk[group][:, :, window] += grads[1]
         dv[group][:, :, window] += grads[2]
-    where = "the gradient of the local attention"
-    checks.check_overflow(dq, where, dout=dout, v=v, k=k)
-    checks.check_overflow(dk, where, dout=dout, v=v, q=q)
-    checks.check_overflow(dv, where, dout=dout)
-    return tuple(cast(x, dtype) for x in (dq, dk, dv))
+    return dq, dk, dv
 
 
-local_attention.__doc__ = reference.local_attention.__doc__
-local_attention_vjp.__doc__ = reference.local_attention_vjp.__doc__
+local_attention = mirror(reference.local_attention, reference.check_local_attention, _local_attention,
+                         compute=False)
+
+local_attention_vjp = mirror(reference.local_attention_vjp, reference.check_local_attention_vjp,
+                             _local_attention_vjp, compute=False,
+                             overflow=gradient_overflows("the gradient of the local attention"))
