@@ -70,6 +70,25 @@ def test_routing_fits_one_h200_at_the_realistic_shape_in_float32():
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_routing_at_the_realistic_shapes_is_linear_in_b_h_l_d_plus_w_beyond_one_chunk(dtype, dim):
+    """Regression: at B = H = 16, L = 65,536, C = W = 256 the local attention formed three (B, H, L/W, W, 3W)
+    arrays (9·B·H·L·W words; the routing's sort: test_routing_fits_one_h200_...). Every routing function's
+    planned peak (the exact bytes of the plan model) is now at most 3·B·H·L·(D + W) words of the compute
+    dtype beyond one chunk of CHUNK_BYTES: the O(B·H·L·(D + W)) plus bounded chunk buffers of the issue."""
+    b, h, n, c, w = 16, 16, 65_536, 256, 256
+    word = 8 if dtype == "float64" else 4  # float16 is computed in float32
+    allowed = 3 * b * h * n * (dim + w) * word + memory.CHUNK_BYTES
+    peaks = {plan.function: plan.peak_bytes for plan in plans.plans(Shape(b, h, n, dim, dim, top_k=16, clusters=c,
+                                                                          window=w), dtype)}
+    routing_peaks = {name: peak for name, peak in peaks.items() if name.startswith("routing.")}
+    assert len(routing_peaks) == 17
+    too_large = {name: peak for name, peak in routing_peaks.items() if peak > allowed}
+    assert not too_large, f"allowed {allowed} B: {too_large}"
+    assert 9 * b * h * n * w * word > allowed  # what the unchunked local attention held
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
 def test_plans_over_the_audit_table_are_cheap_and_within_cuda_limits(dtype):
     started = time.perf_counter()
     count = 0
