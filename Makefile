@@ -1,7 +1,7 @@
 # The two commands of the README. Both install into .venv first (idempotent).
 VENV ?= .venv
 
-.PHONY: conformance test install
+.PHONY: conformance test install device-check
 
 install:
 	scripts/install.sh $(VENV)
@@ -13,3 +13,10 @@ conformance: install
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+# On a CUDA machine (no network needed): every GPU stage, results in OUT (scripts/device_check.sh says which).
+# DRY_RUN=1 prints the stages and checks the environment only, on any machine.
+OUT ?= device-check
+PYTHON ?= python3
+device-check:
+	PYTHON=$(PYTHON) scripts/device_check.sh $(if $(DRY_RUN),--dry-run) "$(OUT)"
