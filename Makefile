@@ -8,7 +8,7 @@ BACKENDS ?= numpy torch $(if $(GPU),cupy numba_cuda)
 # The pip extra each backend needs (the reference needs none).
 extra_of = $(patsubst numba_cuda,numba,$(filter torch cupy numba_cuda,$(1)))
 
-.PHONY: conformance test install
+.PHONY: conformance test install device-check
 
 # Everything: the backends' libraries, the tests' and the benchmarks' (what `make test` and CI use).
 install:
@@ -22,3 +22,10 @@ conformance:
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+# On a CUDA machine (no network needed): every GPU stage, results in OUT (scripts/device_check.sh says which).
+# DRY_RUN=1 prints the stages and checks the environment only, on any machine.
+OUT ?= device-check
+PYTHON ?= python3
+device-check:
+	PYTHON=$(PYTHON) scripts/device_check.sh $(if $(DRY_RUN),--dry-run) "$(OUT)"

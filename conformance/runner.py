@@ -127,6 +127,11 @@ def main(names: Iterable[str] | None = None, *, json_path: str | None = None, qu
                                  dtypes=dtypes or DTYPES, functions=functions, parts=parts or PARTS)
     print(f"conformance of {', '.join(names)} against the reference (refattn.fsat, refattn.routing); "
           f"the reference itself against naive O(L^2) oracles and finite differences")
+    for name in names:  # what each ran on: a device, a simulator, CUDA C emulated on the CPU
+        try:
+            print(f"  {name}: {backends.get_backend(name).status}")
+        except (ImportError, TypeError) as error:
+            print(f"  {name}: not available ({error})")
     report.print_table(results, sys.stdout)
     print(f"({time.perf_counter() - started:.0f} s)")
     if json_path:

@@ -1,11 +1,12 @@
-"""CUDA C emulated on the CPU: the CuPy backend's kernels compiled with g++ and run by host threads.
+"""CUDA C emulated on the CPU: CUDA kernels compiled with g++ and run by host threads.
 
-Test infrastructure, not a GPU. :class:`RawModule` mirrors ``cupy.RawModule``: ``get_function(name)``
+Test infrastructure, not a GPU, and independent of any backend (it imports neither CuPy nor a CUDA
+library): the CuPy backend runs its kernels here on NumPy arrays when ``REFATTN_CUDA_EMULATION=1``,
+and any other CUDA C source can be executed the same way. :class:`RawModule` mirrors
+``cupy.RawModule``: ``get_function(name)``
 returns a kernel called as ``kernel(grid, block, args, shared_mem=0)``, with NumPy arrays where CuPy
 takes device arrays and NumPy scalars of the parameters' C types (Python int, float and bool become
 int64, float64 and bool, as in CuPy); every argument is checked against the kernel's parameter list.
-With ``REFATTN_CUDA_EMULATION=1`` the backend launches its kernels here when it runs on NumPy
-arrays (inside ``host_execution``).
 
 How a kernel runs (cuda_emulation.h): the source is compiled by g++ (C++20) against a header that
 defines CUDA's device-side names (half precision through ``_Float16``). A launch checks CUDA's limits
@@ -19,7 +20,7 @@ declaration, inside functions.
 
 Builds are cached by content hash in :func:`cache_directory`. In a process started with the
 AddressSanitizer runtime preloaded (the variables of :func:`sanitizer_environment`, e.g.
-``env $(python -m refattn.backends.cupy.emulation) pytest ...``) modules are built with
+``env $(python -m refattn.backends.cuda_emulation) pytest ...``) modules are built with
 ``-fsanitize=address,undefined``: an out-of-bounds access or undefined behaviour aborts the process
 with a report. Otherwise they are built optimized (-O2).
 

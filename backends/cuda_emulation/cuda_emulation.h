@@ -1,6 +1,7 @@
-// CUDA C emulated on the CPU: the device-side names that the kernels of backends/cupy/kernels use,
-// for g++ (C++20), so that those kernels execute on a machine without a GPU. Test infrastructure,
-// compiled and launched by backends/cupy/emulation/__init__.py (read its docstring first).
+// CUDA C emulated on the CPU: the device-side names that CUDA kernels use (those of
+// backends/cupy/kernels among them), for g++ (C++20), so that they execute on a machine without a
+// GPU. Test infrastructure, compiled and launched by backends/cuda_emulation/__init__.py (read its
+// docstring first).
 //
 // A launch runs the grid's blocks one after another; the threads of a block are blockDim.x * y * z
 // host threads running together, so __syncthreads (a block barrier) and the warp shuffles (a

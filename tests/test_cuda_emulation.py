@@ -1,14 +1,11 @@
-"""The CuPy backend's CUDA C kernels executed on the CPU (CUDA C emulated on the CPU, not a GPU).
+"""The CUDA C emulation (refattn.backends.cuda_emulation), on small kernels of its own: CUDA C executed on the
+CPU, not a GPU.
 
-Every kernel of backends/cupy/kernels (sparse attention forward, backward query side and key side)
-runs through the backend's own launch code (host mode, REFATTN_CUDA_EMULATION=1) and is compared
-with the reference refattn.fsat in float64, float32 and float16 with conformance/tolerances.py.
-The emulation itself is tested on small kernels: shuffle and shared-memory semantics, the launch
-limits, argument checks, and planted bugs (a divergent shuffle, a divergent barrier, a deadlock,
-an out-of-bounds write) that it must report.
-
-In this process the kernels run in the optimized build; test_everything_here_passes_under_the_sanitizers
-runs this whole file again in a process with AddressSanitizer and UBSan (sanitized builds).
+Shuffle and shared-memory semantics, the launch limits, argument checks, and
+planted bugs (a divergent shuffle, a divergent barrier, a deadlock, an out-of-bounds write) that it must
+report. In this process kernels run in the optimized build; test_everything_here_passes_under_the_sanitizers
+runs this file again in a process with AddressSanitizer and UBSan (sanitized builds). The CuPy backend's
+kernels are tested in the emulation by tests/test_cupy_kernels.py.
 """
 
 from __future__ import annotations
@@ -21,145 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-pytest.importorskip("cupy", reason="the CuPy backend needs cupy (pip install 'refattn[cupy]')")
-
-import refattn.fsat as ref_fsat
-from refattn.backends.cupy import emulation, fsat, host_execution
-from refattn.conformance.tolerances import FORWARD, GRADIENT, compare
-
-DTYPES = ("float64", "float32", "float16")
-
-
-@pytest.fixture(autouse=True)
-def _emulated(monkeypatch):
-    monkeypatch.setenv(emulation.ENVIRONMENT_VARIABLE, "1")
-    with host_execution():
-        yield
-
-
-# ------------------------------------------------------------------ the kernels against the reference
-
-
-def _offsets(rng, batch, heads, length, count):
-    candidates = np.arange(-(length - 1), length)
-    return np.stack([rng.permutation(candidates)[:count] for _ in range(batch * heads)]).reshape(batch, heads, count)
-
-
-def _problem(seed, batch, heads, length, dim, dim_v, count, *, causal=False, masked=False, bias="finite",
-             dlse=False):
-    """Inputs as float64 arrays; bias "neg_inf" sets -inf on some offsets (offsets without any valid pair)."""
-    rng = np.random.default_rng(seed)
-    x = {
-        "q": rng.standard_normal((batch, heads, length, dim)),
-        "k": rng.standard_normal((batch, heads, length, dim)),
-        "v": rng.standard_normal((batch, heads, length, dim_v)),
-        "dout": rng.standard_normal((batch, heads, length, dim_v)),
-        "offsets": _offsets(rng, batch, heads, length, count),
-        "bias": None if bias is None else rng.standard_normal((batch, heads, count)),
-        "dlse": rng.standard_normal((batch, heads, length)) if dlse else None,
-        "mask": None,
-        "causal": causal,
-    }
-    if bias == "neg_inf":
-        x["bias"][:, :, 0] = -np.inf
-        x["bias"][0, 0, :] = -np.inf  # every logit of (0, 0) masked: no row there has a key
-    if masked:
-        mask = np.zeros((batch, length), dtype=bool)
-        mask[0, -max(1, length // 3):] = True
-        mask[1:, rng.permutation(length)[: length // 3]] = True
-        x["mask"] = mask
-    return x
-
-
-CASES = {
-    "plain": dict(batch=2, heads=2, length=13, dim=8, dim_v=8, count=4),
-    "masked_causal_neg_inf_bias_dlse": dict(batch=2, heads=2, length=11, dim=6, dim_v=7, count=5, causal=True,
-                                            masked=True, bias="neg_inf", dlse=True),
-    "no_bias_masked": dict(batch=2, heads=1, length=7, dim=4, dim_v=4, count=3, masked=True, bias=None),
-    "dv_above_one_chunk": dict(batch=1, heads=2, length=7, dim=5, dim_v=130, count=3),
-    "d_above_one_chunk": dict(batch=1, heads=1, length=5, dim=130, dim_v=3, count=3, causal=True),
-    "one_offset": dict(batch=2, heads=1, length=5, dim=4, dim_v=4, count=1),
-    "every_offset": dict(batch=1, heads=2, length=5, dim=4, dim_v=6, count=9, masked=True),
-    "length_one": dict(batch=2, heads=2, length=1, dim=3, dim_v=2, count=1, masked=False),
-}
-
-
-def _cast(x, dtype):
-    """(the backend's inputs in ``dtype``, the reference's: the same values in float64)."""
-    ours, theirs = {}, {}
-    for name, value in x.items():
-        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-            ours[name] = value.astype(dtype)
-            theirs[name] = ours[name].astype(np.float64)
-        else:
-            ours[name] = theirs[name] = value
-    return ours, theirs
-
-
-def _forward(module, x):
-    return module.sparse_attention(x["q"], x["k"], x["v"], x["offsets"], x["bias"], causal=x["causal"],
-                                   key_padding_mask=x["mask"])
-
-
-def _backward(module, x):
-    return module.sparse_attention_vjp(x["q"], x["k"], x["v"], x["offsets"], x["bias"], x["dout"], dlse=x["dlse"],
-                                       causal=x["causal"], key_padding_mask=x["mask"])
-
-
-def _assert_close(actual, expected, tolerance, what):
-    difference = compare(actual, expected, tolerance)
-    assert difference.ok, f"{what}: max abs error {difference.max_abs:.3g}, max rel {difference.max_rel:.3g}"
-
-
-def _check_forward(x, dtype):
-    ours, theirs = _cast(x, dtype)
-    out, lse = _forward(fsat, ours)
-    expected_out, expected_lse = _forward(ref_fsat, theirs)
-    assert out.dtype == np.dtype(dtype) and lse.dtype == np.dtype(dtype)
-    _assert_close(out, expected_out, FORWARD[dtype], "out")
-    _assert_close(lse, expected_lse, FORWARD[dtype], "lse")
-    return expected_lse
-
-
-def _check_backward(x, dtype):
-    ours, theirs = _cast(x, dtype)
-    grads = _backward(fsat, ours)
-    expected = _backward(ref_fsat, theirs)
-    for name, actual, wanted in zip(("dq", "dk", "dv", "dbias"), grads, expected, strict=True):
-        if wanted is None:
-            assert actual is None, name
-            continue
-        assert actual.dtype == np.dtype(dtype), name
-        _assert_close(actual, wanted, GRADIENT[dtype], name)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES)
-def test_forward_kernel_matches_the_reference(case, dtype):
-    x = _problem(1, **CASES[case])
-    expected_lse = _check_forward(x, dtype)
-    if case == "masked_causal_neg_inf_bias_dlse":  # the case holds rows without any finite logit
-        assert np.isneginf(expected_lse[0, 0]).all() and np.isneginf(expected_lse[1, 1]).sum() >= 2
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES)
-def test_backward_kernels_match_the_reference(case, dtype):
-    _check_backward(_problem(2, **CASES[case]), dtype)
-
-
-@settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 2**16), length=st.integers(1, 9), count=st.integers(1, 17), dim=st.integers(1, 9),
-       dim_v=st.integers(1, 9), causal=st.booleans(), masked=st.booleans(), bias=st.sampled_from(["finite", None]))
-def test_random_shapes_match_the_reference_in_float64(seed, length, count, dim, dim_v, causal, masked, bias):
-    x = _problem(seed, 2, 1, length, dim, dim_v, min(count, 2 * length - 1), causal=causal, masked=masked,
-                 bias=bias)
-    _check_forward(x, "float64")
-    _check_backward(x, "float64")
-
+from refattn.backends import cuda_emulation as emulation
 
 # ------------------------------------------------------------------ the emulation on small kernels
 
@@ -335,7 +195,7 @@ def test_divergent_barriers_and_shuffles_are_reported(small, kernel, block, mess
 
 OUT_OF_BOUNDS = """
     import numpy as np
-    from refattn.backends.cupy import emulation
+    from refattn.backends import cuda_emulation as emulation
     code = '''
     extern "C" __global__ void write_past_the_end(float* out) {
         out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f;  // no bounds check: the last block overruns
@@ -406,8 +266,6 @@ def test_the_switch_accepts_only_0_and_1(monkeypatch):
     monkeypatch.setenv(emulation.ENVIRONMENT_VARIABLE, "yes")
     with pytest.raises(ValueError, match=r"REFATTN_CUDA_EMULATION: expected 0 or 1, got 'yes'"):
         emulation.enabled()
-    monkeypatch.setenv(emulation.ENVIRONMENT_VARIABLE, "0")
-    with pytest.raises(RuntimeError, match=r"fsat_sparse_forward<double>: a CUDA kernel cannot run without a CUDA "
-                                           r"device .*REFATTN_CUDA_EMULATION=1 runs it in the CUDA C emulation"):
-        fsat.sparse_attention(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)),
-                              np.zeros((1, 1, 1), dtype=np.int64))
+    for value, expected in (("0", False), ("", False), ("1", True)):
+        monkeypatch.setenv(emulation.ENVIRONMENT_VARIABLE, value)
+        assert emulation.enabled() is expected
