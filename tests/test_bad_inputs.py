@@ -13,8 +13,9 @@ variant of the category:
 - ``finiteness``: NaN, +inf at a drawn position of a floating array or a number.
 
 A backend takes part by being declared in :data:`BACKENDS`: those that run in this process, and
-those that need an environment set before their library is imported (Numba's CUDA simulator), which
-run this same file in a child pytest (:func:`test_backends_declared_for_a_child_process`).
+those that need an environment set before their library is imported (Numba's CUDA simulator, CuPy's
+CUDA C emulation on NumPy arrays), which run this same file in a child pytest
+(:func:`test_backends_declared_for_a_child_process`).
 Failures known in a backend are strict xfails naming the failure (:data:`KNOWN_FAILURES`): they fail
 loudly once fixed.
 """
@@ -56,8 +57,7 @@ BACKENDS = {
     "numpy": Declared("numpy"),
     "torch": Declared("torch", requires=("torch",)),
     "numba_cuda": Declared("numpy", requires=("numba", "numba.cuda"), environment={"NUMBA_ENABLE_CUDASIM": "1"}),
-    # "cupy": Declared("numpy", requires=("cupy",), environment={"REFATTN_CUDA_EMULATION": "1"}), once its
-    # backend takes NumPy arrays under the emulation (today it asks for CuPy arrays outside host_execution).
+    "cupy": Declared("numpy", requires=("cupy",), environment={"REFATTN_CUDA_EMULATION": "1"}),  # NumPy arrays
 }
 
 
