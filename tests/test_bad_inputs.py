@@ -16,8 +16,6 @@ A backend takes part by being declared in :data:`BACKENDS`: those that run in th
 those that need an environment set before their library is imported (Numba's CUDA simulator, CuPy's
 CUDA C emulation on NumPy arrays), which run this same file in a child pytest
 (:func:`test_backends_declared_for_a_child_process`).
-Failures known in a backend are strict xfails naming the failure (:data:`KNOWN_FAILURES`): they fail
-loudly once fixed.
 """
 
 from __future__ import annotations
@@ -440,30 +438,13 @@ def expect_named_error(call: Callable[[], Any], names: set[str], what: str) -> N
         pytest.fail(f"{what}: accepted silently, returned {type(result).__name__}")
 
 
-KNOWN_FAILURES: dict[tuple[str, ...], str] = {
-    ("torch", "fsat.candidate_order", "length", "type"):
-        "torch fsat.candidate_order(length='abc') raises torch.arange's TypeError naming no argument",
-    ("torch", "fsat.candidate_order", "length", "range"):
-        "torch fsat.candidate_order(length=0) raises RuntimeError 'upper bound and lower bound inconsistent with "
-        "step sign'",
-    ("torch", "fsat.candidate_order", "causal", "type"):
-        "torch fsat.candidate_order(causal='abc' / 1 / ...) is accepted silently (causal is not checked as a bool)",
-}
-"""(backend, function, argument, category) -> the failure: strict xfails, which fail loudly once fixed."""
-
-
-def _marks(key: tuple[str, ...]) -> list[Any]:
-    reason = KNOWN_FAILURES.get(key)
-    return [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-
-
 SETTINGS = settings(max_examples=3, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 @pytest.mark.parametrize(
     ("backend_name", "function_name", "param_name", "category"),
-    [pytest.param(name, *case, id="-".join((name, *case)), marks=_marks((name, *case)))
+    [pytest.param(name, *case, id="-".join((name, *case)))
      for name in BACKENDS if _here(name) for case in CASES if _has(name, case[0])],
 )
 @SETTINGS
