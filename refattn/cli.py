@@ -2,6 +2,7 @@
 
 - ``refattn info``: version, registered backends, whether each loads here, and the devices seen.
 - ``refattn conformance [--backend NAME ...] [--json PATH]``: the conformance report.
+- ``refattn audit [--backend NAME ...] [--traffic]``: every CUDA launch planned for realistic shapes.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="measure the performance targets (FSAT vs dense, FSAT scaling, routing vs lucidrains, "
                             "NumPy vs torch) instead of a sweep")
     bench.set_defaults(run=_bench)
+    from refattn import audit  # `refattn audit`: its module registers its options
+
+    audit.add_parser(commands)
     arguments = parser.parse_args(argv)
     return arguments.run(arguments)
 

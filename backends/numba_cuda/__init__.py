@@ -16,7 +16,6 @@ float32), computed in float64 if any floating input is float64.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
@@ -25,16 +24,12 @@ from numba import cuda
 from refattn.backends import Backend, Capabilities
 
 from . import fsat, plans, routing
-from .runtime import simulator
+from .runtime import prepare_simulator, simulator
 
 DTYPES = ("float64", "float32")
-# The simulator runs every CUDA thread as a Python thread, and at each barrier they hand the GIL
-# over, by default every 5 ms: at 0.1 ms its barriers run about four times faster (measured on the
-# conformance quick grid). Only in the simulator, which is a test tool.
-SIMULATOR_SWITCH_INTERVAL = 1e-4
 
 if simulator():
-    sys.setswitchinterval(SIMULATOR_SWITCH_INTERVAL)
+    prepare_simulator()
 
 
 def _from_numpy(array: np.ndarray, dtype: str | None = None, device: str = "cuda") -> Any:

@@ -27,6 +27,23 @@ GEMM = 16  # side of the output tiles and depth of the staged operand tiles of t
 GEMM_STRIDE = GEMM + 1  # row stride of a staged tile in shared memory (conflict-free column reads)
 GEMM_SLAB = GEMM * GEMM_STRIDE  # a staged tile (shared-array sizes must be literal constants)
 GEMM_SQUARE = GEMM * GEMM  # an output tile
+LIST_ROWS = 32  # rows of a listed-row slab (and the side of its tile of weights: [row * LIST_ROWS + thread])
+LIST_CHUNK = 32  # features per listed-row slab load
+
+
+@cuda.jit(device=True, inline=True)
+def unravel3(idx, n1, n2):
+    """(i0, i1, i2) of the flat index ``idx`` into a C-ordered (n0, n1, n2) array."""
+    i2 = idx % n2
+    rest = idx // n2
+    return rest // n1, rest % n1, i2
+
+
+@cuda.jit(device=True, inline=True)
+def unravel4(idx, n1, n2, n3):
+    """(i0, i1, i2, i3) of the flat index ``idx`` into a C-ordered (n0, n1, n2, n3) array."""
+    i0, i1, i2 = unravel3(idx // n3, n1, n2)
+    return i0, i1, i2, idx % n3
 
 
 def padded_stride(width: int, lanes: int) -> int:
@@ -117,25 +134,12 @@ def functions(dt: Any) -> SimpleNamespace:
         return bits if x > ZERO else -bits
 
     @cuda.jit(device=True, inline=True)
-    def stage_rows(tile, stride, x, b, h, row0, rows, col0, width):
-        """tile[r * stride + c] = x[b, h, row0 + r, col0 + c] for r < rows, c < width (0 where row0 + r
-        lies outside [0, L)): consecutive threads load consecutive features of a row (coalesced) and
-        store them to consecutive addresses. A barrier before (earlier readers of the tile) and after
-        (the tile is complete). Every thread of the block must call it."""
-        length = x.shape[2]
-        threads = cuda.blockDim.x * cuda.blockDim.y
-        cuda.syncthreads()
-        for e in range(cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x, rows * width, threads):
-            r = e // width
-            c = e - r * width
-            row = row0 + r
-            tile[r * stride + c] = x[b, h, row, col0 + c] if 0 <= row < length else ZERO
-        cuda.syncthreads()
-
-    @cuda.jit(device=True, inline=True)
-    def stage_pair(ta, tb, stride, x, x_row0, y, y_row0, b, h, rows, col0, width):
-        """:func:`stage_rows` of two tiles at once (one pair of barriers): ta from x's rows x_row0 .., tb from
-        y's rows y_row0 .., the same columns."""
+    def stage_rows(ta, tb, stride, x, x_row0, y, y_row0, b, h, rows, col0, width, both):
+        """ta[r * stride + c] = x[b, h, x_row0 + r, col0 + c] for r < rows, c < width (0 where the row lies
+        outside [0, L)), and with ``both`` tb likewise from y's rows y_row0 ..: consecutive threads load
+        consecutive features of a row (coalesced) and store them to consecutive addresses. A barrier
+        before (earlier readers of the tiles) and after (the tiles are complete). Every thread of the
+        block must call it."""
         length = x.shape[2]
         threads = cuda.blockDim.x * cuda.blockDim.y
         cuda.syncthreads()
@@ -144,8 +148,9 @@ def functions(dt: Any) -> SimpleNamespace:
             c = e - r * width
             row = x_row0 + r
             ta[r * stride + c] = x[b, h, row, col0 + c] if 0 <= row < length else ZERO
-            row = y_row0 + r
-            tb[r * stride + c] = y[b, h, row, col0 + c] if 0 <= row < length else ZERO
+            if both:
+                row = y_row0 + r
+                tb[r * stride + c] = y[b, h, row, col0 + c] if 0 <= row < length else ZERO
         cuda.syncthreads()
 
     @cuda.jit(device=True, inline=True)
@@ -165,47 +170,132 @@ def functions(dt: Any) -> SimpleNamespace:
         cuda.syncthreads()
 
     @cuda.jit(device=True, inline=True)
-    def stage_slots(slab, stride, x, cells, count, w0, d0):
-        """slab[r * stride + c] = x[b, h, c, w0 + r % count, d0 + c] for r < blockDim.y * count: the slot
-        rows w0 .. w0 + count of x (B, H, C, W, F) for each group's cluster (b * H + h) * C + c =
-        cells[r // count] (zeros where it is -1). Barriers as :func:`stage_rows`."""
-        heads, clusters = x.shape[1], x.shape[2]
-        width = min(stride, x.shape[4] - d0)
-        cuda.syncthreads()
-        for e in range(cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x, cuda.blockDim.y * count * width,
-                       cuda.blockDim.x * cuda.blockDim.y):
-            r = e // width
-            n = cells[r // count]
-            slab[r * stride + e % width] = x[n // (heads * clusters), (n // clusters) % heads, n % clusters,
-                                             w0 + r % count, d0 + e % width] if n >= 0 else ZERO
-        cuda.syncthreads()
+    def rescale(run_max, new_max):
+        """(max(run_max, new_max), exp(run_max - that)): the online softmax's new running maximum and the
+        factor its running sum and output take (1 when neither is finite: nothing to rescale)."""
+        top = max(run_max, new_max)
+        if top == NEG_INF:
+            return top, dt(1.0)
+        return top, math.exp(run_max - top)
 
     @cuda.jit(device=True, inline=True)
-    def tile_dot(x, centroids, b, h, t0, c0, xs, ms):
-        """x[b, h, t0 + ty] . centroids[h, c0 + tx] for the calling thread (0 outside the arrays).
+    def listed_pass(weights, first, count, slab, table, rows, staged, x, b, h, row, live, decay, scale, mode):
+        """One pass over the ``staged`` listed rows of ``table`` (B, H, ·, F), LIST_CHUNK features at a time
+        (:func:`stage_listed_rows`), for the calling thread t (threadIdx.x) and its rows r < count of the
+        tile of weights ([(first + r) * LIST_ROWS + t]):
 
-        The block's blockDim.y token rows and blockDim.x centroid rows are staged GEMM features at a
-        time, consecutive threads loading consecutive features. Every thread of the block must call it.
-        """
-        length, dim = x.shape[2], x.shape[3]
-        clusters = centroids.shape[1]
-        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-        cols, rows = cuda.blockDim.x, cuda.blockDim.y
-        tid = ty * cols + tx
-        threads = cols * rows
+        - mode 0: weights[r] += x[b, h, row] . table[rows[first + r]] (logits, or dp);
+        - mode 1: x[b, h, row] = decay * x[b, h, row] + scale * sum_r weights[r] table[rows[first + r]];
+        - mode 2: that sum, times scale, added atomically (a row several threads add to).
+
+        Only threads with ``live`` compute. Every thread of the block must call it."""
+        t = cuda.threadIdx.x
+        features = table.shape[3]
+        for d0 in range(0, features, LIST_CHUNK):
+            stage_listed_rows(slab, LIST_CHUNK, table, rows, staged, d0)
+            if live:
+                for d in range(min(LIST_CHUNK, features - d0)):
+                    if mode == 0:
+                        f = x[b, h, row, d0 + d]
+                        for r in range(count):
+                            weights[(first + r) * LIST_ROWS + t] += f * slab[(first + r) * LIST_CHUNK + d]
+                    else:
+                        acc = ZERO
+                        for r in range(count):
+                            acc += weights[(first + r) * LIST_ROWS + t] * slab[(first + r) * LIST_CHUNK + d]
+                        if mode == 1:
+                            x[b, h, row, d0 + d] = decay * x[b, h, row, d0 + d] + scale * acc
+                        elif acc != ZERO:
+                            cuda.atomic.add(x, (b, h, row, d0 + d), scale * acc)
+
+    @cuda.jit(device=True, inline=True)
+    def listed_products(weights, first, count, slab, table, rows, staged, x, b, h, row, live):
+        """:func:`listed_pass` mode 0: weights += x[b, h, row] . the listed rows of table."""
+        listed_pass(weights, first, count, slab, table, rows, staged, x, b, h, row, live, ZERO, ZERO, 0)
+
+    @cuda.jit(device=True, inline=True)
+    def listed_accumulate(target, b, h, row, weights, first, count, slab, table, rows, staged, decay, scale, live,
+                          atomic):
+        """:func:`listed_pass` mode 1 (mode 2 with ``atomic``): target[b, h, row] = decay target + scale sum."""
+        listed_pass(weights, first, count, slab, table, rows, staged, target, b, h, row, live, decay, scale,
+                    2 if atomic else 1)
+
+    @cuda.jit(device=True, inline=True)
+    def softmax_tile(weights, first, count, tile_max, run_max, run_sum):
+        """The online softmax over one tile of logits weights[(first + r) * LIST_ROWS + threadIdx.x] (r < count,
+        their maximum ``tile_max``): the logits become exp(z - new maximum); returns (live, the factor the
+        running output takes, the new running maximum and sum). Nothing changes without a finite logit."""
+        t = cuda.threadIdx.x
+        if tile_max == NEG_INF:
+            return False, dt(1.0), run_max, run_sum
+        top, factor = rescale(run_max, tile_max)
+        total = ZERO
+        for r in range(count):
+            p = math.exp(weights[(first + r) * LIST_ROWS + t] - top)
+            weights[(first + r) * LIST_ROWS + t] = p
+            total += p
+        return True, factor, top, run_sum * factor + total
+
+    @cuda.jit(device=True, inline=True)
+    def clear_row(x, b, h, row, active):
+        if active:
+            for d in range(x.shape[3]):
+                x[b, h, row, d] = ZERO
+
+    @cuda.jit(device=True, inline=True)
+    def finish_row(out, lse, b, h, row, run_max, run_sum, active):
+        """out[b, h, row] /= the running sum, lse[b, h, row] = its log-sum-exp (-inf, out left 0, with none)."""
+        if active:
+            if run_sum > ZERO:
+                inverse = dt(1.0) / run_sum
+                for d in range(out.shape[3]):
+                    out[b, h, row, d] *= inverse
+                lse[b, h, row] = run_max + math.log(run_sum)
+            else:
+                lse[b, h, row] = NEG_INF
+
+    @cuda.jit(device=True, inline=True)
+    def row_dot(x, y, b, h, row):
+        """x[b, h, row] . y[b, h, row] (one thread)."""
         acc = ZERO
-        for d0 in range(0, dim, GEMM):
-            w = min(GEMM, dim - d0)
+        for d in range(x.shape[3]):
+            acc += x[b, h, row, d] * y[b, h, row, d]
+        return acc
+
+    @cuda.jit(device=True, inline=True)
+    def stage_block(tile, x, b, h, row0, rows, col0, cols):
+        """tile[r * GEMM_STRIDE + c] = x[b, h, row0 + r, col0 + c] for r < rows, c < cols (0 outside x):
+        consecutive threads on consecutive c (coalesced). No barrier: the caller's."""
+        threads = cuda.blockDim.x * cuda.blockDim.y
+        for e in range(cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x, rows * cols, threads):
+            r = e // cols
+            c = e - r * cols
+            inside = row0 + r < x.shape[2] and col0 + c < x.shape[3]
+            tile[r * GEMM_STRIDE + c] = x[b, h, row0 + r, col0 + c] if inside else ZERO
+
+    @cuda.jit(device=True, inline=True)
+    def gemm(a, ab, a_row0, a_col0, a_trans, y, yb, y_row0, y_col0, y_trans, h, depth, sa, sy):
+        """sum over k < depth of A[ty, k] Y[k, tx] for the calling thread (tx, ty): A[i, k] = a[ab, h, a_row0 + i,
+        a_col0 + k] (a[ab, h, a_row0 + k, a_col0 + i] when ``a_trans``), Y[k, j] = y[yb, h, y_row0 + k, y_col0 + j]
+        (y[yb, h, y_row0 + j, y_col0 + k] when ``y_trans``): both operands staged GEMM deep at a time in
+        shared memory (row stride GEMM + 1: conflict-free). Every thread of the block must call it."""
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        acc = ZERO
+        for k0 in range(0, depth, GEMM):
+            w = min(GEMM, depth - k0)
             cuda.syncthreads()
-            for e in range(tid, rows * w, threads):
-                t = t0 + e // w
-                xs[(e // w) * GEMM_STRIDE + e % w] = x[b, h, t, d0 + e % w] if t < length else ZERO
-            for e in range(tid, cols * w, threads):
-                c = c0 + e // w
-                ms[(e // w) * GEMM_STRIDE + e % w] = centroids[h, c, d0 + e % w] if c < clusters else ZERO
+            if a_trans:
+                stage_block(sa, a, ab, h, a_row0 + k0, w, a_col0, cuda.blockDim.y)
+            else:
+                stage_block(sa, a, ab, h, a_row0, cuda.blockDim.y, a_col0 + k0, w)
+            if y_trans:
+                stage_block(sy, y, yb, h, y_row0, cuda.blockDim.x, y_col0 + k0, w)
+            else:
+                stage_block(sy, y, yb, h, y_row0 + k0, w, y_col0, cuda.blockDim.x)
             cuda.syncthreads()
-            for j in range(w):
-                acc += xs[ty * GEMM_STRIDE + j] * ms[tx * GEMM_STRIDE + j]
+            for k in range(w):
+                acc += (sa[k * GEMM_STRIDE + ty] if a_trans else sa[ty * GEMM_STRIDE + k]) * \
+                    (sy[tx * GEMM_STRIDE + k] if y_trans else sy[k * GEMM_STRIDE + tx])
         return acc
 
     @cuda.jit(device=True, inline=True)
@@ -223,15 +313,6 @@ def functions(dt: Any) -> SimpleNamespace:
             acc[row_acc + d] = scale * acc[row_acc + d] + weight * x[row_x + d]
 
     @cuda.jit(device=True, inline=True)
-    def rescale(run_max, new_max):
-        """(max(run_max, new_max), exp(run_max - that)): the online softmax's new running maximum and the
-        factor its running sum and output take (1 when neither is finite: nothing to rescale)."""
-        top = max(run_max, new_max)
-        if top == NEG_INF:
-            return top, dt(1.0)
-        return top, math.exp(run_max - top)
-
-    @cuda.jit(device=True, inline=True)
     def padded_stride(width, lanes):
         """:func:`padded_stride` in a kernel."""
         return width + (lanes - width) % (2 * lanes)
@@ -246,7 +327,8 @@ def functions(dt: Any) -> SimpleNamespace:
         return twr[0], twi[0]
 
     return SimpleNamespace(tree_sum=tree_sum, block_scan=block_scan, order_key=order_key, stage_rows=stage_rows,
-                           stage_pair=stage_pair,
-                           stage_listed_rows=stage_listed_rows, stage_slots=stage_slots, tile_dot=tile_dot,
+                           stage_listed_rows=stage_listed_rows, gemm=gemm,
+                           listed_products=listed_products, listed_accumulate=listed_accumulate,
+                           softmax_tile=softmax_tile, clear_row=clear_row, finish_row=finish_row, row_dot=row_dot,
                            lane_dot=lane_dot, lane_axpy=lane_axpy, rescale=rescale, padded_stride=padded_stride,
                            twiddle=twiddle)

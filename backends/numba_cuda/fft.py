@@ -31,6 +31,7 @@ import numpy as np
 from numba import cuda
 
 from . import device
+from .device import unravel3
 from .kernels import KernelTable, registry
 from .runtime import Call
 
@@ -60,11 +61,14 @@ def pow2_at_least(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def fft_plan(length: int, rows: int, itemsize: int, max_radix: int | None = None) -> FFTPlan:
-    """The plan of the real FFTs for a convolution of ``length`` outputs over ``rows`` rows."""
+def fft_plan(length: int, rows: int, itemsize: int, max_radix: int | None = None,
+             budget: int = FFT_BUDGET_BYTES) -> FFTPlan:
+    """The plan of the real FFTs for a convolution of ``length`` outputs over ``rows`` rows: passes of
+    radix at most ``max_radix`` (default: what shared memory holds), buffers within ``budget`` bytes
+    (or one row's, if larger)."""
     size = max(2, pow2_at_least(length))
     half = size // 2
-    chunk = max(1, min(rows, FFT_BUDGET_BYTES // (BUFFERS * half * itemsize)))
+    chunk = max(1, min(rows, budget // (BUFFERS * half * itemsize)))
     columns = min(SECTOR_BYTES // itemsize, chunk)
     largest = FFT_SHARED // columns if max_radix is None else min(max_radix, FFT_SHARED // columns)
     bits, most = int(math.log2(half)), int(math.log2(largest))
@@ -84,16 +88,18 @@ def twiddle_table(size: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def convolve(call: Call, x: Any, x_weight: Any, x_reverse: bool, y: Any, y_weight: Any, y_reverse: bool,
-             offset: int, out: Any, out_weight: Any, *, max_radix: int | None = None) -> None:
+             offset: int, out: Any, out_weight: Any, *, max_radix: int | None = None,
+             budget: int = FFT_BUDGET_BYTES) -> None:
     """out[b, h, t, f] = out_weight[b', t] * (x' * y')[t + offset], the full linear convolution of the rows
 
         x'[n] = x[b, h, n, f] * x_weight[b', n]   (n read backwards when ``x_reverse``),  y' likewise,
 
     b' = b, or 0 for a weight of one row. x (B, H, Lx, F), y (B, H, Ly, F), out (B, H, T, F) with
-    T + offset <= Lx + Ly - 1; the weights (B or 1, ·) in the dtype of x.
+    T + offset <= Lx + Ly - 1; the weights (B or 1, ·) in the dtype of x. ``max_radix`` and ``budget``
+    as :func:`fft_plan` takes them (tests force several passes and chunks at small sizes with them).
     """
     batch, heads, _, features = x.shape
-    plan = fft_plan(x.shape[2] + y.shape[2] - 1, batch * heads * features, x.dtype.itemsize, max_radix)
+    plan = fft_plan(x.shape[2] + y.shape[2] - 1, batch * heads * features, x.dtype.itemsize, max_radix, budget)
     dtype = np.dtype(x.dtype)
     half = plan.half
     tw = call.constant(("twiddles", plan.size, dtype.name), lambda: twiddle_table(plan.size, dtype.name))
@@ -145,17 +151,11 @@ def kernels(dt: Any) -> KernelTable:
         """zr[n, r] + i zi[n, r] = x'[2n] + i x'[2n + 1] of row row0 + r < row0 + count (zeros past the
         chunk's rows and past the sequence); one thread per (n, r), r fastest: consecutive features."""
         idx = cuda.grid(1)
-        half, columns = zr.shape
-        if idx >= half * columns:
+        if idx >= zr.size:
             return
-        n = idx // columns
-        r = idx - n * columns
-        heads, length, features = x.shape[1], x.shape[2], x.shape[3]
-        row = row0 + r
-        f = row % features
-        bh = row // features
-        b = bh // heads
-        h = bh - b * heads
+        n, r = idx // zr.shape[1], idx % zr.shape[1]
+        length = x.shape[2]
+        b, h, f = unravel3(row0 + r, x.shape[1], x.shape[3])
         wb = b if weight.shape[0] > 1 else 0
         even = ZERO
         odd = ZERO
@@ -197,7 +197,7 @@ def kernels(dt: Any) -> KernelTable:
         col = (cuda.blockIdx.x // span) * cols + c
         inside = col < columns
         sign = dt(direction)
-        for j in (t, t + butterflies):
+        for j in range(t, radix, butterflies):  # t and t + R / 2
             sr[j * cols + c] = xr[u + j * span, col] if inside else ZERO
             si[j * cols + c] = xi[u + j * span, col] if inside else ZERO
         inner = 1
@@ -230,7 +230,7 @@ def kernels(dt: Any) -> KernelTable:
         cuda.syncthreads()
         p = u // stride
         q = u - p * stride
-        for k in (t, t + butterflies):
+        for k in range(t, radix, butterflies):
             if flip:
                 vr, vi = tr[k * cols + c], ti[k * cols + c]
             else:
@@ -285,16 +285,10 @@ def kernels(dt: Any) -> KernelTable:
         """out[b, h, t, f] = p[t + offset] * norm * weight[b', t] for the rows row0 .. row0 + count, p the
         real sequence whose even samples are zr and odd ones zi; one thread per (t, r), r fastest."""
         idx = cuda.grid(1)
-        heads, length, features = out.shape[1], out.shape[2], out.shape[3]
-        if idx >= length * count:
+        if idx >= out.shape[2] * count:
             return
-        t = idx // count
-        r = idx - t * count
-        row = row0 + r
-        f = row % features
-        bh = row // features
-        b = bh // heads
-        h = bh - b * heads
+        t, r = idx // count, idx % count
+        b, h, f = unravel3(row0 + r, out.shape[1], out.shape[3])
         n = t + offset
         value = zr[n // 2, r] if n % 2 == 0 else zi[n // 2, r]
         out[b, h, t, f] = value * norm * weight[b if weight.shape[0] > 1 else 0, t]
@@ -406,11 +400,11 @@ def emulate_store(zr: np.ndarray, zi: np.ndarray, count: int, offset: int, lengt
 
 def emulate_convolve(x: np.ndarray, x_weight: np.ndarray, x_reverse: bool, y: np.ndarray, y_weight: np.ndarray,
                      y_reverse: bool, offset: int, length: int, out_weight: np.ndarray, *,
-                     max_radix: int | None = None) -> np.ndarray:
+                     max_radix: int | None = None, budget: int = FFT_BUDGET_BYTES) -> np.ndarray:
     """:func:`convolve` in NumPy, kernel by kernel in the dtype of x: out (B, H, length, F)."""
     batch, heads, _, features = x.shape
     dtype = x.dtype
-    plan = fft_plan(x.shape[2] + y.shape[2] - 1, batch * heads * features, dtype.itemsize, max_radix)
+    plan = fft_plan(x.shape[2] + y.shape[2] - 1, batch * heads * features, dtype.itemsize, max_radix, budget)
     twr, twi = twiddle_table(plan.size, dtype.name)
     norm = dtype.type(1.0 / plan.half)
 

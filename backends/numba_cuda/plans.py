@@ -148,8 +148,8 @@ FUNCTIONS: dict[str, tuple[Callable[[Planner, dict[str, Any]], Any], Bound]] = {
         lambda p, x: sparse_attention_vjp_core(p, x["q"], x["k"], x["v"], x["offsets"], x["bias"],
                                                                 x["dout"], key_padding_mask=x["mask"]),
         lambda z: (2 * z.seq(z.shape.dim) + 2 * z.seq(z.shape.dim_v) + z.seq(1 + 2 * z.k_eff)
-                   + 8 * z.shape.batch * z.shape.length,
-                   "dq, dk, dv + out, lse + p, dz (B, H, L, K)")),
+                   + z.shape.batch * (z.shape.heads * z.k_eff + z.shape.length) * z.itemsize,
+                   "dq, dk, dv + out, lse + p, dz (B, H, L, K) + dbias + validity")),
     "fsat.attention": (
         lambda p, x: fsat_attention_core(p, x["q"], x["k"], x["v"], x["w"], x["top_k"],
                                                    key_padding_mask=x["mask"]),

@@ -14,6 +14,7 @@ from numba import cuda
 
 from refattn.fsat.attention import FSATGrads, Plan, check_attention, check_attention_vjp
 
+from ..device import unravel3
 from ..kernels import KernelTable, registry
 from ..runtime import Call, intake
 from .cross import Pairs, cross_core, cross_vjp_core, pairs
@@ -103,21 +104,16 @@ def kernels(dt: Any) -> KernelTable:
     def gather_bias_k(s, offsets, bias):
         """bias[b, h, m] = s[b, h, offsets[b, h, m] + L - 1]."""
         idx = cuda.grid(1)
-        batch, heads, top = offsets.shape
-        if idx < batch * heads * top:
-            row = idx // top
-            bias[row // heads, row % heads, idx % top] = s[row // heads, row % heads,
-                                                           offsets[row // heads, row % heads, idx % top]
-                                                           + (s.shape[2] - 1) // 2]
+        if idx < offsets.size:
+            b, h, m = unravel3(idx, offsets.shape[1], offsets.shape[2])
+            bias[b, h, m] = s[b, h, offsets[b, h, m] + (s.shape[2] - 1) // 2]
 
     @kernel("F3 I3 F3")
     def scatter_ds_k(dbias, offsets, ds):
         """ds[b, h, offsets[b, h, m] + L - 1] = dbias[b, h, m] (ds zero elsewhere)."""
         idx = cuda.grid(1)
-        batch, heads, top = offsets.shape
-        if idx < batch * heads * top:
-            row = idx // top
-            ds[row // heads, row % heads, offsets[row // heads, row % heads, idx % top]
-               + (ds.shape[2] - 1) // 2] = dbias[row // heads, row % heads, idx % top]
+        if idx < offsets.size:
+            b, h, m = unravel3(idx, offsets.shape[1], offsets.shape[2])
+            ds[b, h, offsets[b, h, m] + (ds.shape[2] - 1) // 2] = dbias[b, h, m]
 
     return table

@@ -119,21 +119,16 @@ def kernels(dt: Any) -> KernelTable:
         def rounded_counts_k(correlation, counts):
             """n[b, t] = the float64 autocorrelation of the validity, rounded (exact: its error is far below 1/2)."""
             idx = cuda.grid(1)
-            rows, count = counts.shape
-            if idx < rows * count:
-                b = idx // count
-                t = idx - b * count
+            if idx < counts.size:
+                b, t = idx // counts.shape[1], idx % counts.shape[1]
                 counts[b, t] = int(correlation[b, 0, t, 0] + 0.5)
 
     @kernel("I2 F2")
     def inverse_counts_k(counts, inverse):
         """1 / n, and 0 where n = 0."""
         idx = cuda.grid(1)
-        rows, count = counts.shape
-        if idx < rows * count:
-            b = idx // count
-            t = idx - b * count
-            n = counts[b, t]
-            inverse[b, t] = dt(1.0) / dt(n) if n > 0 else dt(0.0)
+        if idx < counts.size:
+            n = counts[idx // counts.shape[1], idx % counts.shape[1]]
+            inverse[idx // counts.shape[1], idx % counts.shape[1]] = dt(1.0) / dt(n) if n > 0 else dt(0.0)
 
     return table

@@ -15,6 +15,7 @@ from numba import cuda
 from refattn.fsat.estimate import check_estimate, check_estimate_vjp
 
 from .. import device
+from ..device import unravel4
 from ..kernels import KernelTable, registry
 from ..runtime import Call, intake, row_launch
 from .cross import pair_counts_core
@@ -108,14 +109,9 @@ def kernels(dt: Any) -> KernelTable:
     def estimate_dc_k(ds, w, counts, rscale, dc):
         """dc[b, h, t, f] = ds[b, h, t] w[h, f] / sqrt(Dc) where n_tau > 0, else 0; f fastest."""
         idx = cuda.grid(1)
-        batch, heads, count, features = dc.shape
-        if idx >= batch * heads * count * features:
+        if idx >= dc.size:
             return
-        f = idx % features
-        row = idx // features
-        t = row % count
-        h = (row // count) % heads
-        b = row // (count * heads)
+        b, h, t, f = unravel4(idx, dc.shape[1], dc.shape[2], dc.shape[3])
         has_pairs = counts[b if counts.shape[0] > 1 else 0, t] > 0
         dc[b, h, t, f] = ds[b, h, t] * w[h, f] * rscale if has_pairs else ZERO
 

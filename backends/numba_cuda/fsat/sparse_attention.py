@@ -5,7 +5,7 @@ How it differs from the reference: fused kernels instead of an (L, K) logit arra
 - A block owns a tile of ``rows`` consecutive queries (or, for dk and dv, keys) with ``lanes``
   threads per row on interleaved features. For offset tau the partners of the tile are the
   contiguous rows i0 + tau .. of k and v (i0 - tau .. of q and dout for the keys), so every operand
-  is staged in shared memory feature-chunk by feature-chunk by coalesced loads (:func:`stage_rows`);
+  is staged in shared memory feature-chunk by feature-chunk by coalesced loads (``stage_rows``);
   the rows' dot products are lane sums and a tree over the lanes.
 - The output (dq, dk, dv) of the tile lives in shared memory, in blocks of up to ``RES`` columns,
   for the whole loop over the offsets (the online softmax rescales it there) and goes to device
@@ -154,19 +154,34 @@ def kernels(dt: Any) -> KernelTable:
     ACC = ROWS * (RES + LANES)  # the output block
     REDUCE = ROWS * LANES  # the lanes' partial sums
     SHARED = (2 * STAGE + ACC + REDUCE + ROWS) * size
+    KEY_SHARED = (STAGE + ACC + ROWS) * size
     fn = device.functions(dt)
-    stage_rows, stage_pair, lane_dot, lane_axpy = fn.stage_rows, fn.stage_pair, fn.lane_dot, fn.lane_axpy
+    stage_rows, lane_dot, lane_axpy = fn.stage_rows, fn.lane_dot, fn.lane_axpy
     tree_sum = fn.tree_sum
     rescale, padded_stride = fn.rescale, fn.padded_stride
     table, kernel = registry()
 
     @cuda.jit(device=True, inline=True)
     def tile_of(length, heads):
-        """(b, h, first row) of this block: blocks run over (b * H + h, tile of blockDim.y rows)."""
+        """(b, h, first row, staged-tile stride, output-block stride) of this block: blocks run over
+        (b * H + h, tile of blockDim.y rows), blockDim.x lanes per row."""
         tiles = (length + cuda.blockDim.y - 1) // cuda.blockDim.y
         bh = cuda.blockIdx.x // tiles
         b = bh // heads
-        return b, bh - b * heads, (cuda.blockIdx.x - bh * tiles) * cuda.blockDim.y
+        lanes = cuda.blockDim.x
+        return (b, bh - b * heads, (cuda.blockIdx.x - bh * tiles) * cuda.blockDim.y, padded_stride(CHUNK, lanes),
+                padded_stride(RES, lanes))
+
+    @cuda.jit(device=True, inline=True)
+    def query_tiles():
+        """The shared arrays of a query-tile kernel: two staged tiles, the output block, the lanes' partial
+        sums and a per-row scale. (One array per line: the CUDA simulator tells them apart by their line.)"""
+        first = cuda.shared.array(STAGE, dt)
+        second = cuda.shared.array(STAGE, dt)
+        block = cuda.shared.array(ACC, dt)
+        partial = cuda.shared.array(REDUCE, dt)
+        row_scale = cuda.shared.array(ROWS, dt)
+        return first, second, block, partial, row_scale
 
     @cuda.jit(device=True, inline=True)
     def shifted_dot(sa, sb, stride, red, x, x_row0, y, y_row0, b, h, features):
@@ -176,7 +191,7 @@ def kernels(dt: Any) -> KernelTable:
         part = ZERO
         for d0 in range(0, features, CHUNK):
             width = min(CHUNK, features - d0)
-            stage_pair(sa, sb, stride, x, x_row0, y, y_row0, b, h, cuda.blockDim.y, d0, width)
+            stage_rows(sa, sb, stride, x, x_row0, y, y_row0, b, h, cuda.blockDim.y, d0, width, True)
             part += lane_dot(sa, r * stride, sb, r * stride, width, lane, lanes)
         return tree_sum(red, lane, lanes, 1, r * lanes, part)
 
@@ -187,7 +202,7 @@ def kernels(dt: Any) -> KernelTable:
         r, lane, lanes = cuda.threadIdx.y, cuda.threadIdx.x, cuda.blockDim.x
         for d0 in range(c0, c0 + columns, CHUNK):
             width = min(CHUNK, c0 + columns - d0)
-            stage_rows(tile, stride, x, b, h, row0, cuda.blockDim.y, d0, width)
+            stage_rows(tile, tile, stride, x, row0, x, row0, b, h, cuda.blockDim.y, d0, width, False)
             lane_axpy(acc, r * astride + d0 - c0, decay, tile, weight, r * stride, width, lane, lanes)
 
     @cuda.jit(device=True, inline=True)
@@ -222,17 +237,10 @@ def kernels(dt: Any) -> KernelTable:
         """out_i = sum_m softmax_m(z_im) v_(i + tau_m), z_im = scale q_i . k_(i + tau_m) + bias_m over the valid
         pairs, lse_i = log sum_m exp(z_im) (-inf, and out 0, for a row with none). Online softmax over the
         offsets, the output block rescaled in shared memory."""
-        qs = cuda.shared.array(STAGE, dt)
-        ks = cuda.shared.array(STAGE, dt)
-        acc = cuda.shared.array(ACC, dt)
-        red = cuda.shared.array(REDUCE, dt)
-        row_scale = cuda.shared.array(ROWS, dt)
-        heads, length, dim = q.shape[1], q.shape[2], q.shape[3]
-        dim_v = v.shape[3]
-        lanes, r = cuda.blockDim.x, cuda.threadIdx.y
-        stride = padded_stride(CHUNK, lanes)
-        astride = padded_stride(RES, lanes)
-        b, h, i0 = tile_of(length, heads)
+        qs, ks, acc, red, row_scale = query_tiles()
+        heads, length, dim, dim_v = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+        b, h, i0, stride, astride = tile_of(length, heads)
+        r = cuda.threadIdx.y
         i = i0 + r
         for c0 in range(0, dim_v, RES):
             columns = min(RES, dim_v - c0)
@@ -262,17 +270,10 @@ def kernels(dt: Any) -> KernelTable:
         """Per query tile: delta_i = dout_i . out_i - dlse_i, then for every offset p_im = exp(z_im - lse_i),
         dz_im = p_im (dout_i . v_j - delta_i) (0 off the valid pairs), written to probs and dz (B, H, L, K),
         and dq_i = scale sum_m dz_im k_j accumulated in shared memory."""
-        qs = cuda.shared.array(STAGE, dt)
-        ks = cuda.shared.array(STAGE, dt)
-        acc = cuda.shared.array(ACC, dt)
-        red = cuda.shared.array(REDUCE, dt)
-        row_scale = cuda.shared.array(ROWS, dt)
-        heads, length, dim = q.shape[1], q.shape[2], q.shape[3]
-        dim_v = v.shape[3]
-        lanes, r = cuda.blockDim.x, cuda.threadIdx.y
-        stride = padded_stride(CHUNK, lanes)
-        astride = padded_stride(RES, lanes)
-        b, h, i0 = tile_of(length, heads)
+        qs, ks, acc, red, row_scale = query_tiles()
+        heads, length, dim, dim_v = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+        b, h, i0, stride, astride = tile_of(length, heads)
+        r = cuda.threadIdx.y
         i = i0 + r
         row_lse = lse[b, h, i] if i < length else NEG_INF
         delta = shifted_dot(qs, ks, stride, red, dout, i0, out, i0, b, h, dim_v)
@@ -315,18 +316,15 @@ def kernels(dt: Any) -> KernelTable:
                 accumulate(acc, astride, c0, columns, tile, stride, x, b, h, j0 - tau, ONE, weight)
             store(acc, astride, row_scale, target, b, h, j0, c0, columns)
 
-    @kernel("F4 F4 I3 F4 F4 f F4 F4", shared=SHARED)
+    @kernel("F4 F4 I3 F4 F4 f F4 F4", shared=KEY_SHARED)
     def sparse_backward_key_k(q, dout, offsets, probs, dz, scale, dk, dv):
         """Per key tile: dk_j = scale sum_m dz[j - tau_m, m] q_(j - tau_m), dv_j = sum_m p[j - tau_m, m]
         dout_(j - tau_m), each accumulated in shared memory (a gather: no atomics)."""
         ks = cuda.shared.array(STAGE, dt)
         acc = cuda.shared.array(ACC, dt)
         row_scale = cuda.shared.array(ROWS, dt)
-        heads, length = q.shape[1], q.shape[2]
-        lanes, r = cuda.blockDim.x, cuda.threadIdx.y
-        stride = padded_stride(CHUNK, lanes)
-        astride = padded_stride(RES, lanes)
-        b, h, j0 = tile_of(length, heads)
+        b, h, j0, stride, astride = tile_of(q.shape[2], q.shape[1])
+        r = cuda.threadIdx.y
         if cuda.threadIdx.x == 0:
             row_scale[r] = scale
         gather_keys(acc, astride, row_scale, ks, stride, q, dz, dk, offsets, b, h, j0)

@@ -18,11 +18,12 @@ from refattn.routing.centroids import CentroidState, check_assign, check_update_
 from refattn.routing.profiles import Profile
 
 from .. import device
-from ..device import GEMM, GEMM_SLAB, GEMM_SQUARE
+from ..device import GEMM, GEMM_SLAB, GEMM_SQUARE, unravel3
 from ..kernels import KernelTable, registry
 from ..runtime import REDUCE, ROW_LANES, Call, intake
 from .normalize import normalize_core
 from .route import padding_flags
+from .similarity import heads_first
 
 __all__ = ["CentroidState", "assign", "init_centroids", "update_centroids", "assign_core", "update_centroids_core"]
 
@@ -35,7 +36,8 @@ def assign_core(call: Call, x_hat: Any, centroids: Any, *, key_padding_mask: Any
     padded = padding_flags(call, key_padding_mask, batch, length)
     cols, rows = min(GEMM, centroids.shape[1]), min(GEMM, length)
     labels = call.empty((batch, heads, length), np.int64)
-    call.launch("assign_k", -(-length // rows) * batch * heads, (cols, rows), x_hat, centroids, padded, labels)
+    call.launch("assign_k", -(-length // rows) * batch * heads, (cols, rows), x_hat, heads_first(centroids), padded,
+                labels)
     return labels
 
 
@@ -104,22 +106,22 @@ def kernels(dt: Any) -> KernelTable:
     NEG_INF = dt(-float("inf"))
     size = dt.bitwidth // 8
     fn = device.functions(dt)
-    tile_dot, tree_sum = fn.tile_dot, fn.tree_sum
+    gemm, tree_sum = fn.gemm, fn.tree_sum
     table, kernel = registry()
 
-    @kernel("F4 F3 I2 I3", shared=(2 * GEMM_SLAB + GEMM_SQUARE) * size)
+    @kernel("F4 F4 I2 I3", shared=(2 * GEMM_SLAB + GEMM_SQUARE) * size)
     def assign_k(x_hat, centroids, padded, labels):
-        """labels[b, h, t] = argmax_c x_hat[b, h, t] . centroids[h, c] (first maximum), -1 where padded.
+        """labels[b, h, t] = argmax_c x_hat[b, h, t] . centroids[0, h, c] (first maximum), -1 where padded.
 
         blockDim.y tokens per block (blocks: L tiles fastest, then b * H + h); the block sweeps the
-        centroids in tiles of blockDim.x with ``tile_dot``, and thread x = 0 of each token row keeps the
+        centroids in tiles of blockDim.x (``gemm``), and thread x = 0 of each token row keeps the
         running best.
         """
         xs = cuda.shared.array(GEMM_SLAB, dt)
         ms = cuda.shared.array(GEMM_SLAB, dt)
         dots = cuda.shared.array(GEMM_SQUARE, dt)
         batch, heads, length, dim = x_hat.shape
-        clusters = centroids.shape[1]
+        clusters = centroids.shape[2]
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         cols = cuda.blockDim.x
         tiles = (length + cuda.blockDim.y - 1) // cuda.blockDim.y
@@ -130,7 +132,7 @@ def kernels(dt: Any) -> KernelTable:
         best = NEG_INF
         best_c = -1
         for c0 in range(0, clusters, cols):
-            dots[ty * GEMM + tx] = tile_dot(x_hat, centroids, b, h, t0, c0, xs, ms)
+            dots[ty * GEMM + tx] = gemm(x_hat, b, t0, 0, False, centroids, 0, c0, 0, True, h, dim, xs, ms)
             cuda.syncthreads()
             if tx == 0:
                 for j in range(min(cols, clusters - c0)):
@@ -138,7 +140,7 @@ def kernels(dt: Any) -> KernelTable:
                     if best_c < 0 or value > best:  # strict: ties keep the lower index
                         best = value
                         best_c = c0 + j
-            # tile_dot opens with a barrier, so dots is not overwritten before it has been read
+            # gemm opens with a barrier, so dots is not overwritten before it has been read
         t = t0 + ty
         if tx == 0 and t < length:
             labels[b, h, t] = -1 if padded[b, t] != 0 else best_c
@@ -182,12 +184,9 @@ def kernels(dt: Any) -> KernelTable:
         ``new`` may be ``old`` (each element is read before it is written by the same thread).
         """
         idx = cuda.grid(1)
-        heads, clusters, dim = sums.shape
-        if idx >= heads * clusters * dim:
+        if idx >= sums.size:
             return
-        d = idx % dim
-        c = (idx // dim) % clusters
-        h = idx // (dim * clusters)
+        h, c, d = unravel3(idx, sums.shape[1], sums.shape[2])
         new_sums[h, c, d] = keep * sums[h, c, d] + rate * batch_sums[h, c, d]
         if d == 0:
             new_counts[h, c] = keep * counts[h, c] + rate * batch_counts[h, c]
@@ -220,12 +219,9 @@ def kernels(dt: Any) -> KernelTable:
         """lucidrains: new_means = keep * means + rate * (unit if batch_counts > 0 else means), ``unit``
         the L2-normalized batch sums; counts and sums copied unchanged. One thread per (h, c, d)."""
         idx = cuda.grid(1)
-        heads, clusters, dim = means.shape
-        if idx >= heads * clusters * dim:
+        if idx >= means.size:
             return
-        d = idx % dim
-        c = (idx // dim) % clusters
-        h = idx // (dim * clusters)
+        h, c, d = unravel3(idx, means.shape[1], means.shape[2])
         old = means[h, c, d]
         target = unit[h, c, d] if batch_counts[h, c] > ZERO else old
         new_means[h, c, d] = keep * old + rate * target

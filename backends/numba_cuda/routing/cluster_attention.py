@@ -27,17 +27,17 @@ from refattn.routing.cluster_attention import check_cluster_attention, check_clu
 from refattn.routing.profiles import Profile
 
 from .. import device
+from ..device import LIST_CHUNK, LIST_ROWS
 from ..kernels import KernelTable, registry
 from ..runtime import Call, intake
 from .normalize import normalize_core, normalize_vjp_core
 
 __all__ = ["cluster_attention", "cluster_attention_vjp", "cluster_attention_core", "cluster_attention_vjp_core",
-           "Routed", "TILE", "CHUNK"]
+           "Routed", "TILE", "SLAB", "LOGITS"]
 
-TILE = 32  # slots per tile (and rows of the shared slabs)
-CHUNK = 32  # features per slab load
-SLAB = TILE * CHUNK  # a shared slab (a literal constant for cuda.shared.array)
-LOGITS = TILE * TILE  # a TILE x TILE tile of logits
+TILE = LIST_ROWS  # slots per tile (and rows of the shared slabs)
+SLAB = LIST_ROWS * LIST_CHUNK  # a shared slab (a literal constant for cuda.shared.array)
+LOGITS = LIST_ROWS * LIST_ROWS  # a tile of logits, [key row * TILE + query thread]
 
 
 class Routed(NamedTuple):
@@ -94,12 +94,19 @@ def cluster_launch(own: Any, other: Any) -> tuple[int, tuple[int, int]]:
 
 def cluster_forward(call: Call, routed: Routed, f_q: Any, f_k: Any, v: Any) -> tuple[Any, Any]:
     """(o (B, H, C, Wq, Dv), lse (B, H, C, Wq)) on the device."""
-    shape = tuple(routed.q_members.shape)
-    o = call.empty(shape + (routed.dim_v,))
-    lse = call.empty(shape)
+    batch, heads, clusters, window = routed.q_members.shape
+    o = call.empty((batch, heads, clusters, window, routed.dim_v))
+    lse = call.empty((batch, heads, clusters, window))
     call.launch("cluster_forward_k", *cluster_launch(routed.q_members, routed.k_members), f_q, f_k, v,
-                routed.q_members, routed.k_members, *logit_arguments(call, routed, f_q.shape[3]), o, lse)
+                routed.q_members, routed.k_members, *logit_arguments(call, routed, f_q.shape[3]), slots(o),
+                slots(lse))
     return o, lse
+
+
+def slots(x: Any) -> Any:
+    """(B, H, C, W, ·) as (B, H, C * W, ·): the slot rows the kernels index as rows c * W + w."""
+    shape = tuple(x.shape)
+    return x.reshape(shape[0], shape[1], shape[2] * shape[3], *shape[4:])
 
 
 def cluster_attention_core(call: Call, q: Any, k: Any, v: Any, q_members: Any, k_members: Any, *,
@@ -133,9 +140,9 @@ def cluster_backward(call: Call, routed: Routed, q: Any, k: Any, v: Any, do: Any
     dfk = dfq if routed.shared_qk and profile.logits_use_normalized else call.zeros(q.shape)
     dv = call.zeros(v.shape)
     call.launch("cluster_backward_query_k", *cluster_launch(routed.q_members, routed.k_members), f_q, f_k, v,
-                routed.q_members, routed.k_members, *arguments, o, lse, do, delta, dfq)
+                routed.q_members, routed.k_members, *arguments, slots(o), slots(lse), slots(do), slots(delta), dfq)
     call.launch("cluster_backward_key_k", *cluster_launch(routed.k_members, routed.q_members), f_q, f_k, v,
-                routed.q_members, routed.k_members, *arguments, lse, do, delta, dfk, dv)
+                routed.q_members, routed.k_members, *arguments, slots(lse), slots(do), slots(delta), dfk, dv)
     if profile.logits_use_normalized:
         dq = normalize_vjp_core(call, q, dfq, profile=profile)
         return dq, (None if routed.shared_qk else normalize_vjp_core(call, k, dfk, profile=profile)), dv
@@ -164,280 +171,176 @@ def cluster_attention_vjp(q: Any, k: Any, v: Any, q_members: Any, k_members: Any
     return call.out(dq, dk, dv)
 
 
+def tile_shared(itemsize: int, tiles: int, row_values: int, row_lists: int) -> int:
+    """Static shared memory of a slab kernel: the slab, ``tiles`` tiles of logits, ``row_values`` per-row
+    values and ``row_lists`` lists of flat rows (int64)."""
+    return (SLAB + tiles * LOGITS + row_values * TILE) * itemsize + row_lists * TILE * 8
+
+
 def kernels(dt: Any) -> KernelTable:
     """The cluster-attention kernels for the float type ``dt``."""
     ZERO = dt(0.0)
     ONE = dt(1.0)
     NEG_INF = dt(-math.inf)
     size = dt.bitwidth // 8
-    FORWARD_SHARED = (SLAB + LOGITS) * size + TILE * 8
-    QUERY_SHARED = (SLAB + 2 * LOGITS) * size + TILE * 8
-    KEY_SHARED = (SLAB + 2 * LOGITS + 2 * TILE) * size + 2 * TILE * 8
     fn = device.functions(dt)
-    stage_listed_rows, stage_slots = fn.stage_listed_rows, fn.stage_slots
+    listed_products, listed_accumulate, softmax_tile = fn.listed_products, fn.listed_accumulate, fn.softmax_tile
+    clear_row, finish_row, row_dot = fn.clear_row, fn.finish_row, fn.row_dot
     table, kernel = registry()
 
-    @kernel("F4 F4 F4 I4 I4 i i f f F5 F4", shared=FORWARD_SHARED)
-    def cluster_forward_k(fq, fk, v, q_members, k_members, causal, self_masked, self_logit, scale, o, lse):
-        """o[b, h, c, w] = sum_u softmax_u(z_wu) v[k_members[c, u]], lse[b, h, c, w] = log sum_u exp(z_wu).
-
-        z_wu = scale fq_i · fk_j for query i = q_members[c, w] and key j = k_members[c, u], over the
-        valid keys (j >= 0, j <= i when causal; z = self_logit where j = i when self_masked).
-        Cells (b * H + h, c, query tile), flattened (tile fastest), blockDim.y of them per block (a
-        group each: small clusters share a block, see the module notes); one thread per query slot.
-        Key tiles of TILE slots (one tile for every group when they share a block): each group's fk
-        rows staged in the slab, its logits in shared memory, online softmax, then the v rows staged
-        and the output row (in o) rescaled and accumulated. Empty query slots and queries with no
-        valid key get o = 0 and lse = -inf.
-        """
-        slab = cuda.shared.array(SLAB, dt)
-        logits = cuda.shared.array(LOGITS, dt)  # [key row * TILE + query thread], a group's key rows together
-        keys = cuda.shared.array(TILE, int64)  # flat rows (b * H + h) * L + j of the key tile, -1 if empty
-        batch, heads, length = fq.shape[0], fq.shape[1], fq.shape[2]
-        dim, dim_v = fq.shape[3], v.shape[3]
-        clusters, wq = q_members.shape[2], q_members.shape[3]
-        wk = k_members.shape[3]
-        tid = cuda.threadIdx.x
-        tiles = (wq + cuda.blockDim.x - 1) // cuda.blockDim.x
+    @cuda.jit(device=True, inline=True)
+    def cell_of(own, length):
+        """(b, h, c, s, active, slot, position, flat row of (b, h, 0)) of this thread: cells (b * H + h, c,
+        tile of blockDim.x slots s of the ``own`` members), tile fastest, blockDim.y cells (groups) per block,
+        a thread per slot; ``active``: its cell exists, ``slot``: its slot too, ``position``: own[b, h, c, s]
+        (-1 for an empty or missing slot)."""
+        heads, clusters, window = own.shape[1], own.shape[2], own.shape[3]
+        tiles = (window + cuda.blockDim.x - 1) // cuda.blockDim.x
         cell = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
-        active = cell < batch * heads * clusters * tiles
-        w = (cell % tiles) * cuda.blockDim.x + tid
-        c = (cell // tiles) % clusters
         bh = cell // (tiles * clusters)
         b = bh // heads
-        h = bh % heads
-        row0 = bh * length  # the flat row of (b, h, 0)
-        slot = active and w < wq
-        i = q_members[b, h, c, w] if slot else -1
+        h = bh - b * heads
+        c = (cell // tiles) % clusters
+        s = (cell % tiles) * cuda.blockDim.x + cuda.threadIdx.x
+        active = cell < own.shape[0] * heads * clusters * tiles
+        slot = active and s < window
+        return b, h, c, s, active, slot, own[b, h, c, s] if slot else -1, bh * length
+
+    @cuda.jit(device=True, inline=True)
+    def list_rows(rows, first, count, members, b, h, c, s0, row0, active):
+        """rows[first + r] = row0 + members[b, h, c, s0 + r] (the flat row of that position), -1 for an empty slot."""
+        for r in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+            j = members[b, h, c, s0 + r] if active else -1
+            rows[first + r] = row0 + j if j >= 0 else -1
+
+    @cuda.jit(device=True, inline=True)
+    def clear_tile(weights, first, count):
+        for r in range(count):
+            weights[(first + r) * TILE + cuda.threadIdx.x] = ZERO
+
+    @kernel("F4 F4 F4 I4 I4 i i f f F4 F3", shared=tile_shared(size, 1, 0, 1))
+    def cluster_forward_k(fq, fk, v, q_members, k_members, causal, self_masked, self_logit, scale, o, lse):
+        """o[b, h, c W + w] = sum_u softmax_u(z_wu) v_j, lse[b, h, c W + w] = log sum_u exp(z_wu), over the valid
+        keys: z_wu = scale fq_i . fk_j for query i = q_members[c, w], key j = k_members[c, u] (j >= 0, j <= i
+        when causal; z = self_logit where j = i when self_masked). Per tile of TILE key slots: the fk rows
+        staged, the logits in shared memory, the online softmax, then the v rows into the output row.
+        Empty query slots and queries with no valid key get o = 0 and lse = -inf."""
+        slab = cuda.shared.array(SLAB, dt)
+        logits = cuda.shared.array(LOGITS, dt)
+        keys = cuda.shared.array(TILE, int64)  # flat rows (b * H + h) * L + j of the key tile, -1 if empty
+        wq, wk = q_members.shape[3], k_members.shape[3]
+        b, h, c, w, active, slot, i, row0 = cell_of(q_members, fq.shape[2])
         run_max = NEG_INF
         run_sum = ZERO
-        if slot:
-            for e in range(dim_v):
-                o[b, h, c, w, e] = ZERO
+        clear_row(o, b, h, c * wq + w, slot)
         for u0 in range(0, wk, TILE):
             count = min(TILE, wk - u0)
-            first = cuda.threadIdx.y * count  # this group's rows in keys, the slab and the logits
-            # No barrier before refilling the tile arrays: the previous tile read them before the
-            # closing barrier of its last stage, and the first stage below opens with one.
-            for r in range(tid, count, cuda.blockDim.x):
-                j = k_members[b, h, c, u0 + r] if active else -1
-                keys[first + r] = row0 + j if j >= 0 else -1
-            for r in range(count):
-                logits[(first + r) * TILE + tid] = ZERO
-            for d0 in range(0, dim, CHUNK):
-                stage_listed_rows(slab, CHUNK, fk, keys, cuda.blockDim.y * count, d0)
-                if i >= 0:
-                    for x in range(min(CHUNK, dim - d0)):
-                        f = fq[b, h, i, d0 + x]
-                        for r in range(count):
-                            logits[(first + r) * TILE + tid] += f * slab[(first + r) * CHUNK + x]
+            first = cuda.threadIdx.y * count  # this group's rows of keys, the slab and the logits
+            # No barrier before refilling the tile arrays: the previous tile read them before the closing
+            # barrier of its last stage, and the first stage below opens with one.
+            list_rows(keys, first, count, k_members, b, h, c, u0, row0, active)
+            clear_tile(logits, first, count)
+            listed_products(logits, first, count, slab, fk, keys, cuda.blockDim.y * count, fq, b, h, i, i >= 0)
             tile_max = NEG_INF
             if i >= 0:
                 for r in range(count):
                     j = keys[first + r] - row0  # < 0 for an empty key slot
                     z = NEG_INF
                     if j >= 0 and not (causal and j > i):
-                        z = self_logit if (self_masked and j == i) else logits[(first + r) * TILE + tid] * scale
-                    logits[(first + r) * TILE + tid] = z
+                        z = self_logit if (self_masked and j == i) else logits[(first + r) * TILE + cuda.threadIdx.x] \
+                            * scale
+                    logits[(first + r) * TILE + cuda.threadIdx.x] = z
                     tile_max = max(tile_max, z)
-            live = tile_max > NEG_INF  # this tile has a valid key for this query
-            correction = ONE
-            if live:
-                new_max = max(run_max, tile_max)
-                correction = math.exp(run_max - new_max)
-                total = ZERO
-                for r in range(count):
-                    p = math.exp(logits[(first + r) * TILE + tid] - new_max)
-                    logits[(first + r) * TILE + tid] = p
-                    total += p
-                run_sum = run_sum * correction + total
-                run_max = new_max
-            for d0 in range(0, dim_v, CHUNK):
-                stage_listed_rows(slab, CHUNK, v, keys, cuda.blockDim.y * count, d0)
-                if live:
-                    for x in range(min(CHUNK, dim_v - d0)):
-                        acc = o[b, h, c, w, d0 + x] * correction
-                        for r in range(count):
-                            acc += logits[(first + r) * TILE + tid] * slab[(first + r) * CHUNK + x]
-                        o[b, h, c, w, d0 + x] = acc
-        if slot:
-            if run_sum > ZERO:
-                inverse = ONE / run_sum
-                for e in range(dim_v):
-                    o[b, h, c, w, e] *= inverse
-                lse[b, h, c, w] = run_max + math.log(run_sum)
-            else:
-                lse[b, h, c, w] = NEG_INF
+            live, decay, run_max, run_sum = softmax_tile(logits, first, count, tile_max, run_max, run_sum)
+            listed_accumulate(o, b, h, c * wq + w, logits, first, count, slab, v, keys, cuda.blockDim.y * count,
+                              decay, ONE, live, False)
+        finish_row(o, lse, b, h, c * wq + w, run_max, run_sum, slot)
 
-    @kernel("F4 F4 F4 I4 I4 i i f f F5 F4 F5 F4 F4", shared=QUERY_SHARED)
+    @kernel("F4 F4 F4 I4 I4 i i f f F4 F3 F4 F3 F4", shared=tile_shared(size, 2, 0, 1))
     def cluster_backward_query_k(fq, fk, v, q_members, k_members, causal, self_masked, self_logit, scale, o, lse, do,
                                  delta, dfq):
-        """Query side of the backward: delta_w = do_w · o_w, and dfq[i] += scale sum_u dz_wu fk_j (atomic).
-
-        Same cells, groups and key tiling as :func:`cluster_forward_k`. Per key tile: the logits again
-        from the fk slab, dp_wu = do_w · v_j from the v slab, p_wu = exp(z_wu - lse_w), dz_wu = p_wu
-        (dp_wu - delta_w) (0 where z is the constant self logit), then the fk slab once more for dfq.
-        A token that is a query in several clusters receives the sum of its slots, hence the atomics.
-        Writes delta (B, H, C, Wq) for :func:`cluster_backward_key_k`.
-        """
+        """Query side of the backward: delta_w = do_w . o_w, and dfq[i] += scale sum_u dz_wu fk_j (atomic: a token
+        that is a query in several clusters receives the sum of its slots). Cells and key tiles as
+        :func:`cluster_forward_k`; per key tile the logits again, dp_wu = do_w . v_j, p_wu = exp(z_wu - lse_w),
+        dz_wu = p_wu (dp_wu - delta_w) (0 where z is the constant self logit). Writes delta for the key side."""
         slab = cuda.shared.array(SLAB, dt)
-        logits = cuda.shared.array(LOGITS, dt)  # z, [key row * TILE + query thread]
+        logits = cuda.shared.array(LOGITS, dt)
         grads = cuda.shared.array(LOGITS, dt)  # dp, then dz
-        keys = cuda.shared.array(TILE, int64)  # flat key rows, as in cluster_forward_k
-        batch, heads, length = fq.shape[0], fq.shape[1], fq.shape[2]
-        dim, dim_v = fq.shape[3], v.shape[3]
-        clusters, wq = q_members.shape[2], q_members.shape[3]
-        wk = k_members.shape[3]
-        tid = cuda.threadIdx.x
-        tiles = (wq + cuda.blockDim.x - 1) // cuda.blockDim.x
-        cell = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
-        active = cell < batch * heads * clusters * tiles
-        w = (cell % tiles) * cuda.blockDim.x + tid
-        c = (cell // tiles) % clusters
-        bh = cell // (tiles * clusters)
-        b = bh // heads
-        h = bh % heads
-        row0 = bh * length
-        slot = active and w < wq
-        i = q_members[b, h, c, w] if slot else -1
+        keys = cuda.shared.array(TILE, int64)
+        wq, wk = q_members.shape[3], k_members.shape[3]
+        b, h, c, w, active, slot, i, row0 = cell_of(q_members, fq.shape[2])
         row_lse = NEG_INF
         row_delta = ZERO
         if slot:
-            for e in range(dim_v):
-                row_delta += do[b, h, c, w, e] * o[b, h, c, w, e]
-            delta[b, h, c, w] = row_delta
-            row_lse = lse[b, h, c, w]
+            row_delta = row_dot(do, o, b, h, c * wq + w)
+            delta[b, h, c * wq + w] = row_delta
+            row_lse = lse[b, h, c * wq + w]
         live = i >= 0 and row_lse > NEG_INF  # a query with no valid key has no gradient
         for u0 in range(0, wk, TILE):
             count = min(TILE, wk - u0)
             first = cuda.threadIdx.y * count
-            # No barrier before refilling the tile arrays: the previous tile read them before the
-            # closing barrier of its last stage, and the first stage below opens with one.
-            for r in range(tid, count, cuda.blockDim.x):
-                j = k_members[b, h, c, u0 + r] if active else -1
-                keys[first + r] = row0 + j if j >= 0 else -1
-            for r in range(count):
-                logits[(first + r) * TILE + tid] = ZERO
-                grads[(first + r) * TILE + tid] = ZERO
-            for d0 in range(0, dim, CHUNK):
-                stage_listed_rows(slab, CHUNK, fk, keys, cuda.blockDim.y * count, d0)
-                if live:
-                    for x in range(min(CHUNK, dim - d0)):
-                        f = fq[b, h, i, d0 + x]
-                        for r in range(count):
-                            logits[(first + r) * TILE + tid] += f * slab[(first + r) * CHUNK + x]
-            for d0 in range(0, dim_v, CHUNK):
-                stage_listed_rows(slab, CHUNK, v, keys, cuda.blockDim.y * count, d0)
-                if live:
-                    for x in range(min(CHUNK, dim_v - d0)):
-                        g = do[b, h, c, w, d0 + x]
-                        for r in range(count):
-                            grads[(first + r) * TILE + tid] += g * slab[(first + r) * CHUNK + x]
+            list_rows(keys, first, count, k_members, b, h, c, u0, row0, active)
+            clear_tile(logits, first, count)
+            clear_tile(grads, first, count)
+            listed_products(logits, first, count, slab, fk, keys, cuda.blockDim.y * count, fq, b, h, i, live)
+            listed_products(grads, first, count, slab, v, keys, cuda.blockDim.y * count, do, b, h, c * wq + w, live)
             if live:
                 for r in range(count):
                     j = keys[first + r] - row0  # < 0 for an empty key slot
                     g = ZERO
                     if j >= 0 and not (causal and j > i) and not (self_masked and j == i):
-                        p = math.exp(logits[(first + r) * TILE + tid] * scale - row_lse)
-                        g = p * (grads[(first + r) * TILE + tid] - row_delta)
-                    grads[(first + r) * TILE + tid] = g
-            for d0 in range(0, dim, CHUNK):
-                stage_listed_rows(slab, CHUNK, fk, keys, cuda.blockDim.y * count, d0)
-                if live:
-                    for x in range(min(CHUNK, dim - d0)):
-                        acc = ZERO
-                        for r in range(count):
-                            acc += grads[(first + r) * TILE + tid] * slab[(first + r) * CHUNK + x]
-                        if acc != ZERO:
-                            cuda.atomic.add(dfq, (b, h, i, d0 + x), acc * scale)
+                        p = math.exp(logits[(first + r) * TILE + cuda.threadIdx.x] * scale - row_lse)
+                        g = p * (grads[(first + r) * TILE + cuda.threadIdx.x] - row_delta)
+                    grads[(first + r) * TILE + cuda.threadIdx.x] = g
+            listed_accumulate(dfq, b, h, i, grads, first, count, slab, fk, keys, cuda.blockDim.y * count, ONE, scale,
+                              live, True)
 
-    @kernel("F4 F4 F4 I4 I4 i i f f F4 F5 F4 F4 F4", shared=KEY_SHARED)
+    @kernel("F4 F4 F4 I4 I4 i i f f F3 F4 F3 F4 F4", shared=tile_shared(size, 2, 2, 2))
     def cluster_backward_key_k(fq, fk, v, q_members, k_members, causal, self_masked, self_logit, scale, lse, do,
                                delta, dfk, dv):
-        """Key side of the backward: dfk[j] += scale sum_w dz_wu fq_i and dv[j] += sum_w p_wu do_w (atomic).
-
-        Cells (b * H + h, c, key tile), blockDim.y of them per block as in :func:`cluster_forward_k`, one
-        thread per key slot u; query tiles of TILE slots with their positions, lse and delta staged in
-        shared memory: the logits from the fq slab, p = exp(z - lse), then the do slab gives dp_wu =
-        do_w · v_j and dv at once, dz = p (dp - delta) (0 at the constant self logit), and the fq slab
-        once more for dfk. A token that is a key in several clusters receives the sum of its slots,
-        hence the atomics.
-        """
+        """Key side of the backward: dfk[j] += scale sum_w dz_wu fq_i and dv[j] += sum_w p_wu do_w (atomic: a
+        token that is a key in several clusters receives the sum of its slots). Cells (b * H + h, c, tile of
+        key slots) as :func:`cluster_forward_k`'s, a thread per key slot u; per tile of TILE query slots their
+        positions, slot rows, lse and delta listed in shared memory: the logits from the fq rows, p = exp(z - lse),
+        dp = v_j . do_w, dv from the do rows, dz = p (dp - delta) (0 at the constant self logit), dfk."""
         slab = cuda.shared.array(SLAB, dt)
         probs = cuda.shared.array(LOGITS, dt)  # z, then p, [query row * TILE + key thread]
         grads = cuda.shared.array(LOGITS, dt)  # dp, then dz
         queries = cuda.shared.array(TILE, int64)  # flat rows (b * H + h) * L + i of the query tile, -1 if empty
+        rows = cuda.shared.array(TILE, int64)  # flat slot rows (b * H + h) * C * Wq + c * Wq + w of do
         row_lse = cuda.shared.array(TILE, dt)
         row_delta = cuda.shared.array(TILE, dt)
-        cells = cuda.shared.array(TILE, int64)  # each group's cluster (b * H + h) * C + c, -1 past the last
-        batch, heads, length = fq.shape[0], fq.shape[1], fq.shape[2]
-        dim, dim_v = fq.shape[3], v.shape[3]
-        clusters, wq = q_members.shape[2], q_members.shape[3]
-        wk = k_members.shape[3]
-        tid = cuda.threadIdx.x
-        group = cuda.threadIdx.y
-        tiles = (wk + cuda.blockDim.x - 1) // cuda.blockDim.x
-        cell = cuda.blockIdx.x * cuda.blockDim.y + group
-        active = cell < batch * heads * clusters * tiles
-        u = (cell % tiles) * cuda.blockDim.x + tid
-        c = (cell // tiles) % clusters
-        bh = cell // (tiles * clusters)
-        b = bh // heads
-        h = bh % heads
-        row0 = bh * length
-        j = k_members[b, h, c, u] if active and u < wk else -1
-        if tid == 0:
-            cells[group] = bh * clusters + c if active else -1
+        heads, clusters, wq = q_members.shape[1], q_members.shape[2], q_members.shape[3]
+        b, h, c, u, active, slot, j, row0 = cell_of(k_members, fq.shape[2])
         for w0 in range(0, wq, TILE):
             count = min(TILE, wq - w0)
-            first = group * count  # this group's rows in queries, row_lse, row_delta, the slab and probs
-            # No barrier before refilling the tile arrays: the previous tile read them before the
-            # closing barrier of its last stage, and the first stage below opens with one.
-            for r in range(tid, count, cuda.blockDim.x):
-                i = q_members[b, h, c, w0 + r] if active else -1
-                queries[first + r] = row0 + i if i >= 0 else -1
-                row_lse[first + r] = lse[b, h, c, w0 + r] if active else NEG_INF
-                row_delta[first + r] = delta[b, h, c, w0 + r] if active else ZERO
-            for r in range(count):
-                probs[(first + r) * TILE + tid] = ZERO
-                grads[(first + r) * TILE + tid] = ZERO
-            for d0 in range(0, dim, CHUNK):
-                stage_listed_rows(slab, CHUNK, fq, queries, cuda.blockDim.y * count, d0)
-                if j >= 0:
-                    for x in range(min(CHUNK, dim - d0)):
-                        f = fk[b, h, j, d0 + x]
-                        for r in range(count):
-                            probs[(first + r) * TILE + tid] += f * slab[(first + r) * CHUNK + x]
+            first = cuda.threadIdx.y * count  # this group's rows of the listed arrays, the slab and the tiles
+            list_rows(queries, first, count, q_members, b, h, c, w0, row0, active)
+            for r in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+                rows[first + r] = (b * heads + h) * clusters * wq + c * wq + w0 + r if active else -1
+                row_lse[first + r] = lse[b, h, c * wq + w0 + r] if active else NEG_INF
+                row_delta[first + r] = delta[b, h, c * wq + w0 + r] if active else ZERO
+            clear_tile(probs, first, count)
+            clear_tile(grads, first, count)
+            staged = cuda.blockDim.y * count
+            listed_products(probs, first, count, slab, fq, queries, staged, fk, b, h, j, j >= 0)
             if j >= 0:
                 for r in range(count):
                     i = queries[first + r] - row0  # < 0 for an empty query slot
                     p = ZERO
                     if i >= 0 and row_lse[first + r] > NEG_INF and not (causal and j > i):
-                        z = self_logit if (self_masked and j == i) else probs[(first + r) * TILE + tid] * scale
+                        z = self_logit if (self_masked and j == i) else probs[(first + r) * TILE + cuda.threadIdx.x] \
+                            * scale
                         p = math.exp(z - row_lse[first + r])
-                    probs[(first + r) * TILE + tid] = p
-            for d0 in range(0, dim_v, CHUNK):
-                stage_slots(slab, CHUNK, do, cells, count, w0, d0)
-                if j >= 0:
-                    for x in range(min(CHUNK, dim_v - d0)):
-                        f = v[b, h, j, d0 + x]
-                        acc = ZERO
-                        for r in range(count):
-                            grads[(first + r) * TILE + tid] += f * slab[(first + r) * CHUNK + x]
-                            acc += probs[(first + r) * TILE + tid] * slab[(first + r) * CHUNK + x]
-                        if acc != ZERO:
-                            cuda.atomic.add(dv, (b, h, j, d0 + x), acc)
+                    probs[(first + r) * TILE + cuda.threadIdx.x] = p
+            listed_products(grads, first, count, slab, do, rows, staged, v, b, h, j, j >= 0)
+            listed_accumulate(dv, b, h, j, probs, first, count, slab, do, rows, staged, ONE, ONE, j >= 0, True)
             if j >= 0:
                 for r in range(count):
-                    g = probs[(first + r) * TILE + tid] * (grads[(first + r) * TILE + tid] - row_delta[first + r])
-                    grads[(first + r) * TILE + tid] = ZERO if (self_masked and row0 + j == queries[first + r]) else g
-            for d0 in range(0, dim, CHUNK):
-                stage_listed_rows(slab, CHUNK, fq, queries, cuda.blockDim.y * count, d0)
-                if j >= 0:
-                    for x in range(min(CHUNK, dim - d0)):
-                        acc = ZERO
-                        for r in range(count):
-                            acc += grads[(first + r) * TILE + tid] * slab[(first + r) * CHUNK + x]
-                        if acc != ZERO:
-                            cuda.atomic.add(dfk, (b, h, j, d0 + x), acc * scale)
+                    g = probs[(first + r) * TILE + cuda.threadIdx.x] * (grads[(first + r) * TILE + cuda.threadIdx.x]
+                                                                          - row_delta[first + r])
+                    grads[(first + r) * TILE + cuda.threadIdx.x] = ZERO if (self_masked and row0 + j
+                                                                              == queries[first + r]) else g
+            listed_accumulate(dfk, b, h, j, grads, first, count, slab, fq, queries, staged, ONE, scale, j >= 0, True)
+
     return table

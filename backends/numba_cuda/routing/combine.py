@@ -15,6 +15,7 @@ from numba import cuda
 from refattn.routing.combine import check_combine, check_combine_vjp
 from refattn.routing.profiles import Profile
 
+from ..device import unravel4
 from ..kernels import KernelTable, registry
 from ..runtime import Call, intake
 
@@ -63,17 +64,19 @@ def kernels(dt: Any) -> KernelTable:
     ZERO = dt(0.0)
     table, kernel = registry()
 
+    @cuda.jit(device=True, inline=True)
+    def slot_of(idx, x):
+        """(b, h, c, w, e) of the flat index into x (B, H, C, W, Dv), e fastest."""
+        b, h, c, w = unravel4(idx // x.shape[4], x.shape[1], x.shape[2], x.shape[3])
+        return b, h, c, w, idx % x.shape[4]
+
     @kernel("I4 I3")
     def combine_count_k(members, counts):
         """counts[b, h, t] += 1 for every filled slot holding t (atomic); one thread per slot."""
         idx = cuda.grid(1)
-        batch, heads, clusters, window = members.shape
-        if idx >= batch * heads * clusters * window:
+        if idx >= members.size:
             return
-        w = idx % window
-        c = (idx // window) % clusters
-        h = (idx // (window * clusters)) % heads
-        b = idx // (window * clusters * heads)
+        b, h, c, w = unravel4(idx, members.shape[1], members.shape[2], members.shape[3])
         t = members[b, h, c, w]
         if t >= 0:
             cuda.atomic.add(counts, (b, h, t), 1)
@@ -85,15 +88,9 @@ def kernels(dt: Any) -> KernelTable:
         One thread per element of o, the feature fastest (coalesced reads and atomics); empty slots skipped.
         """
         idx = cuda.grid(1)
-        batch, heads, clusters, window, dim_v = o.shape
-        if idx >= batch * heads * clusters * window * dim_v:
+        if idx >= o.size:
             return
-        e = idx % dim_v
-        slot = idx // dim_v
-        w = slot % window
-        c = (slot // window) % clusters
-        h = (slot // (window * clusters)) % heads
-        b = slot // (window * clusters * heads)
+        b, h, c, w, e = slot_of(idx, o)
         t = members[b, h, c, w]
         if t >= 0:
             cuda.atomic.add(out, (b, h, t, e), o[b, h, c, w, e] / (dt(counts[b, h, t]) + eps))
@@ -105,15 +102,9 @@ def kernels(dt: Any) -> KernelTable:
         A gather: one thread per element of do, the feature fastest.
         """
         idx = cuda.grid(1)
-        batch, heads, clusters, window, dim_v = do.shape
-        if idx >= batch * heads * clusters * window * dim_v:
+        if idx >= do.size:
             return
-        e = idx % dim_v
-        slot = idx // dim_v
-        w = slot % window
-        c = (slot // window) % clusters
-        h = (slot // (window * clusters)) % heads
-        b = slot // (window * clusters * heads)
+        b, h, c, w, e = slot_of(idx, do)
         t = members[b, h, c, w]
         do[b, h, c, w, e] = dout[b, h, t, e] / (dt(counts[b, h, t]) + eps) if t >= 0 else ZERO
     return table

@@ -15,6 +15,7 @@ from numba import cuda
 from refattn.routing.commitment import check_commitment_loss, check_commitment_loss_vjp
 
 from .. import device
+from ..device import unravel4
 from ..kernels import KernelTable, registry
 from ..runtime import REDUCE, Call, intake
 from .centroids import assign_core
@@ -85,23 +86,23 @@ def kernels(dt: Any) -> KernelTable:
     tree_sum = device.functions(dt).tree_sum
     table, kernel = registry()
 
+    @cuda.jit(device=True, inline=True)
+    def residual(x_hat, centroids, labels, idx):
+        """(b, h, t, d) of the flat index into x_hat, and x_hat - centroids[h, label] there (0 at padding)."""
+        b, h, t, d = unravel4(idx, x_hat.shape[1], x_hat.shape[2], x_hat.shape[3])
+        a = labels[b, h, t]
+        return b, h, t, d, x_hat[b, h, t, d] - centroids[h, a, d] if a >= 0 else ZERO
+
     @kernel("F4 F3 I3 F1", shared=REDUCE * size)
     def commitment_partial_k(x_hat, centroids, labels, partial):
         """partial[block] = sum of (x_hat - centroids[h, label])^2 over this block's grid-stride share of
         the (b, h, t, d) elements with label >= 0 (consecutive threads on consecutive d); a tree
         reduction per block. The grid size depends only on the shape, so the sum is deterministic."""
         part = cuda.shared.array(REDUCE, dt)
-        batch, heads, length, dim = x_hat.shape
         acc = ZERO
-        for e in range(cuda.grid(1), batch * heads * length * dim, cuda.gridsize(1)):
-            d = e % dim
-            t = (e // dim) % length
-            h = (e // (dim * length)) % heads
-            b = e // (dim * length * heads)
-            a = labels[b, h, t]
-            if a >= 0:
-                r = x_hat[b, h, t, d] - centroids[h, a, d]
-                acc += r * r
+        for e in range(cuda.grid(1), x_hat.size, cuda.gridsize(1)):
+            r = residual(x_hat, centroids, labels, e)[4]
+            acc += r * r
         total = tree_sum(part, cuda.threadIdx.x, cuda.blockDim.x, 1, 0, acc)
         if cuda.threadIdx.x == 0:
             partial[cuda.blockIdx.x] = total
@@ -121,14 +122,8 @@ def kernels(dt: Any) -> KernelTable:
     def commitment_vjp_k(x_hat, centroids, labels, factor, dx):
         """dx = factor (x_hat - centroids[h, label]) where label >= 0, 0 at padding; one thread per element."""
         idx = cuda.grid(1)
-        batch, heads, length, dim = x_hat.shape
-        if idx >= batch * heads * length * dim:
-            return
-        d = idx % dim
-        t = (idx // dim) % length
-        h = (idx // (dim * length)) % heads
-        b = idx // (dim * length * heads)
-        a = labels[b, h, t]
-        dx[b, h, t, d] = factor * (x_hat[b, h, t, d] - centroids[h, a, d]) if a >= 0 else ZERO
+        if idx < x_hat.size:
+            b, h, t, d, r = residual(x_hat, centroids, labels, idx)
+            dx[b, h, t, d] = factor * r
 
     return table

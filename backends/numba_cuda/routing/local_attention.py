@@ -20,7 +20,7 @@ from refattn.routing.local_attention import check_local_attention, check_local_a
 from .. import device
 from ..kernels import KernelTable, registry
 from ..runtime import Call, intake
-from .cluster_attention import CHUNK, LOGITS, SLAB, TILE
+from .cluster_attention import LOGITS, SLAB, TILE, tile_shared
 
 __all__ = ["local_attention", "local_attention_vjp", "local_attention_core", "local_attention_vjp_core"]
 
@@ -105,260 +105,151 @@ def local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causal
 
 def kernels(dt: Any) -> KernelTable:
     """The local-attention kernels for the float type ``dt``."""
-    ZERO = dt(0.0)
-    ONE = dt(1.0)
-    NEG_INF = dt(-math.inf)
-    size = dt.bitwidth // 8
-    FORWARD_SHARED = (SLAB + LOGITS) * size + TILE * 8
-    QUERY_SHARED = (SLAB + 2 * LOGITS) * size + TILE * 8
-    KEY_SHARED = (SLAB + 2 * LOGITS + 2 * TILE) * size + TILE * 8
-    stage_listed_rows = device.functions(dt).stage_listed_rows
+    ZERO, ONE, NEG_INF, size = dt(0.0), dt(1.0), dt(-math.inf), dt.bitwidth // 8
+    fn = device.functions(dt)
+    listed_products, listed_accumulate, softmax_tile = fn.listed_products, fn.listed_accumulate, fn.softmax_tile
+    clear_row, finish_row, row_dot = fn.clear_row, fn.finish_row, fn.row_dot
     table, kernel = registry()
 
-    @kernel("F4 F4 F4 I2 i i f F4 F3", shared=FORWARD_SHARED)
-    def local_forward_k(q, k, v, padded, block, causal, scale, out, lse):
-        """out_i = sum_j softmax_j(scale q_i · k_j) v_j over the keys i sees, lse_i = log sum_j exp(·).
+    @cuda.jit(device=True, inline=True)
+    def tile_of(x, padded, block, causal, keys):
+        """(b, h, first position p0, flat row of (b, h, 0), padding row, this thread's position p, inside,
+        active, partners from, partners to) of this block: blocks over (b * H + h, tile of blockDim.x
+        positions), tile fastest; ``inside``: p < L, ``active``: and not padded; the partners are the
+        contiguous range of keys the tile's queries see (of queries that see the tile's ``keys``)."""
+        heads, length = x.shape[1], x.shape[2]
+        tiles = (length + cuda.blockDim.x - 1) // cuda.blockDim.x
+        bh = cuda.blockIdx.x // tiles
+        b = bh // heads
+        p0 = (cuda.blockIdx.x - bh * tiles) * cuda.blockDim.x
+        bp = b if padded.shape[0] > 1 else 0
+        p = p0 + cuda.threadIdx.x
+        inside = p < length
+        last = min(length, p0 + cuda.blockDim.x) - 1
+        lo = p0 if keys and causal else max(0, (p0 // block - 1) * block)
+        hi = last + 1 if causal and not keys else min(length, (last // block + 2) * block)
+        return b, bh - b * heads, p0, bh * length, bp, p, inside, inside and padded[bp, p] == 0, lo, hi
 
-        Query i sees key j iff |i // block - j // block| <= 1, j <= i when causal, and neither is
-        padded (``padded`` (B or 1, L), nonzero = padding). One block per (b * H + h, query tile),
-        flattened (tile fastest), one thread per query; the block runs over the contiguous key range
-        its queries can see, in tiles of TILE rows staged like :mod:`.cluster_attention`'s (each thread
-        masks the keys it does not see). A padded query or one with no visible key gets 0, lse -inf.
-        """
+    @cuda.jit(device=True, inline=True)
+    def visible(i, j, block, causal, padded, bp):
+        """Does query i see key j: neighbouring blocks, j <= i when causal, key not padded?"""
+        return abs(i // block - j // block) <= 1 and not (causal and j > i) and padded[bp, j] == 0
+
+    @cuda.jit(device=True, inline=True)
+    def list_range(rows, count, row0):
+        """rows[r] = row0 + r for r < count: a contiguous range of flat rows."""
+        for r in range(cuda.threadIdx.x, count, cuda.blockDim.x):
+            rows[r] = row0 + r
+
+    @cuda.jit(device=True, inline=True)
+    def clear_tile(weights, count):
+        for r in range(count):
+            weights[r * TILE + cuda.threadIdx.x] = ZERO
+
+    @kernel("F4 F4 F4 I2 i i f F4 F3", shared=tile_shared(size, 1, 0, 1))
+    def local_forward_k(q, k, v, padded, block, causal, scale, out, lse):
+        """out_i = sum_j softmax_j(scale q_i . k_j) v_j over the keys i sees, lse_i = log sum_j exp(.).
+
+        One thread per query; the block runs over the contiguous key range its queries can see (blocks
+        n - 1 .. n + 1), in tiles of TILE keys staged in shared memory, each thread masking the keys it
+        does not see; an online softmax. A padded query or one with no visible key gets 0, lse -inf."""
         slab = cuda.shared.array(SLAB, dt)
         logits = cuda.shared.array(LOGITS, dt)  # [key r * TILE + query thread]
         keys = cuda.shared.array(TILE, int64)
-        heads, length, dim = q.shape[1], q.shape[2], q.shape[3]
-        dim_v = v.shape[3]
-        tid = cuda.threadIdx.x
-        tiles = (length + cuda.blockDim.x - 1) // cuda.blockDim.x
-        i0 = (cuda.blockIdx.x % tiles) * cuda.blockDim.x
-        bh = cuda.blockIdx.x // tiles
-        b = bh // heads
-        h = bh % heads
-        row0 = bh * length  # the flat row of (b, h, 0): the staged rows are flat
-        bp = b if padded.shape[0] > 1 else 0
-        i = i0 + tid
-        inside = i < length
-        active = inside and padded[bp, i] == 0
-        last = min(length, i0 + cuda.blockDim.x) - 1
-        lo = max(0, (i0 // block - 1) * block)
-        hi = last + 1 if causal else min(length, (last // block + 2) * block)
+        b, h, i0, row0, bp, i, inside, active, lo, hi = tile_of(q, padded, block, causal, False)
         run_max = NEG_INF
         run_sum = ZERO
-        if inside:
-            for e in range(dim_v):
-                out[b, h, i, e] = ZERO
+        clear_row(out, b, h, i, inside)
         for j0 in range(lo, hi, TILE):
             count = min(TILE, hi - j0)
-            # No barrier before refilling the tile arrays: the previous tile read them before the
-            # closing barrier of its last stage, and the first stage below opens with one.
-            for r in range(tid, count, cuda.blockDim.x):
-                keys[r] = row0 + j0 + r
-            for r in range(count):
-                logits[r * TILE + tid] = ZERO
-            for d0 in range(0, dim, CHUNK):
-                stage_listed_rows(slab, CHUNK, k, keys, count, d0)
-                if active:
-                    for x in range(min(CHUNK, dim - d0)):
-                        f = q[b, h, i, d0 + x]
-                        for r in range(count):
-                            logits[r * TILE + tid] += f * slab[r * CHUNK + x]
+            # No barrier before refilling the tile arrays: the previous tile read them before the closing
+            # barrier of its last stage, and the first stage below opens with one.
+            list_range(keys, count, row0 + j0)
+            clear_tile(logits, count)
+            listed_products(logits, 0, count, slab, k, keys, count, q, b, h, i, active)
             tile_max = NEG_INF
             if active:
                 for r in range(count):
-                    j = j0 + r
-                    z = NEG_INF
-                    if abs(i // block - j // block) <= 1 and not (causal and j > i) and padded[bp, j] == 0:
-                        z = logits[r * TILE + tid] * scale
-                    logits[r * TILE + tid] = z
+                    z = logits[r * TILE + cuda.threadIdx.x] * scale if visible(i, j0 + r, block, causal, padded,
+                                                                                bp) else NEG_INF
+                    logits[r * TILE + cuda.threadIdx.x] = z
                     tile_max = max(tile_max, z)
-            live = tile_max > NEG_INF
-            correction = ONE
-            if live:
-                new_max = max(run_max, tile_max)
-                correction = math.exp(run_max - new_max)
-                total = ZERO
-                for r in range(count):
-                    p = math.exp(logits[r * TILE + tid] - new_max)
-                    logits[r * TILE + tid] = p
-                    total += p
-                run_sum = run_sum * correction + total
-                run_max = new_max
-            for d0 in range(0, dim_v, CHUNK):
-                stage_listed_rows(slab, CHUNK, v, keys, count, d0)
-                if live:
-                    for x in range(min(CHUNK, dim_v - d0)):
-                        acc = out[b, h, i, d0 + x] * correction
-                        for r in range(count):
-                            acc += logits[r * TILE + tid] * slab[r * CHUNK + x]
-                        out[b, h, i, d0 + x] = acc
-        if inside:
-            if run_sum > ZERO:
-                inverse = ONE / run_sum
-                for e in range(dim_v):
-                    out[b, h, i, e] *= inverse
-                lse[b, h, i] = run_max + math.log(run_sum)
-            else:
-                lse[b, h, i] = NEG_INF
+            live, decay, run_max, run_sum = softmax_tile(logits, 0, count, tile_max, run_max, run_sum)
+            listed_accumulate(out, b, h, i, logits, 0, count, slab, v, keys, count, decay, ONE, live, False)
+        finish_row(out, lse, b, h, i, run_max, run_sum, inside)
 
-    @kernel("F4 F4 F4 I2 i i f F4 F3 F4 F3 F4", shared=QUERY_SHARED)
+    @kernel("F4 F4 F4 I2 i i f F4 F3 F4 F3 F4", shared=tile_shared(size, 2, 0, 1))
     def local_backward_query_k(q, k, v, padded, block, causal, scale, out, lse, dout, delta, dq):
-        """Query side: delta_i = dout_i · out_i and dq_i = scale sum_j dz_ij k_j, dz_ij = p_ij (dout_i · v_j - delta_i).
-
-        Grid and key range as :func:`local_forward_k`; p = exp(z - lse) recomputed per key tile. Each
-        dq row is owned by one thread (no atomics). Writes delta (B, H, L) for :func:`local_backward_key_k`.
-        """
+        """Query side: delta_i = dout_i . out_i and dq_i = scale sum_j dz_ij k_j, dz_ij = p_ij (dout_i . v_j -
+        delta_i), p recomputed from lse; grid and key range as :func:`local_forward_k`; each dq row owned by
+        one thread (no atomics). Writes delta for :func:`local_backward_key_k`."""
         slab = cuda.shared.array(SLAB, dt)
         logits = cuda.shared.array(LOGITS, dt)
         grads = cuda.shared.array(LOGITS, dt)  # dp, then dz
         keys = cuda.shared.array(TILE, int64)
-        heads, length, dim = q.shape[1], q.shape[2], q.shape[3]
-        dim_v = v.shape[3]
-        tid = cuda.threadIdx.x
-        tiles = (length + cuda.blockDim.x - 1) // cuda.blockDim.x
-        i0 = (cuda.blockIdx.x % tiles) * cuda.blockDim.x
-        bh = cuda.blockIdx.x // tiles
-        b = bh // heads
-        h = bh % heads
-        row0 = bh * length  # the flat row of (b, h, 0): the staged rows are flat
-        bp = b if padded.shape[0] > 1 else 0
-        i = i0 + tid
-        inside = i < length
-        last = min(length, i0 + cuda.blockDim.x) - 1
-        lo = max(0, (i0 // block - 1) * block)
-        hi = last + 1 if causal else min(length, (last // block + 2) * block)
+        b, h, i0, row0, bp, i, inside, _, lo, hi = tile_of(q, padded, block, causal, False)
         row_lse = NEG_INF
         row_delta = ZERO
         if inside:
-            for e in range(dim_v):
-                row_delta += dout[b, h, i, e] * out[b, h, i, e]
+            row_delta = row_dot(dout, out, b, h, i)
             delta[b, h, i] = row_delta
             row_lse = lse[b, h, i]
-            for e in range(dim):
-                dq[b, h, i, e] = ZERO
+        clear_row(dq, b, h, i, inside)
         live = row_lse > NEG_INF  # excludes padded queries and queries with no visible key
         for j0 in range(lo, hi, TILE):
             count = min(TILE, hi - j0)
-            # No barrier before refilling the tile arrays: the previous tile read them before the
-            # closing barrier of its last stage, and the first stage below opens with one.
-            for r in range(tid, count, cuda.blockDim.x):
-                keys[r] = row0 + j0 + r
-            for r in range(count):
-                logits[r * TILE + tid] = ZERO
-                grads[r * TILE + tid] = ZERO
-            for d0 in range(0, dim, CHUNK):
-                stage_listed_rows(slab, CHUNK, k, keys, count, d0)
-                if live:
-                    for x in range(min(CHUNK, dim - d0)):
-                        f = q[b, h, i, d0 + x]
-                        for r in range(count):
-                            logits[r * TILE + tid] += f * slab[r * CHUNK + x]
-            for d0 in range(0, dim_v, CHUNK):
-                stage_listed_rows(slab, CHUNK, v, keys, count, d0)
-                if live:
-                    for x in range(min(CHUNK, dim_v - d0)):
-                        g = dout[b, h, i, d0 + x]
-                        for r in range(count):
-                            grads[r * TILE + tid] += g * slab[r * CHUNK + x]
+            list_range(keys, count, row0 + j0)
+            clear_tile(logits, count)
+            clear_tile(grads, count)
+            listed_products(logits, 0, count, slab, k, keys, count, q, b, h, i, live)
+            listed_products(grads, 0, count, slab, v, keys, count, dout, b, h, i, live)
             if live:
                 for r in range(count):
-                    j = j0 + r
                     g = ZERO
-                    if abs(i // block - j // block) <= 1 and not (causal and j > i) and padded[bp, j] == 0:
-                        g = math.exp(logits[r * TILE + tid] * scale - row_lse) * (grads[r * TILE + tid] - row_delta)
-                    grads[r * TILE + tid] = g
-            for d0 in range(0, dim, CHUNK):
-                stage_listed_rows(slab, CHUNK, k, keys, count, d0)
-                if live:
-                    for x in range(min(CHUNK, dim - d0)):
-                        acc = ZERO
-                        for r in range(count):
-                            acc += grads[r * TILE + tid] * slab[r * CHUNK + x]
-                        dq[b, h, i, d0 + x] += acc * scale
+                    if visible(i, j0 + r, block, causal, padded, bp):
+                        g = math.exp(logits[r * TILE + cuda.threadIdx.x] * scale - row_lse) \
+                            * (grads[r * TILE + cuda.threadIdx.x] - row_delta)
+                    grads[r * TILE + cuda.threadIdx.x] = g
+            listed_accumulate(dq, b, h, i, grads, 0, count, slab, k, keys, count, ONE, scale, live, False)
 
-    @kernel("F4 F4 F4 I2 i i f F3 F4 F3 F4 F4", shared=KEY_SHARED)
+    @kernel("F4 F4 F4 I2 i i f F3 F4 F3 F4 F4", shared=tile_shared(size, 2, 2, 1))
     def local_backward_key_k(q, k, v, padded, block, causal, scale, lse, dout, delta, dk, dv):
         """Key side: dk_j = scale sum_i dz_ij q_i and dv_j = sum_i p_ij dout_i over the queries that see j.
 
-        One block per (b * H + h, key tile), one thread per key, over the contiguous range of queries
-        that can see the tile (blocks n - 1 .. n + 1 of its keys; from the first key on when causal),
-        staged in query tiles with their lse and delta. Each key row is owned by one thread: a
-        gather, no atomics.
-        """
+        One thread per key, over the contiguous range of queries that can see the tile (blocks n - 1 .. n + 1
+        of its keys; from the first key on when causal), staged in tiles with their lse and delta. Each key
+        row is owned by one thread: a gather, no atomics."""
         slab = cuda.shared.array(SLAB, dt)
         probs = cuda.shared.array(LOGITS, dt)  # z, then p, [query r * TILE + key thread]
         grads = cuda.shared.array(LOGITS, dt)  # dp, then dz
         queries = cuda.shared.array(TILE, int64)
         row_lse = cuda.shared.array(TILE, dt)
         row_delta = cuda.shared.array(TILE, dt)
-        heads, length, dim = q.shape[1], q.shape[2], q.shape[3]
-        dim_v = v.shape[3]
-        tid = cuda.threadIdx.x
-        tiles = (length + cuda.blockDim.x - 1) // cuda.blockDim.x
-        j0 = (cuda.blockIdx.x % tiles) * cuda.blockDim.x
-        bh = cuda.blockIdx.x // tiles
-        b = bh // heads
-        h = bh % heads
-        row0 = bh * length  # the flat row of (b, h, 0): the staged rows are flat
-        bp = b if padded.shape[0] > 1 else 0
-        j = j0 + tid
-        inside = j < length
-        active = inside and padded[bp, j] == 0
-        last = min(length, j0 + cuda.blockDim.x) - 1
-        lo = j0 if causal else max(0, (j0 // block - 1) * block)
-        hi = min(length, (last // block + 2) * block)
-        if inside:
-            for e in range(dim):
-                dk[b, h, j, e] = ZERO
-            for e in range(dim_v):
-                dv[b, h, j, e] = ZERO
+        b, h, j0, row0, bp, j, inside, active, lo, hi = tile_of(q, padded, block, causal, True)
+        clear_row(dk, b, h, j, inside)
+        clear_row(dv, b, h, j, inside)
         for i0 in range(lo, hi, TILE):
             count = min(TILE, hi - i0)
-            # No barrier before refilling the tile arrays: the previous tile read them before the
-            # closing barrier of its last stage, and the first stage below opens with one.
-            for r in range(tid, count, cuda.blockDim.x):
-                queries[r] = row0 + i0 + r
+            list_range(queries, count, row0 + i0)
+            for r in range(cuda.threadIdx.x, count, cuda.blockDim.x):
                 row_lse[r] = lse[b, h, i0 + r]
                 row_delta[r] = delta[b, h, i0 + r]
-            for r in range(count):
-                probs[r * TILE + tid] = ZERO
-                grads[r * TILE + tid] = ZERO
-            for d0 in range(0, dim, CHUNK):
-                stage_listed_rows(slab, CHUNK, q, queries, count, d0)
-                if active:
-                    for x in range(min(CHUNK, dim - d0)):
-                        f = k[b, h, j, d0 + x]
-                        for r in range(count):
-                            probs[r * TILE + tid] += f * slab[r * CHUNK + x]
+            clear_tile(probs, count)
+            clear_tile(grads, count)
+            listed_products(probs, 0, count, slab, q, queries, count, k, b, h, j, active)
             if active:
                 for r in range(count):
                     i = i0 + r
                     p = ZERO
-                    if row_lse[r] > NEG_INF and abs(i // block - j // block) <= 1 and not (causal and j > i) \
-                            and padded[bp, i] == 0:
-                        p = math.exp(probs[r * TILE + tid] * scale - row_lse[r])
-                    probs[r * TILE + tid] = p
-            for d0 in range(0, dim_v, CHUNK):
-                stage_listed_rows(slab, CHUNK, dout, queries, count, d0)
-                if active:
-                    for x in range(min(CHUNK, dim_v - d0)):
-                        f = v[b, h, j, d0 + x]
-                        acc = ZERO
-                        for r in range(count):
-                            grads[r * TILE + tid] += f * slab[r * CHUNK + x]
-                            acc += probs[r * TILE + tid] * slab[r * CHUNK + x]
-                        dv[b, h, j, d0 + x] += acc
+                    if row_lse[r] > NEG_INF and visible(i, j, block, causal, padded, bp) and padded[bp, i] == 0:
+                        p = math.exp(probs[r * TILE + cuda.threadIdx.x] * scale - row_lse[r])
+                    probs[r * TILE + cuda.threadIdx.x] = p
+            listed_products(grads, 0, count, slab, dout, queries, count, v, b, h, j, active)
+            listed_accumulate(dv, b, h, j, probs, 0, count, slab, dout, queries, count, ONE, ONE, active, False)
             if active:
                 for r in range(count):
-                    grads[r * TILE + tid] = probs[r * TILE + tid] * (grads[r * TILE + tid] - row_delta[r])
-            for d0 in range(0, dim, CHUNK):
-                stage_listed_rows(slab, CHUNK, q, queries, count, d0)
-                if active:
-                    for x in range(min(CHUNK, dim - d0)):
-                        acc = ZERO
-                        for r in range(count):
-                            acc += grads[r * TILE + tid] * slab[r * CHUNK + x]
-                        dk[b, h, j, d0 + x] += acc * scale
+                    grads[r * TILE + cuda.threadIdx.x] = probs[r * TILE + cuda.threadIdx.x] \
+                        * (grads[r * TILE + cuda.threadIdx.x] - row_delta[r])
+            listed_accumulate(dk, b, h, j, grads, 0, count, slab, q, queries, count, ONE, scale, active, False)
 
     return table

@@ -15,11 +15,11 @@ from numba import cuda
 from refattn.routing.similarity import check_similarity, check_similarity_vjp
 
 from .. import device
-from ..device import GEMM, GEMM_SLAB, GEMM_STRIDE
+from ..device import GEMM, GEMM_SLAB
 from ..kernels import KernelTable, registry
 from ..runtime import Call, intake
 
-__all__ = ["similarity", "similarity_vjp", "similarity_core", "similarity_vjp_core", "gemm_launch"]
+__all__ = ["similarity", "similarity_vjp", "similarity_core", "similarity_vjp_core", "gemm_launch", "heads_first"]
 
 
 def gemm_launch(columns: int, rows: int, batch_heads: int) -> tuple[int, tuple[int, int]]:
@@ -29,12 +29,17 @@ def gemm_launch(columns: int, rows: int, batch_heads: int) -> tuple[int, tuple[i
     return -(-columns // cols) * -(-rows // lines) * batch_heads, (cols, lines)
 
 
+def heads_first(centroids: Any) -> Any:
+    """The (H, C, D) centroids as a (1, H, C, D) view: the kernels' operands are all (B, H, ·, ·)."""
+    return centroids.reshape(1, *tuple(centroids.shape))
+
+
 def similarity_core(call: Call, x_hat: Any, centroids: Any) -> Any:
     """S (B, H, L, C) of device arrays."""
     batch, heads, length, _ = x_hat.shape
     clusters = centroids.shape[1]
     s = call.empty((batch, heads, length, clusters))
-    call.launch("similarity_k", *gemm_launch(clusters, length, batch * heads), x_hat, centroids, s)
+    call.launch("similarity_k", *gemm_launch(clusters, length, batch * heads), x_hat, heads_first(centroids), s)
     return s
 
 
@@ -51,7 +56,7 @@ def similarity_vjp_core(call: Call, x_hat: Any, centroids: Any, ds: Any) -> tupl
     batch, heads, length, dim = x_hat.shape
     clusters = centroids.shape[1]
     dx = call.empty(x_hat.shape)
-    call.launch("similarity_dx_k", *gemm_launch(dim, length, batch * heads), ds, centroids, dx)
+    call.launch("similarity_dx_k", *gemm_launch(dim, length, batch * heads), ds, heads_first(centroids), dx)
     partial = call.empty((batch, heads, clusters, dim))
     call.launch("similarity_dmu_k", *gemm_launch(dim, clusters, batch * heads), ds, x_hat, partial)
     dmu = call.empty((heads, clusters, dim))
@@ -70,10 +75,7 @@ def similarity_vjp(x_hat: Any, centroids: Any, ds: Any) -> tuple[Any, Any]:
 
 def kernels(dt: Any) -> KernelTable:
     """The similarity kernels for the float type ``dt``."""
-    ZERO = dt(0.0)
-    size = dt.bitwidth // 8
-    fn = device.functions(dt)
-    tile_dot = fn.tile_dot
+    ZERO, size, gemm = dt(0.0), dt.bitwidth // 8, device.functions(dt).gemm
     table, kernel = registry()
 
     @cuda.jit(device=True, inline=True)
@@ -86,74 +88,38 @@ def kernels(dt: Any) -> KernelTable:
         line = tile // col_tiles
         return bh // heads, bh % heads, line * cuda.blockDim.y, (tile - line * col_tiles) * cuda.blockDim.x
 
-    @kernel("F4 F3 F4", shared=2 * GEMM_SLAB * size)
+    @kernel("F4 F4 F4", shared=2 * GEMM_SLAB * size)
     def similarity_k(x_hat, centroids, s):
-        """s[b, h, t, c] = x_hat[b, h, t] . centroids[h, c]: a (blockDim.y tokens x blockDim.x centroids)
-        tile per block; consecutive threads write consecutive c."""
+        """s[b, h, t, c] = x_hat[b, h, t] . centroids[0, h, c]: a (blockDim.y tokens x blockDim.x centroids) tile
+        per block; consecutive threads write consecutive c."""
         xs = cuda.shared.array(GEMM_SLAB, dt)
         ms = cuda.shared.array(GEMM_SLAB, dt)
         b, h, t0, c0 = output_tile(s.shape[3], s.shape[2], s.shape[1])
-        acc = tile_dot(x_hat, centroids, b, h, t0, c0, xs, ms)
-        t = t0 + cuda.threadIdx.y
-        c = c0 + cuda.threadIdx.x
-        if t < s.shape[2] and c < s.shape[3]:
-            s[b, h, t, c] = acc
+        acc = gemm(x_hat, b, t0, 0, False, centroids, 0, c0, 0, True, h, x_hat.shape[3], xs, ms)
+        if t0 + cuda.threadIdx.y < s.shape[2] and c0 + cuda.threadIdx.x < s.shape[3]:
+            s[b, h, t0 + cuda.threadIdx.y, c0 + cuda.threadIdx.x] = acc
 
-    @kernel("F4 F3 F4", shared=2 * GEMM_SLAB * size)
+    @kernel("F4 F4 F4", shared=2 * GEMM_SLAB * size)
     def similarity_dx_k(ds, centroids, dx):
-        """dx[b, h, t, d] = sum_c ds[b, h, t, c] centroids[h, c, d]: a (blockDim.y tokens x blockDim.x
-        features) tile per block, ds and centroid tiles staged over c."""
+        """dx[b, h, t, d] = sum_c ds[b, h, t, c] centroids[0, h, c, d]: a (blockDim.y tokens x blockDim.x features)
+        tile per block."""
         dss = cuda.shared.array(GEMM_SLAB, dt)
         ms = cuda.shared.array(GEMM_SLAB, dt)
-        heads, length, clusters = ds.shape[1], ds.shape[2], ds.shape[3]
-        dim = centroids.shape[2]
-        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-        cols, rows = cuda.blockDim.x, cuda.blockDim.y
-        tid = ty * cols + tx
-        b, h, t0, d0 = output_tile(dim, length, heads)
-        acc = ZERO
-        for c0 in range(0, clusters, GEMM):
-            w = min(GEMM, clusters - c0)
-            cuda.syncthreads()
-            for e in range(tid, rows * w, cols * rows):
-                t = t0 + e // w
-                dss[(e // w) * GEMM_STRIDE + e % w] = ds[b, h, t, c0 + e % w] if t < length else ZERO
-            for e in range(tid, w * cols, cols * rows):
-                d = d0 + e % cols
-                ms[(e // cols) * GEMM_STRIDE + e % cols] = centroids[h, c0 + e // cols, d] if d < dim else ZERO
-            cuda.syncthreads()
-            for j in range(w):
-                acc += dss[ty * GEMM_STRIDE + j] * ms[j * GEMM_STRIDE + tx]
-        if t0 + ty < length and d0 + tx < dim:
-            dx[b, h, t0 + ty, d0 + tx] = acc
+        b, h, t0, d0 = output_tile(dx.shape[3], dx.shape[2], dx.shape[1])
+        acc = gemm(ds, b, t0, 0, False, centroids, 0, 0, d0, False, h, ds.shape[3], dss, ms)
+        if t0 + cuda.threadIdx.y < dx.shape[2] and d0 + cuda.threadIdx.x < dx.shape[3]:
+            dx[b, h, t0 + cuda.threadIdx.y, d0 + cuda.threadIdx.x] = acc
 
     @kernel("F4 F4 F4", shared=2 * GEMM_SLAB * size)
     def similarity_dmu_k(ds, x_hat, partial):
-        """partial[b, h, c, d] = sum_t ds[b, h, t, c] x_hat[b, h, t, d]: a (blockDim.y centroids x
-        blockDim.x features) tile per block, staged over t. The batch is summed by :func:`sum_over_batch_k`."""
+        """partial[b, h, c, d] = sum_t ds[b, h, t, c] x_hat[b, h, t, d]: a (blockDim.y centroids x blockDim.x
+        features) tile per block. The batch is summed by :func:`sum_over_batch_k`."""
         dss = cuda.shared.array(GEMM_SLAB, dt)
         xs = cuda.shared.array(GEMM_SLAB, dt)
-        heads, length, clusters = ds.shape[1], ds.shape[2], ds.shape[3]
-        dim = x_hat.shape[3]
-        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-        cols, rows = cuda.blockDim.x, cuda.blockDim.y
-        tid = ty * cols + tx
-        b, h, c0, d0 = output_tile(dim, clusters, heads)
-        acc = ZERO
-        for n0 in range(0, length, GEMM):
-            w = min(GEMM, length - n0)
-            cuda.syncthreads()
-            for e in range(tid, w * rows, cols * rows):
-                c = c0 + e % rows
-                dss[(e // rows) * GEMM_STRIDE + e % rows] = ds[b, h, n0 + e // rows, c] if c < clusters else ZERO
-            for e in range(tid, w * cols, cols * rows):
-                d = d0 + e % cols
-                xs[(e // cols) * GEMM_STRIDE + e % cols] = x_hat[b, h, n0 + e // cols, d] if d < dim else ZERO
-            cuda.syncthreads()
-            for j in range(w):
-                acc += dss[j * GEMM_STRIDE + ty] * xs[j * GEMM_STRIDE + tx]
-        if c0 + ty < clusters and d0 + tx < dim:
-            partial[b, h, c0 + ty, d0 + tx] = acc
+        b, h, c0, d0 = output_tile(partial.shape[3], partial.shape[2], partial.shape[1])
+        acc = gemm(ds, b, 0, c0, True, x_hat, b, 0, d0, False, h, ds.shape[2], dss, xs)
+        if c0 + cuda.threadIdx.y < partial.shape[2] and d0 + cuda.threadIdx.x < partial.shape[3]:
+            partial[b, h, c0 + cuda.threadIdx.y, d0 + cuda.threadIdx.x] = acc
 
     @kernel("F4 F3")
     def sum_over_batch_k(partial, total):
