@@ -43,7 +43,7 @@ from .routing.similarity import similarity_core, similarity_vjp_core
 from .runtime import Planner
 from .topk import TOPK_BUDGET_BYTES
 
-__all__ = ["plans", "plan", "FUNCTIONS"]
+__all__ = ["plans", "plan", "inputs", "FUNCTIONS"]
 
 @dataclass(frozen=True)
 class Sizes:
@@ -86,24 +86,29 @@ class Sizes:
 Bound = Callable[[Sizes], tuple[int, str]]
 
 
-def _fsat_inputs(planner: Planner, s: Shape) -> dict[str, Any]:
-    b, h, n, d, dv = s.batch, s.heads, s.length, s.dim, s.dim_v
-    k_eff = min(s.top_k, 2 * n - 1)
-    put = planner.input
-    return dict(q=put((b, h, n, d)), k=put((b, h, n, d)), v=put((b, h, n, dv)), w=put((h, d)),
-                dout=put((b, h, n, dv)), c=put((b, h, 2 * n - 1, d)), s=put((b, h, 2 * n - 1)),
-                offsets=put((b, h, k_eff), np.int64), bias=put((b, h, k_eff)),
-                mask=np.zeros((b, n), dtype=bool), top_k=s.top_k)
+Floats = Callable[[tuple[int, ...]], Any]
+Upload = Callable[[np.ndarray], Any]
 
 
-def _routing_inputs(planner: Planner, s: Shape) -> dict[str, Any]:
-    b, h, n, d, dv, c, w = s.batch, s.heads, s.length, s.dim, s.dim_v, s.clusters, s.window
-    put = planner.input
-    members = put((b, h, c, w), np.int64)
-    return dict(q=put((b, h, n, d)), k=put((b, h, n, d)), v=put((b, h, n, dv)), centroids=put((h, c, d)),
-                scores=put((b, h, n, c)), members=members, o=put((b, h, c, w, dv)), dout=put((b, h, n, dv)),
-                state=CentroidState(put((h, c, d)), put((h, c)), put((h, c, d))),
-                mask=np.zeros((b, n), dtype=bool), profile=get_profile("tacl"))
+def inputs(algorithm: str, shape: Shape, floats: Floats, upload: Upload) -> dict[str, Any]:
+    """The arguments the functions of ``algorithm`` ("fsat" or "routing") are planned with at ``shape``:
+    float arrays from ``floats(shape)``, index arrays (valid offsets and members) through ``upload``, a
+    padding mask (no position padded) on the host."""
+    b, h, n, d, dv, c, w = (shape.batch, shape.heads, shape.length, shape.dim, shape.dim_v, shape.clusters,
+                            shape.window)
+    common = dict(q=floats((b, h, n, d)), k=floats((b, h, n, d)), v=floats((b, h, n, dv)),
+                  dout=floats((b, h, n, dv)), mask=np.zeros((b, n), dtype=bool))
+    if algorithm == "fsat":
+        k_eff = min(shape.top_k, 2 * n - 1)
+        offsets = np.broadcast_to(np.arange(k_eff) - k_eff // 2, (b, h, k_eff))
+        return dict(common, w=floats((h, d)), c=floats((b, h, 2 * n - 1, d)), s=floats((b, h, 2 * n - 1)),
+                    offsets=upload(np.ascontiguousarray(offsets, dtype=np.int64)), bias=floats((b, h, k_eff)),
+                    top_k=shape.top_k)
+    members = np.broadcast_to(np.arange(c * w).reshape(c, w) % n, (b, h, c, w))
+    return dict(common, centroids=floats((h, c, d)), scores=floats((b, h, n, c)),
+                members=upload(np.ascontiguousarray(members, dtype=np.int64)), o=floats((b, h, c, w, dv)),
+                state=CentroidState(floats((h, c, d)), floats((h, c)), floats((h, c, d))),
+                profile=get_profile("tacl"))
 
 
 def _pairs(p: Planner, x: dict[str, Any]) -> Pairs:
@@ -248,9 +253,8 @@ def plan(name: str, shape: Shape, dtype: str) -> FunctionPlan:
     """The :class:`FunctionPlan` of function ``name`` (a key of :data:`FUNCTIONS`) for one shape and dtype."""
     run, bound = FUNCTIONS[name]
     planner = Planner(dtype)
-    algorithm = name.split(".")[0]
-    inputs = (_fsat_inputs if algorithm == "fsat" else _routing_inputs)(planner, shape)
-    result = run(planner, inputs)
+    arguments = inputs(name.split(".")[0], shape, planner.input, lambda host: planner.input(host.shape, host.dtype))
+    result = run(planner, arguments)
     del result  # outputs count until here: the peak holds them
     bound_bytes, words = bound(Sizes(shape, np.dtype(dtype).itemsize))
     return FunctionPlan("numba_cuda", name, shape, dtype, tuple(planner.launches), planner.peak, bound_bytes, words)

@@ -334,14 +334,6 @@ class Planner(Call):
             self._constants[key] = tuple(self.empty(x.shape, x.dtype) for x in build())
         return self._constants[key]
 
-    def watch(self, result: Any, where: str, *, allow_neg_inf: bool = False, **operands: Any) -> None:
-        """Plans the device count of the overflow check (nothing is read)."""
-        for part in result if isinstance(result, tuple) else (result,):
-            if part is not None and part.size:
-                if self._counters is None:
-                    self._counters = self.empty((WATCH_SLOTS, 2), np.int64)
-                count_nonfinite(self, part, self._counters, 0)
-
     def out(self, *results: Any) -> Any:
         return results[0] if len(results) == 1 else results
 
