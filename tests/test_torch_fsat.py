@@ -237,10 +237,13 @@ SPARSE_CASES = [  # (L, D, Dv, K)
 @pytest.mark.parametrize("kind", ["none", "random", "full-row"])
 @pytest.mark.parametrize("bias_kind", ["none", "finite", "with-inf"])
 @pytest.mark.parametrize("case", SPARSE_CASES)
-def test_sparse_attention_and_vjp(case, bias_kind, kind, causal, shift, monkeypatch):
-    """Both ways of pairing rows with their shifted partners: slices (CPU) and row gathers (GPU, forced here)."""
-    if shift == "gathered":
-        monkeypatch.setattr(F, "_SlicedShift", F._GatheredShift)
+def test_sparse_attention_and_vjp(case, bias_kind, kind, causal, shift):
+    """Both ways of pairing rows with their shifted partners: slices (CPU) and row gathers (GPU), each forced."""
+    with F.forced_shifts(shift):
+        _check_sparse_attention_and_vjp(case, bias_kind, kind, causal)
+
+
+def _check_sparse_attention_and_vjp(case, bias_kind, kind, causal):
     length, dim, dim_v, count = case
     rng = np.random.default_rng(length * 1000 + count * 10 + len(bias_kind) + len(kind))
     q, k = rng.standard_normal((2, 2, 3, length, dim))
@@ -270,6 +273,20 @@ def test_sparse_attention_and_vjp(case, bias_kind, kind, causal, shift, monkeypa
     loss = (out_t * T(dout)).sum() + torch.where(finite, lse_t * T(dlse), torch.zeros(()).double()).sum()
     grads = torch.autograd.grad(loss, leaves)
     assert_grads(list(grads) + ([None] if bias is None else []), expected, GRADIENT["float64"])
+
+
+def test_forced_shifts_choose_the_pairing_on_any_device():
+    offsets = torch.tensor([[[-1, 0, 2]]])
+    assert {type(shift) for shift in F._shifts(offsets, 4)} == {F._SlicedShift}  # a CPU's own choice
+    with F.forced_shifts("gathered"):
+        assert {type(shift) for shift in F._shifts(offsets, 4)} == {F._GatheredShift}
+        with F.forced_shifts("sliced"):
+            assert {type(shift) for shift in F._shifts(offsets, 4)} == {F._SlicedShift}
+        assert {type(shift) for shift in F._shifts(offsets, 4)} == {F._GatheredShift}
+    assert {type(shift) for shift in F._shifts(offsets, 4)} == {F._SlicedShift}
+    with pytest.raises(ValueError, match="kind: expected one of sliced, gathered, got 'slices'"):
+        with F.forced_shifts("slices"):
+            pass
 
 
 def test_sparse_attention_saves_no_l_by_k_by_d_tensor():

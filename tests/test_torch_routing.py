@@ -18,6 +18,7 @@ pytest.importorskip("torch", reason="the torch backend needs torch (pip install 
 
 import torch
 
+from refattn import get_backend
 from refattn import routing as ref
 from refattn.backends.torch import routing as F
 
@@ -165,6 +166,14 @@ def test_attention_reduced_precision(profile, causal, shared, dtype):
     for got, want in zip(grads, (dq, dv) if shared else (dq, dv, dk), strict=True):
         assert got.dtype == DTYPES[dtype]
         close(got, want, GRADIENT[dtype])
+
+
+def test_backend_bridge_keeps_a_0d_array_0d():
+    """A scalar cotangent (commitment_loss's) stays a scalar: np.ascontiguousarray would make it (1,)."""
+    backend = get_backend("torch")
+    scalar = backend.from_numpy(np.asarray(0.75), "float16", "cpu")
+    assert scalar.shape == () and scalar.dtype == torch.float16 and float(scalar) == 0.75
+    assert backend.from_numpy(np.arange(6.0).reshape(2, 3)[:, ::2], "float32", "cpu").is_contiguous()
 
 
 def test_default_window_and_l1():

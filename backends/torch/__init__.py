@@ -10,10 +10,14 @@ accumulated in float32 in the softmax, the reductions and the FFT).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 
-from refattn.backends import Backend, Capabilities
+from refattn.backends import Backend, Capabilities, Strategy
 from refattn.backends.torch import fsat, routing
 from refattn.backends.torch.fsat_module import FSATAttention
 from refattn.backends.torch.routing_module import RoutingAttention
@@ -24,7 +28,7 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch
 
 
 def _from_numpy(array: np.ndarray, dtype: str | None = None, device: str = "cpu") -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(np.require(array, requirements="C"))  # ascontiguousarray would make 0-d arrays 1-d
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(_DTYPES[dtype])
     return tensor.to(device)
@@ -42,6 +46,38 @@ def _synchronize() -> None:
             torch.cuda.synchronize(index)
 
 
+def _dtype_of(tensor: Any) -> str:
+    if isinstance(tensor, torch.Tensor):
+        return str(tensor.dtype).removeprefix("torch.")
+    return np.asarray(tensor).dtype.name
+
+
+def _autodiff(function: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
+              cotangents: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, ...]:
+    """The gradients of ``function(*inputs)`` against ``cotangents`` by ``torch.autograd``: what training runs.
+
+    A cotangent is cast to its output's dtype (a float32 loss of float16 inputs gets a float16 one).
+    """
+    leaves = tuple(x.detach().requires_grad_() for x in inputs)
+    with torch.enable_grad():
+        outputs = function(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    if len(outputs) != len(cotangents):
+        raise ValueError(f"cotangents: {len(cotangents)} given for {len(outputs)} outputs")
+    pairs = [(out, cot.to(out.dtype)) for out, cot in zip(outputs, cotangents, strict=True)
+             if cot is not None and out.requires_grad]
+    if not pairs:
+        return tuple(torch.zeros_like(x) for x in leaves)
+    grads = torch.autograd.grad([out for out, _ in pairs], leaves, [cot for _, cot in pairs], allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True))
+
+
+# The FSAT sparse attention pairs row i with row i + tau by slices on a CPU and by a row gather on a
+# GPU (fsat.py); both are checked on whatever device is present.
+_SHIFTED = ("fsat.sparse_attention", "fsat.sparse_attention_vjp", "fsat.attention", "fsat.attention_vjp")
+STRATEGIES = tuple(Strategy(kind, _SHIFTED, functools.partial(fsat.forced_shifts, kind)) for kind in fsat.SHIFT_KINDS)
+
+
 def backend() -> Backend:
     """The PyTorch backend on the CPU, and on CUDA when a device is visible."""
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
@@ -55,4 +91,7 @@ def backend() -> Backend:
         to_numpy=_to_numpy,
         status=f"PyTorch {torch.__version__}, {where}",
         synchronize=_synchronize,
+        dtype_of=_dtype_of,
+        autodiff=_autodiff,
+        strategies=STRATEGIES,
     )

@@ -22,7 +22,9 @@ GPU, so no (B, H, L, K, D) tensor is ever built. Forward saves (q, k, v, offsets
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -391,10 +393,31 @@ class _GatheredShift:
         flat.index_add_(0, self.rows, (weight[..., None] * x).reshape(-1, x.shape[3]))
 
 
+SHIFT_KINDS = {"sliced": _SlicedShift, "gathered": _GatheredShift}
+_forced_shift_kind: str | None = None
+
+
+@contextlib.contextmanager
+def forced_shifts(kind: str) -> Iterator[None]:
+    """Inside the block, pair rows by ``kind`` ("sliced" or "gathered") shifts on every device.
+
+    The conformance suite checks both paths this way (the backend's ``strategies``); outside, the
+    choice is by device. A process-wide setting: backward passes run inside the block follow it too.
+    """
+    global _forced_shift_kind
+    if kind not in SHIFT_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(SHIFT_KINDS)}, got {kind!r}")
+    previous, _forced_shift_kind = _forced_shift_kind, kind
+    try:
+        yield
+    finally:
+        _forced_shift_kind = previous
+
+
 def _shifts(offsets: torch.Tensor, length: int) -> list[_SlicedShift | _GatheredShift]:
-    """One shift per selected offset m, sliced on a CPU and gathered elsewhere."""
-    kind = _SlicedShift if offsets.device.type == "cpu" else _GatheredShift
-    return [kind(offsets[:, :, m], length) for m in range(offsets.shape[2])]
+    """One shift per selected offset m: sliced on a CPU and gathered elsewhere, unless forced."""
+    kind = _forced_shift_kind or ("sliced" if offsets.device.type == "cpu" else "gathered")
+    return [SHIFT_KINDS[kind](offsets[:, :, m], length) for m in range(offsets.shape[2])]
 
 
 def _valid(offsets: torch.Tensor, length: int, causal: bool, unpadded: torch.Tensor | None) -> torch.Tensor:

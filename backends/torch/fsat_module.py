@@ -8,8 +8,15 @@ The layer computes q, k, v with one input projection, runs
 ``refattn.get_backend("torch").fsat.attention`` per head (with the gradient truncation of step 4)
 and applies an output projection. In training mode the selection is Gumbel-top-k: Gumbel noise
 drawn from the layer's own generator (``manual_seed`` makes it reproducible, independently of the
-global torch RNG) is added to the scores for the choice of offsets only; in eval mode there is no
-noise and the selection is deterministic.
+global torch RNG), times the temperature T, is added to the scores for the choice of offsets only,
+so the K - 1 offsets besides tau = 0 are a sample without replacement from softmax(s / T); in eval
+mode there is no noise and the selection is deterministic.
+
+Exploration schedule (spec/fsat.md, "Exploration"): T starts at ``noise_scale`` and, with
+``noise_schedule`` "linear" or "cosine", moves to ``noise_final`` over the first ``noise_steps``
+training forwards, counted by the buffer ``noise_step`` (saved in ``state_dict``, so a resumed run
+continues its schedule); "constant" keeps T = ``noise_scale``. :meth:`noise_temperature` is the T
+the next training forward uses.
 
 Cross inputs: with ``cross_dim=None`` the estimator uses q and k themselves (detached inside
 ``attention``: they learn only through the sparse attention). With ``cross_dim=Dc`` a separate
@@ -22,6 +29,8 @@ sparse attention never materialises its weights for backward).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -47,11 +56,19 @@ class FSATAttention(nn.Module):
         generator: optional ``torch.Generator`` for the Gumbel noise; by default the layer makes its
             own CPU generator (seeded from the global torch RNG at construction; ``manual_seed``
             reseeds it). Noise is drawn on the generator's device and moved to the input's.
+        noise_scale: the Gumbel temperature T >= 0 at the start of training (0: no noise).
+        noise_schedule: "constant", "linear" or "cosine": how T moves from ``noise_scale`` to
+            ``noise_final`` over ``noise_steps`` training forwards.
+        noise_final: T >= 0 after the schedule (ignored by "constant").
+        noise_steps: training forwards the schedule takes, an integer >= 1 (ignored by "constant").
 
     Attributes:
         w: Parameter (H, Dc), initialised to ones.
         last_offsets: (B, H, K_eff) int64 offsets of the latest forward (None before the first).
+        noise_step: 0-d int64 buffer, the training forwards so far (drives the schedule).
     """
+
+    NOISE_SCHEDULES = ("constant", "linear", "cosine")
 
     def __init__(
         self,
@@ -62,6 +79,11 @@ class FSATAttention(nn.Module):
         cross_dim: int | None = None,
         dropout: float = 0.0,
         generator: torch.Generator | None = None,
+        *,
+        noise_scale: float = 1.0,
+        noise_schedule: str = "constant",
+        noise_final: float = 0.0,
+        noise_steps: int = 1,
     ) -> None:
         super().__init__()
         if dim < 1 or heads < 1 or dim % heads:
@@ -72,12 +94,25 @@ class FSATAttention(nn.Module):
             raise ValueError(f"cross_dim: expected None or an integer >= 1, got {cross_dim!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        for name, value in (("noise_scale", noise_scale), ("noise_final", noise_final)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
+                raise ValueError(f"{name}: expected a finite number >= 0 (a Gumbel temperature), got {value!r}")
+        if noise_schedule not in self.NOISE_SCHEDULES:
+            choices = ", ".join(self.NOISE_SCHEDULES)
+            raise ValueError(f"noise_schedule: expected one of {choices}, got {noise_schedule!r}")
+        if isinstance(noise_steps, bool) or not isinstance(noise_steps, int) or noise_steps < 1:
+            raise ValueError(f"noise_steps: expected an integer >= 1 (training forwards), got {noise_steps!r}")
         self.dim = dim
         self.heads = heads
         self.head_dim = dim // heads
         self.top_k = top_k
         self.causal = flag(causal, "causal")
         self.cross_dim = cross_dim
+        self.noise_scale = float(noise_scale)
+        self.noise_schedule = noise_schedule
+        self.noise_final = float(noise_final)
+        self.noise_steps = noise_steps
+        self.register_buffer("noise_step", torch.zeros((), dtype=torch.int64))
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         features = self.head_dim if cross_dim is None else cross_dim
@@ -98,8 +133,18 @@ class FSATAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, heads={self.heads}, top_k={self.top_k}, causal={self.causal}, "
-            f"cross_dim={self.cross_dim}, dropout={self.dropout.p}"
+            f"cross_dim={self.cross_dim}, dropout={self.dropout.p}, noise_scale={self.noise_scale}, "
+            f"noise_schedule={self.noise_schedule!r}, noise_final={self.noise_final}, noise_steps={self.noise_steps}"
         )
+
+    def noise_temperature(self) -> float:
+        """T of the next training forward: ``noise_scale``, moved towards ``noise_final`` by the schedule."""
+        if self.noise_schedule == "constant":
+            return self.noise_scale
+        progress = min(1.0, int(self.noise_step) / self.noise_steps)
+        if self.noise_schedule == "cosine":
+            progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+        return self.noise_scale + (self.noise_final - self.noise_scale) * progress
 
     def _split(self, x: torch.Tensor, width: int) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -127,7 +172,11 @@ class FSATAttention(nn.Module):
             cross_q, cross_k = self._split(a, self.cross_dim), self._split(b, self.cross_dim)
         noise = None
         if self.training:
-            noise = self.gumbel_noise(batch, length, x.device, torch.float32 if x.dtype != torch.float64 else x.dtype)
+            temperature = self.noise_temperature()
+            self.noise_step += 1
+            if temperature > 0.0:
+                dtype = torch.float32 if x.dtype != torch.float64 else x.dtype
+                noise = self.gumbel_noise(batch, length, x.device, dtype) * temperature
         out, offsets = _fsat.attention_with_offsets(
             q, k, v, self.w, self.top_k, causal=self.causal, key_padding_mask=key_padding_mask,
             noise=noise, cross_q=cross_q, cross_k=cross_k,
