@@ -69,3 +69,11 @@ def test_a_peak_holds_the_outputs_and_stays_within_its_bound():
     assert cross.peak_bytes <= cross.bound_bytes
     # the FFT buffers are a bounded chunk: at most 256 MiB beyond the (B, H, 2L - 1, Dc) cross
     assert cross.peak_bytes - 4 * 8 * (2 * 65_536 - 1) * 64 <= 300 * 2**20
+
+
+def test_the_masked_pair_counts_take_float64_kernels_in_a_float32_call():
+    """Counts are exact in float64 whatever the compute dtype: the FFT of the validity runs the float64
+    kernels (their shared memory is twice the float32 ones')."""
+    plan = plans.plan("fsat.pair_counts (masked)", Shape(1, 1, 100, 8, 8), "float32")
+    passes = [launch for launch in plan.launches if launch.kernel == "fft_pass_k"]
+    assert passes and {launch.static_shared_bytes for launch in passes} == {4 * 1_024 * 8}

@@ -121,7 +121,7 @@ def _dims(size: int | tuple[int, ...]) -> tuple[int, int, int]:
     return (*sizes, *(1,) * (3 - len(sizes)))  # type: ignore[return-value]
 
 
-def flat_launch(total: int, simulated: bool, threads: int = THREADS) -> tuple[int, int]:
+def flat_launch(total: int, threads: int = THREADS) -> tuple[int, int]:
     """(blocks, threads) of a kernel with one thread per element (fewer threads for few elements)."""
     threads = max(1, min(threads, total))
     return -(-total // threads), threads
@@ -132,7 +132,7 @@ def grid_stride_launch(total: int, simulated: bool) -> tuple[int, int]:
     where every thread costs) whose threads step over all ``total`` elements."""
     if simulated:
         return 1, max(1, min(32, total))
-    blocks, threads = flat_launch(total, simulated)
+    blocks, threads = flat_launch(total)
     return min(blocks, GRID_STRIDE_BLOCKS), threads
 
 
@@ -170,7 +170,7 @@ class Call:
         threads = math.prod(grid) * math.prod(block)
         largest = max([threads - 1] + [x.size - 1 for x in arrays])
         moved = sum(x.size * x.dtype.itemsize for x in arrays) if bytes_moved is None else bytes_moved
-        kernel = python_kernels(np.dtype(dtype or self.dtype).name)[name]
+        kernel = python_kernels(self.kernel_dtype(dtype).name)[name]
         return Launch(name, grid, block, static_shared_bytes=kernel.shared_bytes, largest_index=largest,
                       wide_indices=True, bytes_moved=moved)
 
@@ -179,14 +179,18 @@ class Call:
         """Plan the launch (:meth:`plan`) and run it as planned."""
         planned = self.plan(name, grid, block, args, bytes_moved, dtype)
         if planned is not None:
-            self.run(planned, args, np.dtype(dtype or self.dtype))
+            self.run(planned, args, self.kernel_dtype(dtype))
+
+    def kernel_dtype(self, dtype: Any) -> np.dtype:
+        """The dtype of the kernel table a launch uses: ``dtype``, or the compute dtype when None."""
+        return self.dtype if dtype is None else np.dtype(dtype)
 
     def run(self, planned: Launch, args: tuple[Any, ...], dtype: np.dtype) -> None:
         compiled(dtype.name)[planned.kernel][planned.grid, planned.block](*args)
 
     def flat(self, name: str, total: int, *args: Any, bytes_moved: int | None = None, dtype: Any = None) -> None:
         """A launch with one thread per element of ``total`` (:func:`flat_launch`)."""
-        self.launch(name, *flat_launch(total, self.simulated), *args, bytes_moved=bytes_moved, dtype=dtype)
+        self.launch(name, *flat_launch(total), *args, bytes_moved=bytes_moved, dtype=dtype)
 
     # ---------------------------------------------------------------- arrays
 
@@ -240,6 +244,8 @@ class Call:
             if self._counters is None:
                 self._counters = self.zeros((WATCH_SLOTS, 2), np.int64)
             slot = len(self._watched)
+            if slot == WATCH_SLOTS:
+                raise RuntimeError(f"a call watches at most {WATCH_SLOTS} results for overflow")
             count_nonfinite(self, part, self._counters, slot)
             # The result itself is not kept (an intermediate is freed as the reference frees it): the
             # message needs only its dtype and the operands.
