@@ -68,7 +68,8 @@ def fft_plan(length: int, rows: int, itemsize: int, max_radix: int | None = None
     (or one row's, if larger)."""
     size = max(2, pow2_at_least(length))
     half = size // 2
-    chunk = max(1, min(rows, budget // (BUFFERS * half * itemsize)))
+    most = max(1, min(rows, budget // (BUFFERS * half * itemsize)))
+    chunk = -(-rows // -(-rows // most))  # the rows split evenly: no chunk mostly empty
     columns = min(SECTOR_BYTES // itemsize, chunk)
     largest = FFT_SHARED // columns if max_radix is None else min(max_radix, FFT_SHARED // columns)
     bits, most = int(math.log2(half)), int(math.log2(largest))

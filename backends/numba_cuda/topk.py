@@ -35,8 +35,10 @@ TOPK_BUDGET_BYTES = 256 * 1024 * 1024  # the keys of one chunk of rows
 
 
 def key_chunk(rows: int, length: int) -> int:
-    """How many rows of ``length`` int64 keys one chunk holds (the keys of all rows when they fit)."""
-    return max(1, min(rows, TOPK_BUDGET_BYTES // (8 * max(length, 1))))
+    """How many rows of ``length`` int64 keys one chunk holds: all of them when they fit, else the rows
+    split evenly in chunks within TOPK_BUDGET_BYTES."""
+    most = max(1, min(rows, TOPK_BUDGET_BYTES // (8 * max(length, 1))))
+    return -(-rows // -(-rows // most))
 
 
 def select_top(call: Call, keys: Any, row0: int, count: int, window: int, members: Any) -> None:
@@ -49,7 +51,8 @@ def select_top(call: Call, keys: Any, row0: int, count: int, window: int, member
                     members, bytes_moved=count * (length + window) * 8)
     else:
         passes = 64 // RADIX_BITS + 1  # at most, with the placing sweep
-        call.launch("radix_select_k", count, RADIX, keys, row0, count, window, members,
+        threads = 32 if call.simulated else RADIX  # any power of two up to RADIX; the simulator pays per thread
+        call.launch("radix_select_k", count, threads, keys, row0, count, window, members,
                     bytes_moved=count * (length * passes + window) * 8)
 
 
