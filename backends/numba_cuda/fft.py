@@ -171,6 +171,19 @@ def kernels(dt: Any) -> KernelTable:
         zr[n, r] = even
         zi[n, r] = odd
 
+    @cuda.jit(device=True, inline=True)
+    def slot(j, cols, c):
+        """Where value j of column c lies in a pass's shared arrays: row j moved within its group of four
+        rows to j's base-4 digits XOR-folded (d0 ^ -d1 ^ -d2 ^ ..., mod 4). A (half-)warp touches four
+        rows at once, each row C columns = 32 bytes, a quarter of the banks; the fold puts those four rows
+        in the four quarters for every access of the pass (row j * C alone: 2-way conflicts on the stores)."""
+        g = j & 3
+        rest = j >> 2
+        while rest:
+            g ^= (3 * rest) & 3
+            rest >>= 2
+        return ((j >> 2) * 4 + g) * cols + c
+
     @kernel("F2 F2 F2 F2 F1 F1 i i", shared=4 * FFT_SHARED * (dt.bitwidth // 8))
     def fft_pass_k(xr, xi, yr, yi, twr, twi, stride, direction):
         """One self-sorting pass of radix R = 2 * blockDim.y over every column of (x) into (y):
@@ -179,7 +192,7 @@ def kernels(dt: Any) -> KernelTable:
 
         Block (C columns, R / 2 butterflies) for the group u = p s + q (the reads x[u + j M / R] of C
         consecutive columns are contiguous); the R-point DFT as log2 R radix-2 Stockham stages in
-        shared memory ([j * C + column]: consecutive threads, consecutive addresses). ``direction``
+        shared memory (at :func:`slot`: conflict-free). ``direction``
         -1 conjugates every twiddle (the unnormalised inverse).
         """
         sr = cuda.shared.array(FFT_SHARED, dt)
@@ -199,8 +212,9 @@ def kernels(dt: Any) -> KernelTable:
         inside = col < columns
         sign = dt(direction)
         for j in range(t, radix, butterflies):  # t and t + R / 2
-            sr[j * cols + c] = xr[u + j * span, col] if inside else ZERO
-            si[j * cols + c] = xi[u + j * span, col] if inside else ZERO
+            at = slot(j, cols, c)
+            sr[at] = xr[u + j * span, col] if inside else ZERO
+            si[at] = xi[u + j * span, col] if inside else ZERO
         inner = 1
         flip = False
         while inner < radix:
@@ -210,16 +224,18 @@ def kernels(dt: Any) -> KernelTable:
             reach = butterflies  # = inner * (sub-length / 2)
             wr, wi = twiddle(twr, twi, 2 * p * inner * span, size_tw)
             wi = sign * wi
+            first = slot(q + inner * p, cols, c)
+            second = slot(q + inner * p + reach, cols, c)
             if flip:
-                ar, ai = tr[(q + inner * p) * cols + c], ti[(q + inner * p) * cols + c]
-                br, bi = tr[(q + inner * p + reach) * cols + c], ti[(q + inner * p + reach) * cols + c]
+                ar, ai = tr[first], ti[first]
+                br, bi = tr[second], ti[second]
             else:
-                ar, ai = sr[(q + inner * p) * cols + c], si[(q + inner * p) * cols + c]
-                br, bi = sr[(q + inner * p + reach) * cols + c], si[(q + inner * p + reach) * cols + c]
+                ar, ai = sr[first], si[first]
+                br, bi = sr[second], si[second]
             dr = ar - br
             di = ai - bi
-            low = (q + 2 * inner * p) * cols + c
-            high = (q + inner * (2 * p + 1)) * cols + c
+            low = slot(q + 2 * inner * p, cols, c)
+            high = slot(q + inner * (2 * p + 1), cols, c)
             if flip:
                 sr[low], si[low] = ar + br, ai + bi
                 sr[high], si[high] = dr * wr - di * wi, dr * wi + di * wr
@@ -232,10 +248,11 @@ def kernels(dt: Any) -> KernelTable:
         p = u // stride
         q = u - p * stride
         for k in range(t, radix, butterflies):
+            at = slot(k, cols, c)
             if flip:
-                vr, vi = tr[k * cols + c], ti[k * cols + c]
+                vr, vi = tr[at], ti[at]
             else:
-                vr, vi = sr[k * cols + c], si[k * cols + c]
+                vr, vi = sr[at], si[at]
             wr, wi = twiddle(twr, twi, 2 * p * k * stride, size_tw)
             wi = sign * wi
             if inside:
