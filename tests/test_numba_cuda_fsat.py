@@ -1,6 +1,7 @@
 """The Numba-CUDA FSAT kernels at shapes the conformance grid's tiny ones do not reach (in the CUDA
 simulator): several lanes per row, several feature chunks of q and k, several output blocks of v, a
-partial last tile; and the selection's radix path on long rows with deliberate ties."""
+partial last tile; the selection's radix path on long rows with deliberate ties; the dw reduction over
+several parts."""
 
 from __future__ import annotations
 
@@ -60,3 +61,31 @@ def test_sparse_attention_tiles_and_long_selection_rows():
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "select ok" in done.stdout
+
+
+DW_PARTS = """
+import numpy as np
+import refattn.fsat as reference
+from refattn.backends.numba_cuda import fsat
+from refattn.backends.numba_cuda.fsat.estimate import dw_launch
+
+rng = np.random.default_rng(2)
+L, D = 150, 17
+assert dw_launch(1, 2 * L - 1, 1, D) == (3, (32, 8), 3)  # 299 (b, tau) items: three parts of rows 8 x lanes 32
+c, w = rng.standard_normal((1, 1, 2 * L - 1, D)), rng.standard_normal((1, D))
+ds = rng.standard_normal((1, 1, 2 * L - 1))
+mask = np.zeros((1, L), bool)
+mask[0, 120:] = True  # offsets beyond +-119 have no pairs: skipped in every part
+for got, want in zip(fsat.estimate_vjp(c, w, ds, key_padding_mask=mask),
+                     reference.estimate_vjp(c, w, ds, key_padding_mask=mask)):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+print("dw ok")
+"""
+
+
+def test_the_dw_reduction_over_several_parts():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(DW_PARTS)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "dw ok" in done.stdout
