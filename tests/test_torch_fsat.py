@@ -1,4 +1,4 @@
-"""The PyTorch FSAT backend (backends/torch/fsat.py) against the NumPy reference ``refattn.fsat``.
+"""The PyTorch FSAT backend (backends/torch/fsat/) against the NumPy reference ``refattn.fsat``.
 
 Every function is compared with the reference on float64 NumPy copies of its inputs: float64 to the
 float64 row of the tolerance table of spec/interface.md, float32/bfloat16/float16 to their rows
@@ -8,13 +8,22 @@ float64 row of the tolerance table of spec/interface.md, float32/bfloat16/float1
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from refattn import checks  # noqa: E402
 from refattn import fsat as ref  # noqa: E402
 from refattn.backends.torch import fsat as F  # noqa: E402
+from refattn.backends.torch.fsat.sparse_attention import (  # noqa: E402
+    GatheredShift,
+    SlicedShift,
+    forced_shifts,
+    shifts,
+)
 from refattn.conformance.tolerances import FORWARD, GRADIENT  # noqa: E402
 from refattn.fsat.select import candidate_order  # noqa: E402
 
@@ -239,7 +248,7 @@ SPARSE_CASES = [  # (L, D, Dv, K)
 @pytest.mark.parametrize("case", SPARSE_CASES)
 def test_sparse_attention_and_vjp(case, bias_kind, kind, causal, shift):
     """Both ways of pairing rows with their shifted partners: slices (CPU) and row gathers (GPU), each forced."""
-    with F.forced_shifts(shift):
+    with forced_shifts(shift):
         _check_sparse_attention_and_vjp(case, bias_kind, kind, causal)
 
 
@@ -277,15 +286,15 @@ def _check_sparse_attention_and_vjp(case, bias_kind, kind, causal):
 
 def test_forced_shifts_choose_the_pairing_on_any_device():
     offsets = torch.tensor([[[-1, 0, 2]]])
-    assert {type(shift) for shift in F._shifts(offsets, 4)} == {F._SlicedShift}  # a CPU's own choice
-    with F.forced_shifts("gathered"):
-        assert {type(shift) for shift in F._shifts(offsets, 4)} == {F._GatheredShift}
-        with F.forced_shifts("sliced"):
-            assert {type(shift) for shift in F._shifts(offsets, 4)} == {F._SlicedShift}
-        assert {type(shift) for shift in F._shifts(offsets, 4)} == {F._GatheredShift}
-    assert {type(shift) for shift in F._shifts(offsets, 4)} == {F._SlicedShift}
-    with pytest.raises(ValueError, match="kind: expected one of sliced, gathered, got 'slices'"):
-        with F.forced_shifts("slices"):
+    assert {type(shift) for shift in shifts(offsets, 4)} == {SlicedShift}  # a CPU's own choice
+    with forced_shifts("gathered"):
+        assert {type(shift) for shift in shifts(offsets, 4)} == {GatheredShift}
+        with forced_shifts("sliced"):
+            assert {type(shift) for shift in shifts(offsets, 4)} == {SlicedShift}
+        assert {type(shift) for shift in shifts(offsets, 4)} == {GatheredShift}
+    assert {type(shift) for shift in shifts(offsets, 4)} == {SlicedShift}
+    with pytest.raises(ValueError, match="kind: expected one of 'sliced', 'gathered', got 'slices'"):
+        with forced_shifts("slices"):
             pass
 
 
@@ -559,19 +568,18 @@ def test_rejects_nan():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_finite_check_is_exact_when_the_sum_overflows(dtype):
-    """The finite check sums first; a sum that overflows from finite entries must not be an error,
-    and a single Inf, -Inf or NaN among huge finite entries must be."""
-    from refattn.backends.torch import _checks
-
+    """The finite check (refattn.checks on tensors, as the backend runs it) sums first; a sum that
+    overflows from finite entries must not be an error, and a single Inf, -Inf or NaN among huge
+    finite entries must be."""
     huge = torch.full((4, 64), torch.finfo(dtype).max, dtype=dtype)
     if dtype in (torch.float64, torch.float32):  # half types are summed in float32: no overflow
         assert not torch.isfinite(huge.sum(dtype=dtype))
-    assert _checks.float_tensor(huge, "x") is huge
+    assert checks.float_array(huge, "x") is huge
     for bad in (float("inf"), float("-inf"), float("nan")):
         spoiled = huge.clone()
         spoiled[1, 2] = bad
         with pytest.raises(ValueError, match=r"x: expected finite values, got 1 NaN or Inf entries"):
-            _checks.float_tensor(spoiled, "x")
+            checks.float_array(spoiled, "x")
 
 
 def test_rejects_inf_noise():
@@ -701,6 +709,79 @@ def test_rejects_wrong_dout_shape():
     q, k, v, w = _good()
     with pytest.raises(ValueError, match=r"dout: expected shape \(B, H, L, Dv\)"):
         F.attention_vjp(q, k, v, w, 2, torch.zeros(2, 2, 5, 4, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------ overflow
+
+
+def _huge(*shape, scale, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overflow_of_the_cross_names_q_and_k(dtype):
+    """The report: finite q of 1e20 in float32 (or bfloat16, computed in float32) gave NaN; the cross's
+    products |q|·|k| reach 1e40."""
+    q = _huge(1, 2, 16, 8, scale=1e20)
+    with pytest.raises(ValueError, match=r"^q and k overflow float32 in the cross: \|q\|·\|k\| up to \d\.\de\+4\d$"):
+        F.attention(q.to(dtype), q.to(dtype), (q / 1e20).to(dtype), torch.ones(2, 8), 4)
+    with pytest.raises(ValueError, match=r"^q and k overflow float32 in the cross"):
+        F.attention_vjp(q, q, q / 1e20, torch.ones(2, 8), 4, torch.ones(1, 2, 16, 8))
+    with pytest.raises(ValueError, match=r"^a and b overflow float32 in the cross: \|a\|·\|b\|"):
+        F.cross(q, q)
+
+
+def test_overflow_of_the_estimate_names_q_k_and_w():
+    """The cross is finite (|q|·|k| about 1e20) but w of 1e30 takes the scores beyond float32."""
+    x, v = _huge(1, 2, 16, 8, scale=1e10), _huge(1, 2, 16, 8, scale=1.0, seed=1)
+    w = torch.full((2, 8), 1e30)
+    with pytest.raises(ValueError, match=r"^q, k and w overflow float32 in the estimate: \|q\|·\|k\|·\|w\|"):
+        F.attention(x, x, v, w, 4)
+    with pytest.raises(ValueError, match=r"^c and w overflow float32 in the estimate: \|c\|·\|w\|"):
+        F.estimate(_huge(1, 2, 31, 8, scale=1e30), w)
+
+
+def test_overflow_of_given_cross_inputs_names_them():
+    v = _huge(1, 2, 16, 8, scale=1.0)
+    big = _huge(1, 2, 16, 3, scale=1e20, seed=1)
+    with pytest.raises(ValueError, match=r"^cross_q and cross_k overflow float32 in the cross"):
+        F.attention(v, v, v, torch.ones(2, 3), 4, cross_q=big, cross_k=big)
+
+
+def test_overflow_of_the_attention_logits_names_q_and_k():
+    """Logits |q|·|k| of 1e40 in the sparse attention (its scores alone would be finite: one offset)."""
+    q, v = _huge(1, 2, 16, 8, scale=1e20), _huge(1, 2, 16, 8, scale=1.0, seed=1)
+    offsets = torch.tensor([-1, 0, 1]).expand(1, 2, 3)
+    with pytest.raises(ValueError, match=r"^q and k overflow float32 in the sparse attention: \|q\|·\|k\|"):
+        F.sparse_attention(q, q, v, offsets)
+
+
+def test_overflow_of_the_gradients_names_the_cotangent():
+    v = _huge(1, 2, 16, 8, scale=1.0)
+    dout = _huge(1, 2, 16, 8, scale=1e37, seed=1)  # finite; times the softmax sums and sqrt(D) scales: inf
+    offsets = torch.tensor([-1, 0, 1]).expand(1, 2, 3)
+    where = "overflow float32 in the gradient of the"
+    with pytest.raises(ValueError, match=rf"^dout, v and k {where} sparse attention: \|dout\|·\|v\|·\|k\|"):
+        F.sparse_attention_vjp(v * 1e3, v * 1e3, v * 1e3, offsets, None, dout)
+    with pytest.raises(ValueError, match=rf"^dout, v and k {where} attention"):
+        F.attention_vjp(v * 1e3, v * 1e3, v * 1e3, torch.ones(2, 8), 3, dout)
+    with pytest.raises(ValueError, match=rf"^b and dc {where} cross: \|b\|·\|dc\|"):
+        F.cross_vjp(v * 1e10, v * 1e10, _huge(1, 2, 31, 8, scale=1e30, seed=2))
+    with pytest.raises(ValueError, match=rf"^ds and w {where} estimate: \|ds\|·\|w\|"):
+        F.estimate_vjp(_huge(1, 2, 31, 8, scale=1.0), torch.full((2, 8), 1e30), _huge(1, 2, 31, scale=1e30))
+
+
+def test_overflow_checks_leave_autograd_and_the_values_alone():
+    """A checked result that requires grad: no autograd warning from the check, the same numbers."""
+    q, k, v = (_huge(1, 2, 16, 8, scale=1.0, seed=s, dtype=torch.float64).requires_grad_() for s in range(3))
+    w = torch.ones(2, 8, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = F.attention(q, k, v, w, 4)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v, w))
+    expected = ref.attention_vjp(*(N(x) for x in (q, k, v, w)), 4, 2 * N(out))
+    for got, want in zip(grads, expected, strict=False):
+        np.testing.assert_allclose(N(got), want, rtol=1e-9, atol=1e-11)
 
 
 # ------------------------------------------------------------------------------ CUDA

@@ -1,17 +1,18 @@
-"""``FSATAttention`` (backends/torch/fsat_module.py): shapes, parameters, noise, truncation, learning."""
+"""``FSATAttention`` (backends/torch/layers/fsat_attention.py): shapes, parameters, noise, truncation, learning."""
 
 from __future__ import annotations
 
 import math
 import time
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from refattn import fsat as ref  # noqa: E402
+from refattn.backends.torch import FSATAttention  # noqa: E402
 from refattn.backends.torch import fsat as F  # noqa: E402
-from refattn.backends.torch.fsat_module import FSATAttention  # noqa: E402
 
 
 def layer(**kw):
@@ -122,15 +123,74 @@ def test_dropout_on_attention_output():
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("bad", [dict(dim=10, heads=3), dict(top_k=0), dict(cross_dim=0), dict(dropout=1.0)])
-def test_rejects_bad_configuration(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, error, message", [
+    (dict(dim=10, heads=3), ValueError, r"^dim, heads: expected dim divisible by heads, got dim=10, heads=3$"),
+    (dict(dim=12.0), TypeError, r"^dim: expected an integer, got float 12.0$"),
+    (dict(dim="12"), TypeError, r"^dim: expected an integer, got str '12'$"),
+    (dict(dim=0), ValueError, r"^dim: expected an integer .*, got 0$"),
+    (dict(heads=True), TypeError, r"^heads: expected an integer, got bool True$"),
+    (dict(top_k=0), ValueError, r"^top_k: expected an integer .*, got 0$"),
+    (dict(top_k=2.0), TypeError, r"^top_k: expected an integer, got float 2.0$"),
+    (dict(causal="yes"), TypeError, r"^causal: expected a bool \(True or False\), got str 'yes'$"),
+    (dict(cross_dim=0), ValueError, r"^cross_dim: expected an integer .*, got 0$"),
+    (dict(cross_dim=2.5), TypeError, r"^cross_dim: expected an integer, got float 2.5$"),
+    (dict(dropout=1.0), ValueError, r"^dropout: expected a probability in \[0, 1\), got 1.0$"),
+    (dict(dropout=-0.1), ValueError, r"^dropout: expected a number in \[0, 1\], got -0.1$"),
+    (dict(dropout="0.1"), TypeError, r"^dropout: expected a real number, got str '0.1'$"),
+    (dict(generator=0), TypeError, r"^generator: expected a torch.Generator or None, got int$"),
+    (dict(noise_scale=-0.1), ValueError, r"^noise_scale: expected a number >= 0, got -0.1$"),
+    (dict(noise_scale=float("nan")), ValueError, r"^noise_scale: expected a finite number, got nan$"),
+    (dict(noise_scale="1"), TypeError, r"^noise_scale: expected a real number, got str '1'$"),
+    (dict(noise_final=float("inf")), ValueError, r"^noise_final: expected a finite number, got inf$"),
+    (dict(noise_schedule="exponential"), ValueError,
+     r"^noise_schedule: expected one of 'constant', 'linear', 'cosine', got 'exponential'$"),
+    (dict(noise_steps=0), ValueError, r"^noise_steps: expected an integer .*, got 0$"),
+    (dict(noise_steps=2.5), TypeError, r"^noise_steps: expected an integer, got float 2.5$"),
+])
+def test_rejects_bad_configuration(bad, error, message):
+    """Every option, checked where it is given: a wrong type is a TypeError, a wrong value a ValueError,
+    each naming the option (before, dim=12.0 failed inside torch's empty())."""
+    with pytest.raises(error, match=message):
         layer(**bad)
 
 
-def test_rejects_bad_input_width():
-    with pytest.raises(ValueError, match=r"x: expected a tensor of shape \(B, L, dim\) with dim = 12"):
-        layer()(torch.randn(2, 5, 8, dtype=torch.float64))
+def test_accepts_numpy_integers():
+    """NumPy integers are integers (the functions accept them; the layer rejected np.int64(2))."""
+    attn = FSATAttention(dim=np.int64(12), heads=np.int32(3), top_k=np.int64(2), cross_dim=np.uint8(2),
+                         noise_steps=np.int64(3), noise_scale=np.float32(0.5))
+    assert (attn.dim, attn.heads, attn.top_k, attn.cross_dim, attn.noise_steps) == (12, 3, 2, 2, 3)
+    assert all(type(n) is int for n in (attn.dim, attn.heads, attn.top_k, attn.cross_dim, attn.noise_steps))
+    assert attn(torch.randn(1, 5, 12)).shape == (1, 5, 12)
+
+
+def test_rejects_bad_input():
+    attn = layer()
+    with pytest.raises(ValueError, match=r"^x: expected shape \(B, L, dim\) = \('\*', '\*', 12\), got \(2, 5, 8\)$"):
+        attn(torch.randn(2, 5, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^x: expected a 3-D tensor \(B, L, dim\), got shape \(5, 12\)$"):
+        attn(torch.randn(5, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^x: expected every axis of \(B, L, dim\) to be at least 1"):
+        attn(torch.randn(2, 0, 12, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^x: expected a torch.Tensor, got ndarray$"):
+        attn(np.zeros((2, 5, 12)))
+    with pytest.raises(TypeError, match=r"^x: expected a real floating-point tensor, got dtype torch.int64$"):
+        attn(torch.zeros(2, 5, 12, dtype=torch.int64))
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    x[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^x: expected finite values, got 1 NaN or Inf entries$"):
+        attn(x)
+
+
+def test_rejects_an_input_of_another_dtype():
+    """A float64 x given to a float32 layer: a TypeError naming x and both dtypes (before, nn.Linear's
+    'mat1 and mat2 must have the same dtype'); under autocast any float dtype is cast as usual."""
+    attn = FSATAttention(dim=12, heads=3, top_k=2)
+    with pytest.raises(TypeError, match=r"^x: expected a tensor of the layer's dtype torch.float32, got torch.float64 "
+                                        r"\(convert the input with x.to\(torch.float32\) or the layer with "
+                                        r"layer.to\(torch.float64\)\)$"):
+        attn(torch.randn(2, 5, 12, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn(torch.randn(2, 5, 12, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_float32_module_backward():
@@ -232,3 +292,52 @@ def test_module_on_cuda_matches_cpu():
     x = torch.randn(2, 33, 12, dtype=torch.float64)  # pragma: no cover
     y = attn(x)  # pragma: no cover
     torch.testing.assert_close(attn.cuda()(x.cuda()).cpu(), y, rtol=1e-9, atol=1e-11)  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------ exploration options
+
+
+def test_noise_temperature_schedules():
+    """T(step) for each schedule, by hand: linear and cosine from 2.0 to 0.5 over 4 training forwards."""
+    constant = layer(noise_scale=0.7)
+    linear = layer(noise_scale=2.0, noise_schedule="linear", noise_final=0.5, noise_steps=4)
+    cosine = layer(noise_scale=2.0, noise_schedule="cosine", noise_final=0.5, noise_steps=4)
+    x = torch.randn(1, 6, 12, dtype=torch.float64)
+    seen = {"constant": [], "linear": [], "cosine": []}
+    for _ in range(6):
+        for name, attn in (("constant", constant), ("linear", linear), ("cosine", cosine)):
+            seen[name].append(attn.noise_temperature())
+            attn(x)
+    assert seen["constant"] == [0.7] * 6
+    assert seen["linear"] == pytest.approx([2.0, 1.625, 1.25, 0.875, 0.5, 0.5], abs=1e-15)
+    cos = [0.5 * (1 - math.cos(math.pi * p)) for p in (0, 0.25, 0.5, 0.75, 1, 1)]
+    assert seen["cosine"] == pytest.approx([2.0 - 1.5 * c for c in cos], abs=1e-15)
+    assert int(linear.noise_step) == 6 and "noise_step" in linear.state_dict()
+    linear.eval()
+    linear(x)
+    assert int(linear.noise_step) == 6  # eval forwards do not advance the schedule
+
+
+def test_noise_is_scaled_gumbel_and_zero_temperature_is_greedy():
+    """Training selection = eval selection of s + T g, with g the layer's Gumbel draw; T = 0 draws nothing
+    and selects exactly what eval mode selects."""
+    x = torch.randn(2, 16, 12, dtype=torch.float64)
+    attn = layer(top_k=4, noise_scale=2.5)
+    attn.train().manual_seed(11)
+    attn(x)
+    trained = attn.last_offsets
+    attn.manual_seed(11)
+    noise = 2.5 * attn.gumbel_noise(2, 16, x.device, torch.float64)
+    q, k, _ = attn.qkv(x).chunk(3, dim=-1)
+    split = lambda t: t.view(2, 16, 3, 4).transpose(1, 2).detach().numpy()  # noqa: E731
+    s = ref.estimate(ref.cross(split(q), split(k)), attn.w.detach().numpy())
+    expected = ref.select(s, 4, noise=noise.numpy())
+    assert torch.equal(trained, torch.from_numpy(expected))
+    greedy = layer(top_k=4, noise_scale=0.0).train()
+    state = greedy.generator.get_state()
+    greedy(x)
+    assert torch.equal(greedy.generator.get_state(), state)  # no draw
+    greedy_offsets = greedy.last_offsets
+    greedy.eval()
+    greedy(x)
+    assert torch.equal(greedy_offsets, greedy.last_offsets)

@@ -1,4 +1,4 @@
-"""The torch backend's ``routing`` namespace (backends/torch/routing.py) against the NumPy reference.
+"""The torch backend's ``routing`` namespace (backends/torch/routing/) against the NumPy reference.
 
 Every function is compared with ``refattn.routing`` on float64 NumPy copies of the inputs (rounded to
 the tested dtype first), with the tolerance table of spec/interface.md; discrete outputs (members,
@@ -9,6 +9,7 @@ torch backend, and a CUDA variant (skipped, with the reason, without a device).
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import numpy as np
@@ -279,7 +280,8 @@ def test_route_chunks_equal_one_pass(monkeypatch):
     s = rng.integers(-3, 4, size=(2, 2, 17, 9)).astype(np.float64)
     mask = rng.random((2, 17)) < 0.3
     whole = F.route(T(s), 5, key_padding_mask=T(mask))
-    monkeypatch.setattr(F, "_ROUTE_CHUNK_ELEMENTS", 2 * 2 * 17 * 2)  # chunks of 2 centroids
+    route_module = importlib.import_module("refattn.backends.torch.routing.route")  # F.route is the function
+    monkeypatch.setattr(route_module, "CHUNK_ELEMENTS", 2 * 2 * 17 * 2)  # chunks of 2 centroids
     assert torch.equal(F.route(T(s), 5, key_padding_mask=T(mask)), whole)
     np.testing.assert_array_equal(N(whole), ref.route(s, 5, key_padding_mask=mask))
 
@@ -702,6 +704,64 @@ def test_rejects_bad_statistics():
         F.apply_centroid_statistics(state, [mu])
     with pytest.raises(ValueError, match=r"statistics\[0\].sums: expected shape"):
         F.apply_centroid_statistics(state, [(torch.zeros(2, 3, dtype=torch.float64), mu[:1])])
+
+
+# ------------------------------------------------------------------------------ overflow
+
+
+def _big(*shape, scale=1.0, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(scale).float()
+
+
+def _centroids():
+    return F.init_centroids(2, 3, 8, rng=np.random.default_rng(0), dtype=torch.float32).means
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overflow_of_the_cluster_logits_names_q_and_k(dtype):
+    """lucidrains' logits are raw q·k / sqrt(D): |q|·|k| of 1e40 overflows float32 (bfloat16 is
+    computed in float32); before, the output was NaN."""
+    q, v = _big(1, 2, 16, 8, scale=1e20).to(dtype), _big(1, 2, 16, 8, seed=1).to(dtype)
+    mu = _centroids()
+    message = r"^q and k overflow float32 in the cluster attention: \|q\|·\|k\| up to \d\.\de\+4\d$"
+    with pytest.raises(ValueError, match=message):
+        F.attention(q, q, v, mu, profile="lucidrains")
+    members = F.route(F.similarity(F.normalize(v.float()), mu), 6)
+    with pytest.raises(ValueError, match=message):
+        F.cluster_attention(q, q, v, members, members, profile="lucidrains")
+    with pytest.raises(ValueError, match=r"^q and k overflow float32 in the local attention: \|q\|·\|k\|"):
+        F.local_attention(q, q, v, 4)
+
+
+def test_overflow_of_the_similarities_names_the_centroids():
+    """Normalized tokens (|x̂| about sqrt(D)) against centroids of 1e38: the similarities overflow."""
+    v = _big(1, 2, 16, 8)
+    mu = _centroids() * 1e38
+    with pytest.raises(ValueError, match=r"^centroids overflows float32 in the similarity of the normalized q "
+                                         r"to the centroids: \|centroids\| up to"):
+        F.attention(v, v, v, mu)
+    with pytest.raises(ValueError, match=r"^x_hat and centroids overflow float32 in the similarity"):
+        F.similarity(F.normalize(v), mu)
+
+
+def test_overflow_of_the_normalization_names_x():
+    with pytest.raises(ValueError, match=r"^x overflows float32 in the normalization: \|x\| up to \d\.\de\+20$"):
+        F.normalize(_big(1, 2, 16, 8, scale=1e20))
+
+
+def test_overflow_of_the_gradients_names_the_cotangent():
+    v, mu = _big(1, 2, 16, 8), _centroids()
+    dout = _big(1, 2, 16, 8, scale=1e36, seed=1)
+    where = "overflow float32 in the gradient of the"
+    with pytest.raises(ValueError, match=rf"^dout, v, q and k {where} routing attention"):
+        F.attention_vjp(v * 1e3, v * 1e3, v * 1e3, mu, dout * 10)
+    with pytest.raises(ValueError, match=rf"^dout, v and k {where} local attention"):
+        F.local_attention_vjp(v * 1e3, v * 1e3, v * 1e3, 4, dout * 10)
+    members = F.route(F.similarity(F.normalize(v), mu), 6)
+    with pytest.raises(ValueError, match=rf"^do, v, q and k {where} cluster attention"):
+        F.cluster_attention_vjp(v * 1e3, v * 1e3, v * 1e3, members, members, _big(1, 2, 3, 6, 8, scale=1e37))
+    with pytest.raises(ValueError, match=rf"^ds and centroids {where} similarity"):
+        F.similarity_vjp(F.normalize(v), mu * 1e30, _big(1, 2, 16, 3, scale=1e30))
 
 
 # ------------------------------------------------------------------------------ lucidrains parity

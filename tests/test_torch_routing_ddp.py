@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from refattn.backends.torch.routing_module import RoutingAttention
+from refattn.backends.torch import RoutingAttention
 
 TIMEOUT = 120.0
 STEPS = 4

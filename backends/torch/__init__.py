@@ -1,6 +1,9 @@
 """The PyTorch backend: the interface of spec/interface.md on CPU and CUDA tensors, with autograd.
 
-Also the layers for training: :class:`FSATAttention` and :class:`RoutingAttention`.
+The reference's layout: :mod:`.fsat` and :mod:`.routing` hold one module per step of
+:mod:`refattn.fsat` and :mod:`refattn.routing`, with the same names; :mod:`.tensors` what the
+backend checks beyond :mod:`refattn.checks`; :mod:`.layers` the ``nn.Module`` layers for training,
+:class:`FSATAttention` and :class:`RoutingAttention`.
 
 ``get_backend("torch").fsat.attention`` and ``.routing.attention`` are differentiable with
 ``torch.autograd``; the ``*_vjp`` functions give the same gradients explicitly. Inputs must be
@@ -11,7 +14,6 @@ accumulated in float32 in the softmax, the reductions and the FFT).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,8 +21,9 @@ import torch
 
 from refattn.backends import Backend, Capabilities, Strategy
 from refattn.backends.torch import fsat, routing
-from refattn.backends.torch.fsat_module import FSATAttention
-from refattn.backends.torch.routing_module import RoutingAttention
+from refattn.backends.torch.fsat.sparse_attention import SHIFT_KINDS, forced_shifts
+from refattn.backends.torch.layers import FSATAttention, RoutingAttention
+from refattn.backends.torch.tensors import vjp
 
 __all__ = ["FSATAttention", "RoutingAttention", "backend", "fsat", "routing"]
 
@@ -52,30 +55,10 @@ def _dtype_of(tensor: Any) -> str:
     return np.asarray(tensor).dtype.name
 
 
-def _autodiff(function: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
-              cotangents: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, ...]:
-    """The gradients of ``function(*inputs)`` against ``cotangents`` by ``torch.autograd``: what training runs.
-
-    A cotangent is cast to its output's dtype (a float32 loss of float16 inputs gets a float16 one).
-    """
-    leaves = tuple(x.detach().requires_grad_() for x in inputs)
-    with torch.enable_grad():
-        outputs = function(*leaves)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    if len(outputs) != len(cotangents):
-        raise ValueError(f"cotangents: {len(cotangents)} given for {len(outputs)} outputs")
-    pairs = [(out, cot.to(out.dtype)) for out, cot in zip(outputs, cotangents, strict=True)
-             if cot is not None and out.requires_grad]
-    if not pairs:
-        return tuple(torch.zeros_like(x) for x in leaves)
-    grads = torch.autograd.grad([out for out, _ in pairs], leaves, [cot for _, cot in pairs], allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True))
-
-
 # The FSAT sparse attention pairs row i with row i + tau by slices on a CPU and by a row gather on a
-# GPU (fsat.py); both are checked on whatever device is present.
+# GPU (fsat/sparse_attention.py); both are checked on whatever device is present.
 _SHIFTED = ("fsat.sparse_attention", "fsat.sparse_attention_vjp", "fsat.attention", "fsat.attention_vjp")
-STRATEGIES = tuple(Strategy(kind, _SHIFTED, functools.partial(fsat.forced_shifts, kind)) for kind in fsat.SHIFT_KINDS)
+STRATEGIES = tuple(Strategy(kind, _SHIFTED, functools.partial(forced_shifts, kind)) for kind in SHIFT_KINDS)
 
 
 def backend() -> Backend:
@@ -92,6 +75,6 @@ def backend() -> Backend:
         status=f"PyTorch {torch.__version__}, {where}",
         synchronize=_synchronize,
         dtype_of=_dtype_of,
-        autodiff=_autodiff,
+        autodiff=vjp,
         strategies=STRATEGIES,
     )
