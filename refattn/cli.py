@@ -4,6 +4,7 @@
 - ``refattn conformance [--backend NAME ...] [--json PATH]``: the conformance report.
 - ``refattn bench [--targets]``: time and memory against L, or the performance targets (:mod:`refattn.bench`).
 - ``refattn quality --task NAME --attention NAME``: does it learn? (:mod:`refattn.quality`).
+- ``refattn audit [--backend NAME ...] [--traffic]``: every CUDA launch planned for realistic shapes.
 
 Every option is validated by its ``type=`` (:mod:`refattn.arguments`): a bad value is a usage error,
 exit status 2, naming the option and what it expects.
@@ -22,7 +23,7 @@ import scipy
 
 import refattn
 from refattn import arguments as types  # the option validators; 'arguments' is the parsed namespace
-from refattn import backends
+from refattn import audit, backends
 from refattn.bench import runner as bench_runner  # torch-free: the options and the command
 from refattn.quality import runner as quality_runner  # torch-free: the options only
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quality_runner.add_arguments(quality)
     quality.set_defaults(run=_quality, parser=quality)
+    audit.add_parser(commands)
     return parser
 
 
