@@ -104,6 +104,24 @@ def backend_name(*extra: str) -> Callable[[str], str]:
     return one_of("backend", names)
 
 
+def backend_here(what: str, names: Callable[[], Iterable[str]]) -> Callable[[str], str]:
+    """A converter accepting a backend among ``names()`` (those that load here and have ``what``); the error
+    says whether another name is registered but unusable here or not registered at all."""
+
+    def convert(text: str) -> str:
+        from refattn import backends
+
+        known = sorted(names())
+        if text not in known:
+            why = "registered, but its library is missing here" if text in backends.registered() else "not registered"
+            raise argparse.ArgumentTypeError(f"{text!r} has no {what} here ({why}); choose from: "
+                                             f"{', '.join(known) or 'none'}")
+        return text
+
+    convert.__name__ = "backend"
+    return convert
+
+
 def device(text: str) -> str:
     """A device name: ``cpu``, ``cuda`` or ``cuda:N`` (whether it exists here is checked when it is used)."""
     index = text[5:] if text.startswith("cuda:") else ""

@@ -122,11 +122,6 @@ def print_traffic(plans: Sequence[FunctionPlan]) -> None:
     _print_table(header, rows)
 
 
-def _backends_with_plans() -> list[str]:
-    """The backends that load here and plan their launches (a registered one whose library is missing is not one)."""
-    return sorted(auditable())
-
-
 def _planned_functions() -> list[str]:
     """Every function some auditable backend plans (the names of its plans at the smallest shape)."""
     return sorted({plan.function for backend in auditable().values() for plan in backend.plans(Shape(1, 1, 1, 1, 1),
@@ -138,7 +133,7 @@ def add_parser(commands: Any) -> None:
     parser = commands.add_parser("audit", help="CUDA launch limits and device-memory bounds of every kernel launch, "
                                                "planned for realistic shapes without a GPU")
     parser.add_argument("--backend", action="append", metavar="NAME",
-                        type=types.one_of("backend with launch plans here", _backends_with_plans),
+                        type=types.backend_here("launch plans", auditable),
                         help="a backend with launch plans (repeatable; default: every one that loads here)")
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="(repeatable; default: both)")
     parser.add_argument("--function", action="append", metavar="NAME",
