@@ -132,3 +132,26 @@ def test_results_follow_the_kind_of_the_device_input(monkeypatch):
 
     numba_array = type("DeviceNDArray", (), {"__module__": "numba.cuda.cudadrv.devicearray"})()
     assert runtime.result_kind(numba_array)("result") == "result"
+
+
+class TensorRequiringGrad:
+    """A stand-in for a CUDA tensor with requires_grad: torch refuses its __cuda_array_interface__."""
+
+    __module__ = "torch"
+    requires_grad = True
+    shape = (B, H, L, D)
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad.")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: fsat.sparse_attention(q, TensorRequiringGrad(), v, offsets), "k"),
+    (lambda: fsat.attention(TensorRequiringGrad(), k, v, w, 2), "q"),
+    (lambda: routing.attention(q, k, TensorRequiringGrad(), mu), "v"),
+])
+def test_a_tensor_that_requires_grad_is_a_type_error_naming_it(call, name):
+    """Not torch's RuntimeError from inside the bridge: the backend has no autograd, so say so."""
+    with pytest.raises(TypeError, match=rf"^{name}: expected a tensor without autograd, got one that requires grad"):
+        call()

@@ -18,6 +18,7 @@ thread and block indices in arithmetic (``mul.wide.s32`` in the PTX), and no ker
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import threading
@@ -424,6 +425,11 @@ def intake(check: Callable[..., tuple[Any, ...]], *args: Any) -> tuple[Call, tup
     compute dtype (host ones uploaded), every index array as an int64 device array (a device input
     already int64 used as it is), and masks as host bool arrays.
     """
+    for name, value in zip(inspect.signature(check).parameters, args, strict=False):
+        if getattr(value, "requires_grad", False):  # torch refuses its __cuda_array_interface__ with a RuntimeError
+            raise TypeError(f"{name}: expected a tensor without autograd, got one that requires grad: the Numba-CUDA "
+                            f"backend computes no gradients through autograd; pass {name}.detach(), or use "
+                            "refattn.get_backend('torch')")
     devices = [x for value in args for x in _arrays_in(value) if is_device(x)]
     call = Call(compute_dtype(*args), result_kind(devices[0]) if devices else None)
     floats = [x for x in devices if _dtype_of(x).kind == "f"]
