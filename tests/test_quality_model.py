@@ -193,7 +193,8 @@ def test_dense_diagonal_profile_against_loops():
     layer = DenseAttention(8, 2, causal=True).double()
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     profile = analysis.dense_diagonal_profile(layer, x, None)
-    q, k, _ = layer.split(x)
+    with torch.no_grad():
+        q, k, _ = layer.split(x)
     allowed = torch.ones(6, 6, dtype=torch.bool).tril()
     logits = (q @ k.transpose(-1, -2) / math.sqrt(4)).masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -234,7 +235,7 @@ def test_routing_coverage_extremes():
     model = Transformer(task, "routing", ModelConfig(dim=16, heads=2, depth=1), config, seed=0).double().eval()
     batch = task.sample(2, np.random.default_rng(0))
     (x,) = analysis.attention_inputs(model, torch.from_numpy(batch.tokens), None)
-    assert analysis.routing_coverage(model.attention_layers[0], x, None, task.true_offsets) == [[1.0, 1.0]]
+    assert analysis.routing_coverage(model.attention_layers[0], x, None, task.true_offsets) == [[1.0] * 8]
     config = AttentionConfig(clusters=4, window=4, local_heads=1)
     model = Transformer(task, "routing", ModelConfig(dim=16, heads=2, depth=1), config, seed=0).double().eval()
     (x,) = analysis.attention_inputs(model, torch.from_numpy(batch.tokens), None)
