@@ -164,6 +164,7 @@ def _run_key(run: dict[str, Any]) -> tuple[str, int, str, int]:
 def _write_outputs(payload: dict[str, Any], out_dir: Path, plots: bool) -> list[Path]:
     runs = payload["runs"]
     (out_dir / "table.md").write_text(report.table(runs) + "\n")
+    (out_dir / "costs.md").write_text(report.cost_table(runs) + "\n")
     if not plots:
         return []
     written = report.curve_plots(runs, out_dir)
