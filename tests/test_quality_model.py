@@ -49,7 +49,7 @@ def projections(dim: int, out: int) -> int:
 @pytest.mark.parametrize("task_name", ["copy", "listops", "recall", "planted"])
 def test_parameter_parity(task_name):
     """Everything but the attention is identical; the attention's own count is its projections (plus
-    FSAT's w, H x D per layer), by hand: dim 64, 4 heads of 16, 2 layers."""
+    FSAT's estimator), by hand: dim 64, 4 heads of 16, 2 layers."""
     task = make_task(task_name, 64)
     counts = {name: parameter_counts(Transformer(task, name)) for name in attentions()}
     rest = {c["rest"] for c in counts.values()}
@@ -58,7 +58,8 @@ def test_parameter_parity(task_name):
     qkvo = projections(dim, 3 * dim) + projections(dim, dim)
     assert counts["dense"]["attention"] == layers * qkvo == 33_280
     assert counts["local"]["attention"] == layers * qkvo
-    assert counts["fsat"]["attention"] == layers * (qkvo + 4 * 16)
+    # FSAT: w (H x Dc) and the cross projection to 2 x H x Dc, Dc = the head width (the layer's default)
+    assert counts["fsat"]["attention"] == layers * (qkvo + 4 * 16 + projections(dim, 2 * 4 * 16)) == 50_048
     # ours: separate q, k, v, out projections; with shared QK (causal tasks) keys only for the 2 local heads
     keys = projections(dim, 32) if task.causal else projections(dim, dim)
     assert counts["routing"]["attention"] == layers * (3 * projections(dim, dim) + keys)
