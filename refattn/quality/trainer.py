@@ -225,7 +225,8 @@ def train(task: Task, attention: str, model_config: ModelConfig | None = None,
     result: dict[str, Any] = {
         "task": task.describe(), "attention": attention, "seed": config.seed, "model": asdict(model_config),
         "attention_config": {**asdict(attention_config), "fsat_options": dict(attention_config.fsat_options)},
-        "train": asdict(config), "parameters": counts, "curve": curve, "final": curve[-1], "steps": steps_done,
+        "train": asdict(config), "layer": model.attention_layers[0].extra_repr(), "parameters": counts,
+        "curve": curve, "final": curve[-1], "steps": steps_done,
         "stopped_by": stopped_by, "train_seconds": train_seconds, "data_seconds": data_seconds,
         "eval_seconds": eval_seconds,
     }
