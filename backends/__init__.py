@@ -14,9 +14,11 @@ import functools
 import importlib
 import importlib.metadata
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -49,17 +51,63 @@ class Capabilities:
     algorithms: tuple[str, ...] = ("fsat", "routing")
 
 
+@dataclass(frozen=True)
+class Strategy:
+    """One of a backend's alternative code paths, which the conformance suite checks on its own.
+
+    ``name`` says which path (e.g. ``"gathered"``); ``functions`` are the ``"algorithm.function"``
+    names of spec/interface.md whose computation it changes (a ``*_vjp`` is listed on its own; the
+    autograd of a listed function goes with it); ``force()`` returns a context manager inside which
+    the backend takes this path on every device, whatever it would choose by itself.
+    """
+
+    name: str
+    functions: tuple[str, ...]
+    force: Callable[[], AbstractContextManager[Any]]
+
+
 def _identity(array: Any, *args: Any, **kwargs: Any) -> Any:
     return array
 
 
+def _dtype_name(array: Any) -> str:
+    """The dtype name of anything with a NumPy-style ``dtype`` (NumPy, CuPy, Numba arrays) or of a Python scalar."""
+    dtype = getattr(array, "dtype", None)
+    return np.dtype(np.asarray(array).dtype if dtype is None else dtype).name
+
+
+def _no_device_work() -> None:
+    """The ``synchronize`` of a backend that computes on the host: its results are ready on return."""
+
+
 @dataclass(frozen=True)
 class Backend:
-    """A backend: the ``fsat`` and ``routing`` namespaces of spec/interface.md, and its array bridge.
+    """A backend: spec/interface.md in code.
 
-    ``from_numpy(array, dtype, device)`` makes the backend's array from a NumPy array (``dtype`` a
-    name from ``capabilities.dtypes``); ``to_numpy(x)`` returns a float64 or int64 NumPy array.
-    ``status`` is one line for ``refattn info`` (device or simulator in use).
+    - ``name``: the registry's name (``"numpy"``, ``"torch"``, ...);
+    - ``fsat``, ``routing``: the two namespaces, with the functions, signatures and errors of
+      spec/interface.md (the reference's modules for ``"numpy"``);
+    - ``capabilities``: what it supports here (:class:`Capabilities`);
+    - ``from_numpy(array, dtype, device)``: the backend's array from a NumPy array (``dtype`` a name
+      from ``capabilities.dtypes``, ``device`` one of ``capabilities.devices``); ``to_numpy(x)``: a
+      float64 or int64 NumPy array; ``dtype_of(x)``: the name of a backend array's dtype
+      (``"float16"``, ``"bfloat16"``, ``"int64"``, ...; the default reads a NumPy-style ``x.dtype``)
+      (the array bridge the conformance suite uses);
+    - ``synchronize()``: returns once every computation the backend has started has finished (a
+      device's queue drained); a no-op for host backends. Timings call it before reading the clock;
+    - ``status``: one line for ``refattn info`` (device or simulator in use);
+    - ``extra``: backend-specific facts (e.g. ``{"simulator": True}``), never needed by a caller;
+    - ``plans(shape, dtype)``: for backends that launch CUDA kernels, the
+      :class:`refattn.backends.launch.FunctionPlan` of every public function that launches kernels, for one
+      :class:`refattn.backends.launch.Shape` and dtype name, computed as the calls themselves compute their
+      launches (``refattn audit`` checks them); None for backends that launch no kernels;
+    - ``autodiff(function, inputs, cotangents)``, for a backend with autograd (its presence declares
+      it; the conformance suite then differentiates the forward functions): the gradients of
+      ``function(*inputs)`` (backend arrays in, an array or a tuple of arrays out) against
+      ``cotangents`` (one per output, None to ignore one), one per input, zeros for an input nothing
+      depends on;
+    - ``strategies``: its alternative code paths (:class:`Strategy`), each checked by the
+      conformance suite on its own (spec/interface.md, "What the conformance suite needs").
     """
 
     name: str
@@ -70,6 +118,11 @@ class Backend:
     to_numpy: Callable[[Any], np.ndarray] = np.asarray
     status: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    synchronize: Callable[[], None] = _no_device_work
+    plans: Callable[..., Any] | None = None
+    dtype_of: Callable[[Any], str] = _dtype_name
+    autodiff: Callable[[Callable[..., Any], tuple[Any, ...], tuple[Any, ...]], tuple[Any, ...]] | None = None
+    strategies: tuple[Strategy, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,36 @@
-"""The FSAT checks: every function of the ``fsat`` namespace, forward and VJP, over a grid of cases.
+"""The FSAT checks: every function of the ``fsat`` namespace, forward, VJP and autograd, over a grid of cases.
 
-Shapes keep B, H >= 2 and include L = 1, small primes and a power of two, odd D and Dv != D; flags
-cover causal or not, padding or not, Gumbel noise, and separate cross inputs. Inputs whose selection
-is not tie-free by the dtype's margin are replaced by the next seed (see :func:`_tie_free`).
+The grid has the four parts of :data:`refattn.conformance.checks.PARTS`:
+
+- ``base``: shapes with B, H >= 2, L = 1, small primes and a power of two, odd D and Dv != D; flags
+  causal or not, padding or not, Gumbel noise, separate cross inputs, bias. The full grid takes every
+  combination of the flags, the quick grid the three smallest shapes (``attention``'s gradients at
+  the largest of them) and a pairwise covering of the flags
+  (:func:`~refattn.conformance.checks.flag_grid`). Inputs whose selection is not tie-free by the
+  dtype's margin, judged on the inputs rounded to the dtype, are replaced by the next seed.
+- ``ties``: ``select`` on integer-valued scores and noise, with offsets that have no pair (-inf),
+  causal or not: the tie rule of spec/interface.md decides most choices.
+- ``extreme``: logits up to about 100 (beyond float32's exp unless the maximum is subtracted first)
+  and cross inputs whose products reach 1.6e4 (float16 sums of a few of them overflow).
+- ``large`` (full grid only): L = 64, D = 32, where accumulating in half precision shows; the
+  reference's gradients are checked there along a random direction
+  (:func:`~refattn.conformance.gradcheck.directional_vjp`).
+
+Each differentiable function is also differentiated through the backend's autograd
+(``<function>:autodiff``), ``attention`` with the gradient truncation of spec/fsat.md step 4.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from refattn.conformance import tolerances
-from refattn.conformance.checks import Check, Inputs, padding, seed_for
-from refattn.conformance.gradcheck import numerical_vjp
+from refattn.conformance.checks import Autodiff, Check, Inputs, flag_grid, padding, seed_for
+from refattn.conformance.gradcheck import Projection, directional_vjp, numerical_vjp
 from refattn.conformance.oracles import fsat as oracle
 
 # (B, H, L, D, Dv)
@@ -23,6 +39,7 @@ QUICK_SHAPES = SHAPES[:3]
 # Finite differences cost two oracle calls per input element, so gradients are checked on the shapes
 # up to L = 7.
 GRADIENT_SHAPES = SHAPES[:4]
+LARGE_SHAPE = (2, 2, 64, 32, 16)
 TOP_K = 3
 
 
@@ -32,9 +49,11 @@ def _label(shape: tuple[int, ...], **flags: bool) -> str:
     return f"B{batch} H{heads} L{length} D{dim} Dv{dim_v}" + "".join(f" {word}" for word in words)
 
 
-
 def _tie_free(s: np.ndarray, noise: np.ndarray | None, top_k: int, causal: bool, dtype: str) -> bool:
-    """True when the scores' K-th and (K+1)-th candidates differ by the decision margin."""
+    """True when the scores' K-th and (K+1)-th candidates differ by the decision margin.
+
+    ``s`` and ``noise`` must be what the backend sees: computed from, or rounded to, ``dtype``.
+    """
     scores = s if noise is None else s + noise
     length = (scores.shape[-1] + 1) // 2
     taus = np.arange(-(length - 1), length)
@@ -46,30 +65,252 @@ def _tie_free(s: np.ndarray, noise: np.ndarray | None, top_k: int, causal: bool,
     return bool(np.all((above - below > tolerances.decision_margin(above, dtype)) | np.isneginf(below)))
 
 
-def _sequences(rng: np.random.Generator, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def _sequences(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> dict[str, np.ndarray]:
     batch, heads, length, dim, dim_v = shape
     return {
-        "q": rng.standard_normal((batch, heads, length, dim)),
-        "k": rng.standard_normal((batch, heads, length, dim)),
+        "q": scale * rng.standard_normal((batch, heads, length, dim)),
+        "k": scale * rng.standard_normal((batch, heads, length, dim)),
         "v": rng.standard_normal((batch, heads, length, dim_v)),
     }
 
 
-def _attention_inputs(shape, dtype, causal, padded, noisy, crossed, function) -> Inputs:
-    """Inputs for ``attention``: tie-free selection, found by trying seeds in a fixed order."""
+def _without_none(grads: Any) -> tuple[Any, ...]:
+    return tuple(g for g in grads if g is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# cross and estimate
+# --------------------------------------------------------------------------------------------
+
+
+def _step_inputs(shape, padded, seed_words, scale=1.0) -> Inputs:
     batch, heads, length, dim, _ = shape
+    rng = np.random.default_rng(seed_for(*seed_words))
+    if scale == 1.0:
+        a, b = rng.standard_normal((2, batch, heads, length, dim))
+        c = rng.standard_normal((batch, heads, 2 * length - 1, dim))
+        w = rng.standard_normal((heads, dim))
+    else:  # products up to scale**2, and scores and dw below float16's limit
+        a, b = rng.uniform(-scale, scale, (2, batch, heads, length, dim))
+        c = rng.uniform(-scale * scale, scale * scale, (batch, heads, 2 * length - 1, dim))
+        w = rng.uniform(-0.5, 0.5, (heads, dim))
+    return {"a": a, "b": b, "c": c, "w": w, "mask": padding(rng, batch, length) if padded else None,
+            "dc": rng.standard_normal((batch, heads, 2 * length - 1, dim)),
+            "ds": rng.uniform(-0.5, 0.5, (batch, heads, 2 * length - 1))}
+
+
+def _cross_gradient_oracle(x: Inputs, directional: bool) -> Any:
+    f = lambda a, b: oracle.cross(a, b, x["mask"])  # noqa: E731
+    if directional:
+        return directional_vjp(f, (x["a"], x["b"]), x["dc"], np.random.default_rng(seed_for("direction cross")))
+    return numerical_vjp(f, (x["a"], x["b"]), x["dc"], eps=_step(x["a"]))
+
+
+def _estimate_gradient_oracle(x: Inputs, directional: bool) -> Any:
+    s = oracle.estimate(x["c"], x["w"], x["mask"])
+    ds = np.where(np.isfinite(s), x["ds"], 0.0)  # -inf scores carry no gradient
+    f = lambda c, w: oracle.estimate(c, w, x["mask"])  # noqa: E731
+    if directional:
+        return directional_vjp(f, (x["c"], x["w"]), ds, np.random.default_rng(seed_for("direction estimate")))
+    return numerical_vjp(f, (x["c"], x["w"]), ds, eps=_step(x["c"]))
+
+
+def _step(x: np.ndarray) -> float:
+    """A finite-difference step relative to the inputs' magnitude (1e-6 for inputs of order one)."""
+    return 1e-6 * max(1.0, float(np.abs(x).max(initial=0.0)))
+
+
+def _step_case_checks(shape, padded, dtype, part, x, with_gradients) -> Iterator[Check]:
+    length = shape[2]
+    batch = shape[0]
+    label = _label(shape, padded=padded)
+    directional = part == "large"
+    if dtype == "float64" and part == "base":
+        yield Check("fsat", "pair_counts", label, dtype, x, discrete=frozenset({0}),
+                    call=lambda ns, x, n=length: ns.pair_counts(n, x["mask"]),
+                    oracle=lambda x, n=length, b=batch: oracle.pair_counts(n, x["mask"], 1 if x["mask"] is None else b),
+                    oracle_kind="naive O(L^2)")
+    yield Check("fsat", "cross", label, dtype, x, part=part,
+                call=lambda ns, x: ns.cross(x["a"], x["b"], key_padding_mask=x["mask"]),
+                oracle=lambda x: oracle.cross(x["a"], x["b"], x["mask"]), oracle_kind="naive O(L^2)")
+    yield Check("fsat", "estimate", label, dtype, x, part=part,
+                call=lambda ns, x: ns.estimate(x["c"], x["w"], key_padding_mask=x["mask"]),
+                oracle=lambda x: oracle.estimate(x["c"], x["w"], x["mask"]), oracle_kind="naive O(L^2)")
+    if not with_gradients:
+        return
+    kind = "directional finite differences" if directional else "finite differences"
+
+    def cross_vjp(ns, x):
+        return tuple(ns.cross_vjp(x["a"], x["b"], x["dc"], key_padding_mask=x["mask"]))
+
+    def estimate_vjp(ns, x):
+        return tuple(ns.estimate_vjp(x["c"], x["w"], x["ds"], key_padding_mask=x["mask"]))
+
+    yield Check("fsat", "cross_vjp", label, dtype, x, gradient=True, part=part, call=cross_vjp,
+                oracle=lambda x: _cross_gradient_oracle(x, directional), oracle_kind=kind)
+    yield Check("fsat", "cross:autodiff", label, dtype, x, gradient=True, part=part,
+                call=lambda ns, x: ns.cross(x["a"], x["b"], key_padding_mask=x["mask"]),
+                autodiff=Autodiff(("a", "b"), ("dc",), cross_vjp))
+    yield Check("fsat", "estimate_vjp", label, dtype, x, gradient=True, part=part, call=estimate_vjp,
+                oracle=lambda x: _estimate_gradient_oracle(x, directional), oracle_kind=kind)
+    yield Check("fsat", "estimate:autodiff", label, dtype, x, gradient=True, part=part,
+                call=lambda ns, x: ns.estimate(x["c"], x["w"], key_padding_mask=x["mask"]),
+                autodiff=Autodiff(("c", "w"), ("ds",), estimate_vjp))
+
+
+def _step_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
+    for shape, padded in itertools.product(shapes, (False, True)):
+        x = _step_inputs(shape, padded, ("fsat steps", shape, padded))
+        yield from _step_case_checks(shape, padded, dtype, "base", x, shape in gradient_shapes)
+
+
+# --------------------------------------------------------------------------------------------
+# select
+# --------------------------------------------------------------------------------------------
+
+
+def _select_check(label, dtype, s, noise, top_k, causal, part) -> Check:
+    return Check("fsat", "select", label, dtype, {"s": s, "noise": noise}, discrete=frozenset({0}), part=part,
+                 call=lambda ns, x, k=top_k, c=causal: ns.select(x["s"], k, causal=c, noise=x["noise"]),
+                 oracle=lambda x, k=top_k, c=causal: oracle.select(x["s"], k, c, x["noise"]),
+                 oracle_kind="naive sort")
+
+
+def _select_checks(shapes, dtype) -> Iterator[Check]:
+    for shape, causal, noisy, top_k in itertools.product(shapes, (False, True), (False, True), (1, TOP_K, 64)):
+        batch, heads, length, _, _ = shape
+        label = _label(shape, causal=causal, noise=noisy) + f" K{top_k}"
+        for attempt in range(200):
+            rng = np.random.default_rng(seed_for("fsat select", shape, causal, noisy, top_k, attempt))
+            s = rng.standard_normal((batch, heads, 2 * length - 1))
+            s[0, 0, rng.permutation(2 * length - 1)[: length // 2]] = -np.inf  # offsets with no pair
+            noise = rng.gumbel(size=s.shape) if noisy else None
+            if _tie_free(tolerances.round_to(s, dtype), tolerances.round_to(noise, dtype), top_k, causal, dtype):
+                break
+        yield _select_check(label, dtype, s, noise, top_k, causal, "base")
+
+
+def _select_tie_checks(dtype) -> Iterator[Check]:
+    """Scores and noise from {-1, 0, 1} (exact in every dtype): equal candidates at the K-th place in
+    most rows, one row all equal (the candidate order alone decides); "padded": the outermost offsets
+    and a few more score -inf (no pair), and K reaches into them, where the order decides too."""
+    batch, heads, length = 2, 3, 5
+    for causal, noisy, padded in itertools.product((False, True), repeat=3):
+        rng = np.random.default_rng(seed_for("fsat select ties", causal, noisy, padded))
+        s = rng.integers(-1, 2, size=(batch, heads, 2 * length - 1)).astype(np.float64)
+        s[1, 0] = 0.0
+        if padded:
+            s[:, :, [0, 1, -1]] = -np.inf
+            s[0, 1, rng.permutation(2 * length - 1)[:3]] = -np.inf
+        noise = rng.integers(-1, 2, size=s.shape).astype(np.float64) if noisy else None
+        for top_k in (2, 3, 5, 8):
+            label = f"B{batch} H{heads} L{length} integer scores" + (" causal" if causal else "") + \
+                (" noise" if noisy else "") + (" padded" if padded else "") + f" K{top_k}"
+            yield _select_check(label, dtype, s, noise, top_k, causal, "ties")
+
+
+# --------------------------------------------------------------------------------------------
+# sparse attention
+# --------------------------------------------------------------------------------------------
+
+
+def _sparse_inputs(shape, padded, biased, with_zero, seed_words=("fsat sparse",), scale=1.0,
+                   bias_scale=1.0, count=TOP_K) -> Inputs:
+    batch, heads, length, _, _ = shape
+    rng = np.random.default_rng(seed_for(*seed_words, shape, padded, biased, with_zero))
+    x = _sequences(rng, shape, scale)
+    taus = np.arange(-(length - 1), length)
+    pool = taus if with_zero else taus[taus != 0]
+    count = min(count, len(pool))
+    chosen = np.stack([np.sort(rng.choice(pool, count, replace=False)) for _ in range(batch * heads)])
+    x["offsets"] = chosen.reshape(batch, heads, count).astype(np.int64)
+    x["bias"] = bias_scale * rng.standard_normal((batch, heads, count)) if biased else None
+    x["mask"] = padding(rng, batch, length) if padded else None
+    x["dout"] = rng.standard_normal(x["v"].shape)
+    x["dlse"] = rng.standard_normal((batch, heads, length))
+    return x
+
+
+def _sparse_forward(ns, x, causal):
+    return ns.sparse_attention(x["q"], x["k"], x["v"], x["offsets"], x["bias"], causal=causal,
+                               key_padding_mask=x["mask"])
+
+
+def _sparse_vjp(ns, x, causal):
+    return tuple(ns.sparse_attention_vjp(x["q"], x["k"], x["v"], x["offsets"], x["bias"], x["dout"], dlse=x["dlse"],
+                                         causal=causal, key_padding_mask=x["mask"]))
+
+
+def _sparse_gradient_oracle(x: Inputs, causal: bool, directional: bool) -> Any:
+    # lse is -inf on empty rows; its cotangent there is zeroed, as a backend must ignore it.
+    _, lse = oracle.sparse_attention(x["q"], x["k"], x["v"], x["offsets"], x["bias"], causal, x["mask"])
+    dlse = np.where(np.isfinite(lse), x["dlse"], 0.0)
+    arrays = (x["q"], x["k"], x["v"]) + ((x["bias"],) if x["bias"] is not None else ())
+
+    def f(q, k, v, *bias):
+        return oracle.sparse_attention(q, k, v, x["offsets"], bias[0] if bias else None, causal, x["mask"])
+
+    if directional:
+        return directional_vjp(f, arrays, (x["dout"], dlse), np.random.default_rng(seed_for("direction sparse")))
+    grads = numerical_vjp(f, arrays, (x["dout"], dlse), eps=_step(x["q"]))
+    return grads + ((None,) if x["bias"] is None else ())
+
+
+def _sparse_case_checks(shape, flags, dtype, part, x, with_gradients) -> Iterator[Check]:
+    causal = flags["causal"]
+    label = _label(shape, causal=causal, padded=flags["padded"], bias=flags["bias"],
+                   **{"no-zero-offset": not flags["with_zero"]})
+    yield Check("fsat", "sparse_attention", label, dtype, x, part=part,
+                call=lambda ns, x, c=causal: _sparse_forward(ns, x, c),
+                oracle=lambda x, c=causal: oracle.sparse_attention(x["q"], x["k"], x["v"], x["offsets"], x["bias"],
+                                                                   c, x["mask"]),
+                oracle_kind="naive O(L^2)")
+    if not with_gradients:
+        return
+    directional = part == "large"
+    kind = "directional finite differences" if directional else "finite differences"
+    yield Check("fsat", "sparse_attention_vjp", label, dtype, x, gradient=True, part=part,
+                call=lambda ns, x, c=causal: _sparse_vjp(ns, x, c),
+                oracle=lambda x, c=causal: _sparse_gradient_oracle(x, c, directional), oracle_kind=kind)
+    wrt = ("q", "k", "v") + (("bias",) if x["bias"] is not None else ())
+    yield Check("fsat", "sparse_attention:autodiff", label, dtype, x, gradient=True, part=part,
+                call=lambda ns, x, c=causal: _sparse_forward(ns, x, c),
+                autodiff=Autodiff(wrt, ("dout", "dlse"), lambda ns, x, c=causal: _without_none(_sparse_vjp(ns, x, c))))
+
+
+def _sparse_checks(shapes, gradient_shapes, dtype, quick) -> Iterator[Check]:
+    for shape in shapes:
+        for flags in flag_grid(("causal", "padded", "bias", "with_zero"), quick=quick):
+            if shape[2] == 1 and not flags["with_zero"]:
+                continue  # L = 1 has no offset but 0
+            x = _sparse_inputs(shape, flags["padded"], flags["bias"], flags["with_zero"])
+            yield from _sparse_case_checks(shape, flags, dtype, "base", x, shape in gradient_shapes)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_inputs(shape, dtype, flags, function, scale=1.0, w_scale=0.5) -> Inputs:
+    """Inputs for ``attention``: a selection tie-free in ``dtype``, found by trying seeds in a fixed order."""
+    batch, heads, length, dim, _ = shape
+    causal, padded, noisy, crossed = (flags[name] for name in ("causal", "padded", "noise", "cross"))
     for attempt in range(200):
         rng = np.random.default_rng(seed_for("fsat", function, shape, causal, padded, noisy, crossed, attempt))
-        inputs = _sequences(rng, shape)
-        inputs["w"] = 1.0 + 0.5 * rng.standard_normal((heads, dim))
+        inputs = _sequences(rng, shape, scale)
+        inputs["w"] = scale * (1.0 + w_scale * rng.standard_normal((heads, dim)))
         inputs["mask"] = padding(rng, batch, length) if padded else None
         inputs["noise"] = rng.gumbel(size=(batch, heads, 2 * length - 1)) if noisy else None
         inputs["cross_q"] = rng.standard_normal((batch, heads, length, dim)) if crossed else None
         inputs["cross_k"] = rng.standard_normal((batch, heads, length, dim)) if crossed else None
-        a = inputs["cross_q"] if crossed else inputs["q"]
-        b = inputs["cross_k"] if crossed else inputs["k"]
-        s = oracle.estimate(oracle.cross(a, b, inputs["mask"]), inputs["w"], inputs["mask"])
-        if _tie_free(s, inputs["noise"], TOP_K, causal, dtype):
+        seen = {name: tolerances.round_to(inputs[name], dtype)
+                for name in ("q", "k", "w", "noise", "cross_q", "cross_k")}
+        a = seen["cross_q"] if crossed else seen["q"]
+        b = seen["cross_k"] if crossed else seen["k"]
+        s = oracle.estimate(oracle.cross(a, b, inputs["mask"]), seen["w"], inputs["mask"])
+        if _tie_free(s, seen["noise"], TOP_K, causal, dtype):
+            inputs["dout"] = rng.standard_normal(inputs["v"].shape)
             return inputs
     raise RuntimeError(f"no tie-free seed for fsat.{function} {shape}")
 
@@ -79,29 +320,15 @@ def _attention_kwargs(x: Inputs, causal: bool) -> dict[str, Any]:
                 cross_k=x["cross_k"])
 
 
-def _attention_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
-    for shape, causal, padded, noisy, crossed in itertools.product(shapes, *[(False, True)] * 4):
-        label = _label(shape, causal=causal, padded=padded, noise=noisy, cross=crossed)
-        x = _attention_inputs(shape, dtype, causal, padded, noisy, crossed, "attention")
-        yield Check(
-            "fsat", "attention", label, dtype, x,
-            call=lambda ns, x, c=causal: ns.attention(x["q"], x["k"], x["v"], x["w"], TOP_K, **_attention_kwargs(x, c)),
-            oracle=lambda x, c=causal: oracle.attention(x["q"], x["k"], x["v"], x["w"], TOP_K, **_attention_kwargs(x, c)),
-            oracle_kind="naive O(L^2)",
-        )
-        if shape not in gradient_shapes or (noisy and crossed):
-            continue
-        x = dict(x, dout=np.random.default_rng(seed_for("dout", label)).standard_normal(x["v"].shape))
-        yield Check(
-            "fsat", "attention_vjp", label, dtype, x, gradient=True,
-            call=lambda ns, x, c=causal: tuple(ns.attention_vjp(x["q"], x["k"], x["v"], x["w"], TOP_K, x["dout"],
-                                                                **_attention_kwargs(x, c))),
-            oracle=lambda x, c=causal: _attention_gradient_oracle(x, c),
-            oracle_kind="finite differences",
-        )
+def _attention_forward(ns, x, causal):
+    return ns.attention(x["q"], x["k"], x["v"], x["w"], TOP_K, **_attention_kwargs(x, causal))
 
 
-def _attention_gradient_oracle(x: Inputs, causal: bool) -> tuple[np.ndarray | None, ...]:
+def _attention_vjp(ns, x, causal):
+    return tuple(ns.attention_vjp(x["q"], x["k"], x["v"], x["w"], TOP_K, x["dout"], **_attention_kwargs(x, causal)))
+
+
+def _attention_gradient_oracle(x: Inputs, causal: bool, directional: bool) -> Any:
     """FSAT's truncated gradient from finite differences of the naive oracles.
 
     q, k, v: differences of the dense sparse attention at the offsets and bias the oracle selects
@@ -114,136 +341,107 @@ def _attention_gradient_oracle(x: Inputs, causal: bool) -> tuple[np.ndarray | No
     s = oracle.estimate(oracle.cross(a, b, x["mask"]), x["w"], x["mask"])
     offsets = oracle.select(s, TOP_K, causal, x["noise"])
     bias = np.take_along_axis(s, offsets + length - 1, axis=2)
-    dq, dk, dv = numerical_vjp(
-        lambda q, k, v: oracle.sparse_attention(q, k, v, offsets, bias, causal, x["mask"])[0],
-        (x["q"], x["k"], x["v"]), x["dout"])
     crossed = x["cross_q"] is not None
+
+    def attended(q, k, v):
+        return oracle.sparse_attention(q, k, v, offsets, bias, causal, x["mask"])[0]
 
     def whole(w, *cross_inputs):
         cross_q, cross_k = cross_inputs if crossed else (None, None)
         return oracle.attention(x["q"], x["k"], x["v"], w, TOP_K, causal, x["mask"], x["noise"], cross_q, cross_k)
 
-    estimator = numerical_vjp(whole, (x["w"], x["cross_q"], x["cross_k"]) if crossed else (x["w"],), x["dout"])
-    dw = estimator[0]
+    planned = (x["w"], x["cross_q"], x["cross_k"]) if crossed else (x["w"],)
+    if directional:
+        # one direction over (q, k, v) and one over the planning inputs: the two paths add up
+        rng = np.random.default_rng(seed_for("direction attention"))
+        first = directional_vjp(attended, (x["q"], x["k"], x["v"]), x["dout"], rng)
+        second = directional_vjp(whole, planned, x["dout"], rng)
+        return Projection(first.directions + second.directions, first.value + second.value)
+    dq, dk, dv = numerical_vjp(attended, (x["q"], x["k"], x["v"]), x["dout"], eps=_step(x["q"]))
+    estimator = numerical_vjp(whole, planned, x["dout"], eps=_step(x["q"]))
     dcross_q, dcross_k = estimator[1:] if crossed else (None, None)
-    return dq, dk, dv, dw, dcross_q, dcross_k
+    return dq, dk, dv, estimator[0], dcross_q, dcross_k
 
 
-def _sparse_inputs(shape, padded, biased, with_zero) -> Inputs:
-    batch, heads, length, _, _ = shape
-    rng = np.random.default_rng(seed_for("fsat sparse", shape, padded, biased, with_zero))
-    x = _sequences(rng, shape)
-    taus = np.arange(-(length - 1), length)
-    pool = taus if with_zero else taus[taus != 0]
-    count = min(TOP_K, len(pool))
-    chosen = np.stack([np.sort(rng.choice(pool, count, replace=False)) for _ in range(batch * heads)]) if count else \
-        np.zeros((batch * heads, 0), dtype=np.int64)
-    x["offsets"] = chosen.reshape(batch, heads, count).astype(np.int64)
-    x["bias"] = rng.standard_normal((batch, heads, count)) if biased else None
-    x["mask"] = padding(rng, batch, length) if padded else None
-    x["dout"] = rng.standard_normal(x["v"].shape)
-    x["dlse"] = rng.standard_normal((batch, heads, length))
-    return x
+def _attention_case_checks(shape, flags, dtype, part, x, with_gradients) -> Iterator[Check]:
+    causal = flags["causal"]
+    label = _label(shape, **flags)
+    yield Check("fsat", "attention", label, dtype, x, part=part,
+                call=lambda ns, x, c=causal: _attention_forward(ns, x, c),
+                oracle=lambda x, c=causal: oracle.attention(x["q"], x["k"], x["v"], x["w"], TOP_K,
+                                                            **_attention_kwargs(x, c)),
+                oracle_kind="naive O(L^2)")
+    if not with_gradients:
+        return
+    directional = part == "large"
+    kind = "directional finite differences" if directional else "finite differences"
+    yield Check("fsat", "attention_vjp", label, dtype, x, gradient=True, part=part,
+                call=lambda ns, x, c=causal: _attention_vjp(ns, x, c),
+                oracle=lambda x, c=causal: _attention_gradient_oracle(x, c, directional), oracle_kind=kind)
+    wrt = ("q", "k", "v", "w") + (("cross_q", "cross_k") if flags["cross"] else ())
+    yield Check("fsat", "attention:autodiff", label, dtype, x, gradient=True, part=part,
+                call=lambda ns, x, c=causal: _attention_forward(ns, x, c),
+                autodiff=Autodiff(wrt, ("dout",), lambda ns, x, c=causal: _without_none(_attention_vjp(ns, x, c))))
 
 
-def _sparse_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
-    for shape, causal, padded, biased, with_zero in itertools.product(shapes, *[(False, True)] * 4):
-        if shape[2] == 1 and not with_zero:
-            continue  # L = 1 has no offset but 0
-        label = _label(shape, causal=causal, padded=padded, bias=biased, **{"no-zero-offset": not with_zero})
-        x = _sparse_inputs(shape, padded, biased, with_zero)
-
-        def forward(ns, x, c=causal):
-            return ns.sparse_attention(x["q"], x["k"], x["v"], x["offsets"], x["bias"], causal=c,
-                                       key_padding_mask=x["mask"])
-
-        yield Check("fsat", "sparse_attention", label, dtype, x, call=forward,
-                    oracle=lambda x, c=causal: oracle.sparse_attention(x["q"], x["k"], x["v"], x["offsets"], x["bias"],
-                                                                       c, x["mask"]),
-                    oracle_kind="naive O(L^2)")
-        if shape not in gradient_shapes:
-            continue
-
-        def backward(ns, x, c=causal):
-            return ns.sparse_attention_vjp(x["q"], x["k"], x["v"], x["offsets"], x["bias"], x["dout"], dlse=x["dlse"],
-                                           causal=c, key_padding_mask=x["mask"])
-
-        def differences(x, c=causal):
-            # lse is -inf on empty rows; its cotangent there is zeroed, as a backend must ignore it.
-            out, lse = oracle.sparse_attention(x["q"], x["k"], x["v"], x["offsets"], x["bias"], c, x["mask"])
-            dlse = np.where(np.isfinite(lse), x["dlse"], 0.0)
-            arrays = (x["q"], x["k"], x["v"]) + ((x["bias"],) if x["bias"] is not None else ())
-            grads = numerical_vjp(
-                lambda q, k, v, *bias: oracle.sparse_attention(q, k, v, x["offsets"], bias[0] if bias else None, c,
-                                                               x["mask"]),
-                arrays, (x["dout"], dlse))
-            return grads + ((None,) if x["bias"] is None else ())
-
-        yield Check("fsat", "sparse_attention_vjp", label, dtype, x, call=backward, oracle=differences,
-                    oracle_kind="finite differences", gradient=True)
+def _attention_checks(shapes, gradient_shapes, dtype, quick) -> Iterator[Check]:
+    for shape in shapes:
+        for flags in flag_grid(("causal", "padded", "noise", "cross"), quick=quick):
+            x = _attention_inputs(shape, dtype, flags, "attention")
+            # finite differences through noise and cross inputs together would add little but time
+            wants_gradient = shape in gradient_shapes and not (flags["noise"] and flags["cross"])
+            yield from _attention_case_checks(shape, flags, dtype, "base", x, wants_gradient)
 
 
-def _step_checks(shapes, gradient_shapes, dtype) -> Iterator[Check]:
-    for shape, padded in itertools.product(shapes, (False, True)):
-        batch, heads, length, dim, _ = shape
-        label = _label(shape, padded=padded)
-        rng = np.random.default_rng(seed_for("fsat steps", shape, padded))
-        x = {"a": rng.standard_normal((batch, heads, length, dim)), "b": rng.standard_normal((batch, heads, length, dim)),
-             "c": rng.standard_normal((batch, heads, 2 * length - 1, dim)), "w": rng.standard_normal((heads, dim)),
-             "mask": padding(rng, batch, length) if padded else None,
-             "dc": rng.standard_normal((batch, heads, 2 * length - 1, dim)),
-             "ds": rng.standard_normal((batch, heads, 2 * length - 1))}
-        if dtype == "float64":
-            yield Check("fsat", "pair_counts", label, dtype, x, discrete=frozenset({0}),
-                        call=lambda ns, x, n=length: ns.pair_counts(n, x["mask"]),
-                        oracle=lambda x, n=length, b=batch: oracle.pair_counts(n, x["mask"], 1 if x["mask"] is None else b),
-                        oracle_kind="naive O(L^2)")
-        yield Check("fsat", "cross", label, dtype, x,
-                    call=lambda ns, x: ns.cross(x["a"], x["b"], key_padding_mask=x["mask"]),
-                    oracle=lambda x: oracle.cross(x["a"], x["b"], x["mask"]), oracle_kind="naive O(L^2)")
-        yield Check("fsat", "estimate", label, dtype, x,
-                    call=lambda ns, x: ns.estimate(x["c"], x["w"], key_padding_mask=x["mask"]),
-                    oracle=lambda x: oracle.estimate(x["c"], x["w"], x["mask"]), oracle_kind="naive O(L^2)")
-        if shape not in gradient_shapes:
-            continue
-        yield Check("fsat", "cross_vjp", label, dtype, x, gradient=True,
-                    call=lambda ns, x: tuple(ns.cross_vjp(x["a"], x["b"], x["dc"], key_padding_mask=x["mask"])),
-                    oracle=lambda x: numerical_vjp(lambda a, b: oracle.cross(a, b, x["mask"]), (x["a"], x["b"]), x["dc"]),
-                    oracle_kind="finite differences")
-
-        def estimate_differences(x):
-            s = oracle.estimate(x["c"], x["w"], x["mask"])
-            ds = np.where(np.isfinite(s), x["ds"], 0.0)  # -inf scores carry no gradient
-            return numerical_vjp(lambda c, w: oracle.estimate(c, w, x["mask"]), (x["c"], x["w"]), ds)
-
-        yield Check("fsat", "estimate_vjp", label, dtype, x, gradient=True,
-                    call=lambda ns, x: tuple(ns.estimate_vjp(x["c"], x["w"], x["ds"], key_padding_mask=x["mask"])),
-                    oracle=estimate_differences, oracle_kind="finite differences")
+# --------------------------------------------------------------------------------------------
+# the extreme and large parts
+# --------------------------------------------------------------------------------------------
 
 
-def _select_checks(shapes, dtype) -> Iterator[Check]:
-    for shape, causal, noisy, top_k in itertools.product(shapes, (False, True), (False, True), (1, TOP_K, 64)):
-        batch, heads, length, _, _ = shape
-        label = _label(shape, causal=causal, noise=noisy) + f" K{top_k}"
-        for attempt in range(200):
-            rng = np.random.default_rng(seed_for("fsat select", shape, causal, noisy, top_k, attempt))
-            s = rng.standard_normal((batch, heads, 2 * length - 1))
-            s[0, 0, rng.permutation(2 * length - 1)[: length // 2]] = -np.inf  # offsets with no pair
-            noise = rng.gumbel(size=s.shape) if noisy else None
-            if _tie_free(s, noise, top_k, causal, dtype):
-                break
-        x = {"s": s, "noise": noise}
-        yield Check("fsat", "select", label, dtype, x, discrete=frozenset({0}),
-                    call=lambda ns, x, k=top_k, c=causal: ns.select(x["s"], k, causal=c, noise=x["noise"]),
-                    oracle=lambda x, k=top_k, c=causal: oracle.select(x["s"], k, c, x["noise"]),
-                    oracle_kind="naive sort")
+def _extreme_checks(dtype) -> Iterator[Check]:
+    shape = (2, 2, 5, 4, 4)
+    for padded in (False, True):
+        # |a_i b_j| up to 1.6e4: a float16 sum of five of them overflows; c, s and dw stay below 4e4
+        x = _step_inputs(shape, padded, ("fsat extreme steps", padded), scale=128.0)
+        yield from _step_case_checks(shape, padded, dtype, "extreme", x, True)
+    shape = (2, 2, 7, 4, 4)
+    for causal in (False, True):
+        # q, k ~ 6 N(0, 1): logits q.k / 2 up to about 100, bias ~ 10 N(0, 1)
+        flags = {"causal": causal, "padded": True, "bias": True, "with_zero": True}
+        x = _sparse_inputs(shape, True, True, True, ("fsat extreme sparse", causal), scale=6.0, bias_scale=10.0,
+                           count=4)
+        yield from _sparse_case_checks(shape, flags, dtype, "extreme", x, True)
+        flags = {"causal": causal, "padded": True, "noise": False, "cross": False}
+        # q, k ~ 4 N(0, 1) and w ~ 4: scores (the bias) and logits of several tens
+        x = _attention_inputs(shape, dtype, flags, "attention extreme", scale=4.0)
+        yield from _attention_case_checks(shape, flags, dtype, "extreme", x, True)
+
+
+def _large_checks(dtype) -> Iterator[Check]:
+    shape = LARGE_SHAPE
+    x = _step_inputs(shape, True, ("fsat large steps",))
+    yield from _step_case_checks(shape, True, dtype, "large", x, True)
+    for causal in (False, True):
+        flags = {"causal": causal, "padded": True, "bias": True, "with_zero": True}
+        x = _sparse_inputs(shape, True, True, True, ("fsat large sparse", causal), count=8)
+        yield from _sparse_case_checks(shape, flags, dtype, "large", x, True)
+        flags = {"causal": causal, "padded": True, "noise": True, "cross": False}
+        x = _attention_inputs(shape, dtype, flags, "attention large")
+        yield from _attention_case_checks(shape, flags, dtype, "large", x, True)
 
 
 def checks(dtype: str, *, quick: bool = False) -> Iterator[Check]:
-    """Every FSAT check for one dtype; ``quick`` keeps the three smallest shapes."""
+    """Every FSAT check for one dtype; ``quick`` keeps the three smallest shapes (the pipeline's gradients
+    at the largest of them), a covering of the flags and no large shape."""
     shapes = QUICK_SHAPES if quick else SHAPES
     gradient_shapes = [shape for shape in shapes if shape in GRADIENT_SHAPES]
     yield from _step_checks(shapes, gradient_shapes, dtype)
     yield from _select_checks(shapes, dtype)
-    yield from _sparse_checks(shapes, gradient_shapes, dtype)
-    yield from _attention_checks(shapes, gradient_shapes, dtype)
+    yield from _select_tie_checks(dtype)
+    yield from _sparse_checks(shapes, gradient_shapes, dtype, quick)
+    # the pipeline's gradients cost an FFT planning each: the quick grid takes them at L = 5 only (at
+    # L <= 2 every offset is selected)
+    yield from _attention_checks(shapes, gradient_shapes[-1:] if quick else gradient_shapes, dtype, quick)
+    yield from _extreme_checks(dtype)
+    if not quick:  # the large shapes are the full grid's
+        yield from _large_checks(dtype)

@@ -1,16 +1,43 @@
-"""Central finite differences: a generic numerical vector-Jacobian product for gradient tests."""
+"""Central finite differences: a generic numerical vector-Jacobian product for gradient tests.
+
+:func:`numerical_vjp` estimates every element of the gradient (two calls per input element: small
+shapes); :func:`directional_vjp` estimates one projection of it, for shapes where that is too slow.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["numerical_vjp"]
+__all__ = ["Projection", "directional_vjp", "numerical_vjp"]
 
 
 def _as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _projector(f, cotangent):
+    cotangents = _as_tuple(cotangent)
+
+    def project(*args: np.ndarray) -> float:
+        outputs = _as_tuple(f(*args))
+        if len(outputs) != len(cotangents):
+            raise ValueError(f"cotangent: f returned {len(outputs)} outputs, got {len(cotangents)} cotangents")
+        total = 0.0
+        for out, cot in zip(outputs, cotangents, strict=True):
+            if cot is None:
+                continue
+            out = np.asarray(out, dtype=np.float64)
+            cot = np.asarray(cot, dtype=np.float64)
+            term = np.where(cot == 0, 0.0, cot * np.where(np.isfinite(out), out, 0.0))
+            if np.any(~np.isfinite(out) & (cot != 0)):
+                raise ValueError("cotangent: nonzero cotangent on a non-finite output")
+            total += float(term.sum())
+        return total
+
+    return project
 
 
 def numerical_vjp(
@@ -33,24 +60,7 @@ def numerical_vjp(
     Returns one gradient array per input, each of its input's shape, float64.
     """
     arrays = [np.array(x, dtype=np.float64, copy=True) for x in inputs]
-    cotangents = _as_tuple(cotangent)
-
-    def project(*args: np.ndarray) -> float:
-        outputs = _as_tuple(f(*args))
-        if len(outputs) != len(cotangents):
-            raise ValueError(f"cotangent: f returned {len(outputs)} outputs, got {len(cotangents)} cotangents")
-        total = 0.0
-        for out, cot in zip(outputs, cotangents):
-            if cot is None:
-                continue
-            out = np.asarray(out, dtype=np.float64)
-            cot = np.asarray(cot, dtype=np.float64)
-            term = np.where(cot == 0, 0.0, cot * np.where(np.isfinite(out), out, 0.0))
-            if np.any(~np.isfinite(out) & (cot != 0)):
-                raise ValueError("cotangent: nonzero cotangent on a non-finite output")
-            total += float(term.sum())
-        return total
-
+    project = _projector(f, cotangent)
     grads = []
     for x in arrays:
         grad = np.zeros_like(x)
@@ -65,3 +75,36 @@ def numerical_vjp(
             gflat[e] = (plus - minus) / (2 * eps)
         grads.append(grad)
     return tuple(grads)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A VJP seen along one direction: ``value`` estimates sum_i <grad_i, directions[i]>, the i-th
+    gradient being the i-th that is not None."""
+
+    directions: tuple[np.ndarray, ...]
+    value: float
+
+
+def directional_vjp(
+    f: Callable[..., np.ndarray | tuple[np.ndarray, ...]],
+    inputs: Sequence[np.ndarray],
+    cotangent: np.ndarray | Sequence[np.ndarray | None],
+    rng: np.random.Generator,
+    eps: float = 1e-5,
+) -> Projection:
+    """The VJP of ``f`` projected on a random unit direction d (over all inputs together), by one
+    central difference: sum_i <grad_i, d_i> ~ (<cotangent, f(x + eps d)> - <cotangent, f(x - eps d)>) / (2 eps).
+
+    Two calls of ``f`` whatever the size: a wrong gradient element changes the projection unless it
+    happens to be orthogonal to d, which a random d makes improbable. Compare with
+    ``sum_i <vjp_i, d_i>``.
+    """
+    arrays = [np.asarray(x, dtype=np.float64) for x in inputs]
+    directions = [rng.standard_normal(x.shape) for x in arrays]
+    norm = np.sqrt(sum(float((d * d).sum()) for d in directions))
+    directions = [d / norm for d in directions]
+    project = _projector(f, cotangent)
+    plus = project(*(x + eps * d for x, d in zip(arrays, directions, strict=True)))
+    minus = project(*(x - eps * d for x, d in zip(arrays, directions, strict=True)))
+    return Projection(tuple(directions), (plus - minus) / (2 * eps))

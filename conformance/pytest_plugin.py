@@ -4,7 +4,7 @@ Run the suite with ``pytest --pyargs refattn.conformance``.
 
 The backend comes from ``--refattn-backend NAME`` or the environment variable
 ``REFATTN_CONFORMANCE_BACKEND`` (default: the reference, ``numpy``); ``--refattn-quick`` keeps the
-smallest shapes.
+smallest shapes and a pairwise covering of the flags.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("refattn conformance")
     group.addoption("--refattn-backend", default=os.environ.get("REFATTN_CONFORMANCE_BACKEND", "numpy"),
                     help="backend to check (default: $REFATTN_CONFORMANCE_BACKEND or numpy)")
-    group.addoption("--refattn-quick", action="store_true", help="the smallest shapes only")
+    group.addoption("--refattn-quick", action="store_true",
+                    help="the smallest shapes and a pairwise covering of the flags")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

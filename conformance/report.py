@@ -11,7 +11,10 @@ from typing import TextIO
 
 @dataclass(frozen=True)
 class Result:
-    """One check's outcome: ``status`` is ``pass``, ``fail`` or ``skip``; errors are the worst over its outputs."""
+    """One check's outcome: ``status`` is ``pass``, ``fail`` or ``skip``; errors are the worst over its outputs.
+
+    ``device`` is where it ran and ``strategy`` the backend's code path forced around it ("-": none).
+    """
 
     backend: str
     algorithm: str
@@ -20,6 +23,8 @@ class Result:
     dtype: str
     against: str
     status: str
+    device: str = "-"
+    strategy: str = "-"
     max_abs: float | None = None
     max_rel: float | None = None
     detail: str = ""
@@ -34,13 +39,15 @@ def print_table(results: list[Result], stream: TextIO) -> None:
     for backend in dict.fromkeys(result.backend for result in results):
         rows = [result for result in results if result.backend == backend]
         print(f"\nbackend {backend}", file=stream)
-        header = f"  {'function':<34} {'dtype':<9} {'case':<42} {'against':<19} {'result':<6} {'max abs':>8} {'max rel':>8}"
+        header = (f"  {'function':<34} {'dtype':<9} {'device':<7} {'strategy':<9} {'case':<42} {'against':<19} "
+                  f"{'result':<6} {'max abs':>8} {'max rel':>8}")
         print(header, file=stream)
         print("  " + "-" * (len(header) - 2), file=stream)
         for row in rows:
             name = f"{row.algorithm}.{row.function}" if row.algorithm else row.function
             line = (
-                f"  {name:<34} {row.dtype:<9} {row.case:<42} {row.against:<19} {row.status:<6} "
+                f"  {name:<34} {row.dtype:<9} {row.device:<7} {row.strategy:<9} {row.case:<42} {row.against:<19} "
+                f"{row.status:<6} "
                 f"{_number(row.max_abs):>8} {_number(row.max_rel):>8}"
             )
             print(line + (f"  {row.detail}" if row.detail else ""), file=stream)

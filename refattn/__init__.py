@@ -6,6 +6,7 @@
 Both are the NumPy/SciPy reference, written to be read. :mod:`refattn.ops` has the same two
 namespaces from the backend chosen by the environment variable ``REFATTN_BACKEND`` (default
 ``numpy``), which is read and validated here, once; :func:`get_backend` returns any backend by name.
+:mod:`refattn.checks` holds the input checks that the reference and the backends share.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from refattn.backends import (
     Backend,
     BackendUnavailableError,
     Capabilities,
+    Strategy,
     UnknownBackendError,
     check_name,
     get_backend,
@@ -31,14 +33,22 @@ SELECTED_BACKEND: str = check_name(
 )
 """The backend behind :mod:`refattn.ops`, from ``REFATTN_BACKEND`` at import time."""
 
+# After SELECTED_BACKEND: refattn.ops reads it. Importing ops imports no backend library (it loads
+# the selected backend on its first attribute access), so ``refattn.ops.fsat`` works after a plain
+# ``import refattn``.
+from refattn import checks, ops  # noqa: E402
+
 __all__ = [
     "Backend",
     "BackendUnavailableError",
     "Capabilities",
     "SELECTED_BACKEND",
+    "Strategy",
     "UnknownBackendError",
+    "checks",
     "fsat",
     "get_backend",
+    "ops",
     "registered",
     "routing",
 ]

@@ -13,6 +13,6 @@ import refattn
 
 
 def __getattr__(name: str) -> Any:
-    if name in {"fsat", "routing", "name", "capabilities", "from_numpy", "to_numpy", "status"}:
+    if name in {"fsat", "routing", "name", "capabilities", "from_numpy", "to_numpy", "status", "synchronize"}:
         return getattr(refattn.get_backend(refattn.SELECTED_BACKEND), name)
     raise AttributeError(f"module 'refattn.ops' has no attribute {name!r}")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-cupy = pytest.importorskip("cupy", reason="the CuPy backend needs cupy (pip install 'refattn[cupy]')")
+pytest.importorskip("cupy", reason="the CuPy backend needs cupy (pip install 'refattn[cupy]')")
+
+import cupy
 
 from refattn import backends
 

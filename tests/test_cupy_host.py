@@ -3,7 +3,8 @@
 The backend's host code is written against an array namespace; inside ``host_execution()`` it runs
 with NumPy, so everything except the CUDA kernels (validation, shapes, dtypes, launch configuration,
 FFT cross, selection, routing) is exercised here against the reference. The kernels themselves are
-only compile-checked (test_cupy_kernels.py) and run on a GPU (test_cupy_gpu.py).
+compile-checked (test_cupy_kernels.py), executed as CUDA C emulated on the CPU (test_cupy_emulation.py)
+and run on a GPU (test_cupy_gpu.py).
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import sys
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy", reason="the CuPy backend needs cupy (pip install 'refattn[cupy]')")
-
-from refattn.backends.cupy import _config, fsat, host_execution, routing
+pytest.importorskip("cupy", reason="the CuPy backend needs cupy (pip install 'refattn[cupy]')")
 
 import refattn.fsat as ref_fsat
 import refattn.routing as ref_routing
 from refattn import backends
+from refattn.backends.cupy import _config, fsat, host_execution, routing
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +133,8 @@ def test_accumulation_dtypes():
         _config.accumulation_dtype(np.int32)
 
 
-def test_kernels_do_not_run_without_a_device():
+def test_kernels_do_not_run_without_a_device(monkeypatch):
+    monkeypatch.delenv("REFATTN_CUDA_EMULATION", raising=False)  # which would run them emulated on the CPU
     rng = _rng()
     q = rng.standard_normal((1, 1, 3, 2))
     with pytest.raises(RuntimeError, match=r"fsat_sparse_forward<double>: a CUDA kernel cannot run"):
@@ -148,46 +149,91 @@ def _q(shape=(2, 2, 5, 3), seed=0):
 
 
 VALIDATION = [
-    ("cross int", lambda: fsat.cross(np.ones((1, 1, 2, 2), dtype=np.int64), _q((1, 1, 2, 2))), TypeError, "a: expected a real floating"),
-    ("cross rank", lambda: fsat.cross(_q((2, 5, 3)), _q((2, 5, 3))), ValueError, "a: expected a 4-D array"),
-    ("cross shape", lambda: fsat.cross(_q(), _q((2, 2, 4, 3))), ValueError, "b: expected shape"),
-    ("cross nan", lambda: fsat.cross(np.full((1, 1, 2, 2), np.nan), _q((1, 1, 2, 2))), ValueError, "a: expected finite values"),
-    ("cross empty axis", lambda: fsat.cross(np.zeros((1, 0, 2, 2)), np.zeros((1, 0, 2, 2))), ValueError, "at least 1"),
-    ("bfloat-like unsupported dtype", lambda: fsat.cross(_q().astype(np.longdouble), _q().astype(np.longdouble)), TypeError, "supports the dtypes"),
-    ("mask dtype", lambda: fsat.cross(_q(), _q(), key_padding_mask=np.zeros((2, 5), dtype=np.int8)), TypeError, "key_padding_mask: expected a bool"),
-    ("mask shape", lambda: fsat.cross(_q(), _q(), key_padding_mask=np.zeros((2, 4), dtype=bool)), ValueError, "key_padding_mask: expected shape"),
-    ("pair_counts length", lambda: fsat.pair_counts(0), ValueError, "length: expected an integer in"),
-    ("estimate even", lambda: fsat.estimate(_q((1, 1, 4, 3)), _q((1, 3))[0:1]), ValueError, "c: expected 2L - 1 offsets"),
-    ("estimate w", lambda: fsat.estimate(_q((1, 1, 5, 3)), _q((1, 1, 4))[0]), ValueError, "w: expected shape"),
-    ("select top_k", lambda: fsat.select(_q((1, 1, 5)), 0), ValueError, "top_k: expected an integer in"),
-    ("select top_k type", lambda: fsat.select(_q((1, 1, 5)), 2.0), TypeError, "top_k: expected an integer"),
-    ("select +inf", lambda: fsat.select(np.full((1, 1, 5), np.inf), 2), ValueError, "s: expected finite values or -inf"),
-    ("select noise shape", lambda: fsat.select(_q((1, 1, 5)), 2, noise=_q((1, 1, 3))), ValueError, "noise: expected shape"),
-    ("offsets range", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.array([[[0, 5]]] * 2).repeat(2, 1)), ValueError, "offsets: expected offsets in"),
-    ("offsets repeated", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.zeros((2, 2, 2), dtype=np.int64)), ValueError, "offsets: expected distinct"),
-    ("offsets dtype", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.zeros((2, 2, 1))), TypeError, "offsets: expected an integer array"),
-    ("offsets empty", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.zeros((2, 2, 0), dtype=np.int64)), ValueError, "at least one offset"),
-    ("bias shape", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.zeros((2, 2, 1), dtype=np.int64), _q((2, 2, 2))), ValueError, "bias: expected shape"),
-    ("bias nan", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.zeros((2, 2, 1), dtype=np.int64), np.full((2, 2, 1), np.nan)), ValueError, "bias: expected finite values or -inf"),
-    ("vjp dout", lambda: fsat.sparse_attention_vjp(_q(), _q(), _q(), np.zeros((2, 2, 1), dtype=np.int64), None, _q((2, 2, 5, 4))), ValueError, "dout: expected shape"),
-    ("vjp dlse", lambda: fsat.sparse_attention_vjp(_q(), _q(), _q(), np.zeros((2, 2, 1), dtype=np.int64), None, _q(), dlse=_q((2, 2, 4))), ValueError, "dlse: expected shape"),
-    ("attention cross pair", lambda: fsat.attention(_q(), _q(), _q(), _q((2, 3))[:, :3], 2, cross_q=_q()), ValueError, "cross_k: cross_q and cross_k must be given together"),
-    ("attention w", lambda: fsat.attention(_q(), _q(), _q(), _q((3, 3)), 2), ValueError, "w: expected shape"),
-    ("routing profile", lambda: routing.normalize(_q(), profile="tf"), ValueError, "profile: expected one of"),
-    ("routing shared k", lambda: routing.attention(_q(), _q(), _q(), _q((2, 2, 3)), shared_qk=True), ValueError, "k: expected None with shared_qk"),
-    ("routing lucidrains causal unshared", lambda: routing.attention(_q(), _q(), _q(), _q((2, 2, 3)), causal=True, profile="lucidrains"), ValueError, "does not support causal=True"),
-    ("routing window", lambda: routing.attention(_q(), _q(), _q(), _q((2, 2, 3)), window=6), ValueError, "window: expected an integer in"),
-    ("routing centroids", lambda: routing.similarity(_q(), _q((3, 2, 3))), ValueError, "centroids: expected shape"),
-    ("routing members range", lambda: routing.combine(_q((2, 2, 2, 2, 3)), np.full((2, 2, 2, 2), 5), 5), ValueError, "q_members: expected positions in"),
-    ("routing members repeated", lambda: routing.combine(_q((2, 2, 1, 2, 3)), np.zeros((2, 2, 1, 2), dtype=np.int64), 5), ValueError, "q_members: expected distinct"),
-    ("routing block", lambda: routing.local_attention(_q(), _q(), _q(), 0), ValueError, "block: expected an integer in"),
-    ("routing decay", lambda: routing.update_centroids(routing.CentroidState(_q((2, 2, 3)), np.ones((2, 2)), _q((2, 2, 3))), _q(), decay=2.0), ValueError, "decay: expected a number"),
-    ("routing beta", lambda: routing.commitment_loss(_q(), _q((2, 2, 3)), beta=float("nan")), ValueError, "beta: expected a finite number"),
-    ("routing rng", lambda: routing.init_centroids(2, 2, 3, rng=0), TypeError, "rng: expected a numpy.random.Generator"),
+    ("cross int", lambda: fsat.cross(np.ones((1, 1, 2, 2), dtype=np.int64), _q((1, 1, 2, 2))),
+     TypeError, "a: expected a real floating"),
+    ("cross rank", lambda: fsat.cross(_q((2, 5, 3)), _q((2, 5, 3))),
+     ValueError, "a: expected a 4-D array"),
+    ("cross shape", lambda: fsat.cross(_q(), _q((2, 2, 4, 3))),
+     ValueError, "b: expected shape"),
+    ("cross nan", lambda: fsat.cross(np.full((1, 1, 2, 2), np.nan), _q((1, 1, 2, 2))),
+     ValueError, "a: expected finite values"),
+    ("cross empty axis", lambda: fsat.cross(np.zeros((1, 0, 2, 2)), np.zeros((1, 0, 2, 2))),
+     ValueError, "at least 1"),
+    ("bfloat-like unsupported dtype", lambda: fsat.cross(_q().astype(np.longdouble), _q().astype(np.longdouble)),
+     TypeError, "supports the dtypes"),
+    ("mask dtype", lambda: fsat.cross(_q(), _q(), key_padding_mask=np.zeros((2, 5), dtype=np.int8)),
+     TypeError, "key_padding_mask: expected a bool"),
+    ("mask shape", lambda: fsat.cross(_q(), _q(), key_padding_mask=np.zeros((2, 4), dtype=bool)),
+     ValueError, "key_padding_mask: expected shape"),
+    ("pair_counts length", lambda: fsat.pair_counts(0),
+     ValueError, "length: expected an integer in"),
+    ("estimate even", lambda: fsat.estimate(_q((1, 1, 4, 3)), _q((1, 3))[0:1]),
+     ValueError, "c: expected 2L - 1 offsets"),
+    ("estimate w", lambda: fsat.estimate(_q((1, 1, 5, 3)), _q((1, 1, 4))[0]),
+     ValueError, "w: expected shape"),
+    ("select top_k", lambda: fsat.select(_q((1, 1, 5)), 0),
+     ValueError, "top_k: expected an integer in"),
+    ("select top_k type", lambda: fsat.select(_q((1, 1, 5)), 2.0),
+     TypeError, "top_k: expected an integer"),
+    ("select +inf", lambda: fsat.select(np.full((1, 1, 5), np.inf), 2),
+     ValueError, "s: expected finite values or -inf"),
+    ("select noise shape", lambda: fsat.select(_q((1, 1, 5)), 2, noise=_q((1, 1, 3))),
+     ValueError, "noise: expected shape"),
+    ("offsets range", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.array([[[0, 5]]] * 2).repeat(2, 1)),
+     ValueError, "offsets: expected offsets in"),
+    ("offsets repeated", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.zeros((2, 2, 2), dtype=np.int64)),
+     ValueError, "offsets: expected distinct"),
+    ("offsets dtype", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.zeros((2, 2, 1))),
+     TypeError, "offsets: expected an integer array"),
+    ("offsets empty", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.zeros((2, 2, 0), dtype=np.int64)),
+     ValueError, "at least one offset"),
+    ("bias shape", lambda: fsat.sparse_attention(_q(), _q(), _q(), np.zeros((2, 2, 1), dtype=np.int64), _q((2, 2, 2))),
+     ValueError, "bias: expected shape"),
+    ("bias nan",
+     lambda: fsat.sparse_attention(_q(), _q(), _q(), np.zeros((2, 2, 1), dtype=np.int64), np.full((2, 2, 1), np.nan)),
+     ValueError, "bias: expected finite values or -inf"),
+    ("vjp dout",
+     lambda: fsat.sparse_attention_vjp(_q(), _q(), _q(), np.zeros((2, 2, 1), dtype=np.int64), None, _q((2, 2, 5, 4))),
+     ValueError, "dout: expected shape"),
+    ("vjp dlse",
+     lambda: fsat.sparse_attention_vjp(_q(), _q(), _q(), np.zeros((2, 2, 1), dtype=np.int64), None, _q(),
+                                       dlse=_q((2, 2, 4))),
+     ValueError, "dlse: expected shape"),
+    ("attention cross pair", lambda: fsat.attention(_q(), _q(), _q(), _q((2, 3))[:, :3], 2, cross_q=_q()),
+     ValueError, "cross_k: cross_q and cross_k must be given together"),
+    ("attention w", lambda: fsat.attention(_q(), _q(), _q(), _q((3, 3)), 2),
+     ValueError, "w: expected shape"),
+    ("routing profile", lambda: routing.normalize(_q(), profile="tf"),
+     ValueError, "profile: expected one of"),
+    ("routing shared k", lambda: routing.attention(_q(), _q(), _q(), _q((2, 2, 3)), shared_qk=True),
+     ValueError, "k: expected None with shared_qk"),
+    ("routing lucidrains causal unshared",
+     lambda: routing.attention(_q(), _q(), _q(), _q((2, 2, 3)), causal=True, profile="lucidrains"),
+     ValueError, "does not support causal=True"),
+    ("routing window", lambda: routing.attention(_q(), _q(), _q(), _q((2, 2, 3)), window=6),
+     ValueError, "window: expected an integer in"),
+    ("routing centroids", lambda: routing.similarity(_q(), _q((3, 2, 3))),
+     ValueError, "centroids: expected shape"),
+    ("routing members range", lambda: routing.combine(_q((2, 2, 2, 2, 3)), np.full((2, 2, 2, 2), 5), 5),
+     ValueError, "q_members: expected positions in"),
+    ("routing members repeated",
+     lambda: routing.combine(_q((2, 2, 1, 2, 3)), np.zeros((2, 2, 1, 2), dtype=np.int64), 5),
+     ValueError, "q_members: expected distinct"),
+    ("routing block", lambda: routing.local_attention(_q(), _q(), _q(), 0),
+     ValueError, "block: expected an integer in"),
+    ("routing decay",
+     lambda: routing.update_centroids(routing.CentroidState(_q((2, 2, 3)), np.ones((2, 2)), _q((2, 2, 3))), _q(),
+                                      decay=2.0),
+     ValueError, "decay: expected a number"),
+    ("routing beta", lambda: routing.commitment_loss(_q(), _q((2, 2, 3)), beta=float("nan")),
+     ValueError, "beta: expected a finite number"),
+    ("routing rng", lambda: routing.init_centroids(2, 2, 3, rng=0),
+     TypeError, "rng: expected a numpy.random.Generator"),
 ]
 
 
-@pytest.mark.parametrize("call, error, message", [case[1:] for case in VALIDATION], ids=[case[0] for case in VALIDATION])
+@pytest.mark.parametrize("call, error, message", [case[1:] for case in VALIDATION],
+                         ids=[case[0] for case in VALIDATION])
 def test_validation(call, error, message):
     with pytest.raises(error, match=message):
         call()
@@ -214,7 +260,8 @@ def test_fsat_steps_match_the_reference(shape, padded, dtype):
     np.testing.assert_array_equal(fsat.pair_counts(length, mask), ref_fsat.pair_counts(length, mask))
     dc = rng.standard_normal(c.shape)
     for got, want in zip(fsat.cross_vjp(a.astype(dtype), b.astype(dtype), dc.astype(dtype), key_padding_mask=mask),
-                         ref_fsat.cross_vjp(a.astype(dtype), b.astype(dtype), dc.astype(dtype), key_padding_mask=mask)):
+                         ref_fsat.cross_vjp(a.astype(dtype), b.astype(dtype), dc.astype(dtype), key_padding_mask=mask),
+                         strict=True):
         np.testing.assert_allclose(got, want, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
     w = rng.standard_normal((heads, dim)).astype(dtype)
     c64 = ref_fsat.cross(a, b, key_padding_mask=mask)
@@ -222,7 +269,7 @@ def test_fsat_steps_match_the_reference(shape, padded, dtype):
     np.testing.assert_allclose(s, ref_fsat.estimate(c64.astype(dtype), w, key_padding_mask=mask), **tol)
     ds = rng.standard_normal(s.shape)
     for got, want in zip(fsat.estimate_vjp(c64, w.astype(np.float64), ds, key_padding_mask=mask),
-                         ref_fsat.estimate_vjp(c64, w, ds, key_padding_mask=mask)):
+                         ref_fsat.estimate_vjp(c64, w, ds, key_padding_mask=mask), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
 
 
@@ -260,7 +307,7 @@ def test_routing_matches_the_reference(shape, profile, causal, shared, padded):
     np.testing.assert_allclose(routing.attention(q, k, v, centroids, **options),
                                ref_routing.attention(q, k, v, centroids, **options), rtol=1e-9, atol=1e-11)
     for got, want in zip(routing.attention_vjp(q, k, v, centroids, dout, **options),
-                         ref_routing.attention_vjp(q, k, v, centroids, dout, **options)):
+                         ref_routing.attention_vjp(q, k, v, centroids, dout, **options), strict=True):
         assert (got is None) == (want is None)
         if got is not None:
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
@@ -274,29 +321,33 @@ def test_routing_matches_the_reference(shape, profile, causal, shared, padded):
     np.testing.assert_allclose(routing.normalize_vjp(q, dout[..., :1] + q, profile=profile),
                                ref_routing.normalize_vjp(q, dout[..., :1] + q, profile=profile), rtol=1e-9, atol=1e-11)
     ds = rng.standard_normal(s.shape)
-    for got, want in zip(routing.similarity_vjp(x_hat, centroids, ds), ref_routing.similarity_vjp(x_hat, centroids, ds)):
+    for got, want in zip(routing.similarity_vjp(x_hat, centroids, ds),
+                         ref_routing.similarity_vjp(x_hat, centroids, ds), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(routing.commitment_loss(x_hat, centroids, key_padding_mask=mask),
                                ref_routing.commitment_loss(x_hat, centroids, key_padding_mask=mask), rtol=1e-9)
     np.testing.assert_allclose(routing.commitment_loss_vjp(x_hat, centroids, key_padding_mask=mask),
-                               ref_routing.commitment_loss_vjp(x_hat, centroids, key_padding_mask=mask), rtol=1e-9, atol=1e-15)
-    state = ref_routing.CentroidState(centroids, rng.uniform(0.5, 2, (heads, clusters)), rng.standard_normal(centroids.shape))
+                               ref_routing.commitment_loss_vjp(x_hat, centroids, key_padding_mask=mask), rtol=1e-9,
+                               atol=1e-15)
+    state = ref_routing.CentroidState(centroids, rng.uniform(0.5, 2, (heads, clusters)),
+                                      rng.standard_normal(centroids.shape))
     k_hat = None if k is None else ref_routing.normalize(k, profile=profile)
-    for got, want in zip(routing.update_centroids(state, x_hat, k_hat, profile=profile, key_padding_mask=mask, decay=0.9),
-                         ref_routing.update_centroids(state, x_hat, k_hat, profile=profile, key_padding_mask=mask, decay=0.9)):
+    update = dict(profile=profile, key_padding_mask=mask, decay=0.9)
+    for got, want in zip(routing.update_centroids(state, x_hat, k_hat, **update),
+                         ref_routing.update_centroids(state, x_hat, k_hat, **update), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
-    for got, want in zip(routing.local_attention_vjp(q, q if k is None else k, v, 2, dout, causal=causal, key_padding_mask=mask),
-                         ref_routing.local_attention_vjp(q, q if k is None else k, v, 2, dout, causal=causal, key_padding_mask=mask)):
+    keys, local = q if k is None else k, dict(causal=causal, key_padding_mask=mask)
+    for got, want in zip(routing.local_attention_vjp(q, keys, v, 2, dout, **local),
+                         ref_routing.local_attention_vjp(q, keys, v, 2, dout, **local), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
-    np.testing.assert_allclose(routing.local_attention(q, q if k is None else k, v, 2, causal=causal, key_padding_mask=mask),
-                               ref_routing.local_attention(q, q if k is None else k, v, 2, causal=causal, key_padding_mask=mask),
-                               rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(routing.local_attention(q, keys, v, 2, **local),
+                               ref_routing.local_attention(q, keys, v, 2, **local), rtol=1e-9, atol=1e-11)
 
 
 def test_init_centroids_draws_like_the_reference():
     got = routing.init_centroids(2, 3, 4, rng=np.random.default_rng(5))
     want = ref_routing.init_centroids(2, 3, 4, rng=np.random.default_rng(5))
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-12)
 
 

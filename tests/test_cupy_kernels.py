@@ -95,7 +95,7 @@ _SCALARS = {"long long": np.int64, "int": np.int32, "double": np.float64}
 def _check_abi(kernel, dtype, args):
     parameters = _parameters(_config.FSAT_SPARSE.code(), kernel)
     assert len(args) == len(parameters), (kernel, len(args), parameters)
-    for parameter, arg in zip(parameters, args):
+    for parameter, arg in zip(parameters, args, strict=True):
         if "*" in parameter:
             assert isinstance(arg, np.ndarray), (kernel, parameter, type(arg))
             assert arg.dtype == _expected_pointer(parameter, dtype), (kernel, parameter, arg.dtype)
@@ -131,7 +131,7 @@ def test_host_launches_match_the_kernel_signatures(monkeypatch, dtype, biased, p
         fsat.sparse_attention_vjp(q, q, v, offsets, bias, v, dlse=q[..., 0] if with_dlse else None,
                                   key_padding_mask=mask if padded else None)
     assert [name for name, *_ in launches] == list(_config.FSAT_SPARSE.kernels)
-    for kernel, kernel_dtype, launch, args in launches:
+    for kernel, kernel_dtype, _, args in launches:
         assert kernel_dtype == np.dtype(dtype)
         _check_abi(kernel, kernel_dtype, args)
     forward, query, key = (launch for _, _, launch, _ in launches)

@@ -41,7 +41,8 @@ def check_sparse(q, k, v, offsets, bias, causal, mask):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("length,dim,dim_v,count", [(1, 3, 3, 1), (2, 1, 2, 2), (9, 4, 4, 4), (13, 5, 2, 6), (16, 3, 7, 31)])
+@pytest.mark.parametrize("length,dim,dim_v,count",
+                         [(1, 3, 3, 1), (2, 1, 2, 2), (9, 4, 4, 4), (13, 5, 2, 6), (16, 3, 7, 31)])
 def test_sparse_attention_equals_dense_oracle(length, dim, dim_v, count, with_bias, padded, causal):
     rng, q, k, v = inputs(length * 100 + count, length=length, dim=dim, dim_v=dim_v)
     count = min(count, 2 * length - 1)
@@ -119,7 +120,8 @@ def check_attention(q, k, v, w, top_k, **kw):
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("noisy", [False, True])
 @pytest.mark.parametrize("separate_cross", [False, True])
-@pytest.mark.parametrize("length,dim,dim_v,top_k", [(1, 2, 3, 4), (2, 3, 3, 2), (7, 5, 2, 3), (11, 4, 4, 30), (17, 3, 6, 5)])
+@pytest.mark.parametrize("length,dim,dim_v,top_k",
+                         [(1, 2, 3, 4), (2, 3, 3, 2), (7, 5, 2, 3), (11, 4, 4, 30), (17, 3, 6, 5)])
 def test_attention_equals_dense_oracle(length, dim, dim_v, top_k, separate_cross, noisy, padded, causal):
     rng, q, k, v = inputs(length * 7 + top_k, length=length, dim=dim, dim_v=dim_v)
     dim_c = 3 if separate_cross else dim
@@ -158,7 +160,7 @@ def test_attention_promotes_to_float64_and_leaves_inputs_alone():
     out = fsat.attention(q32, k32, v32, w, 3)
     assert out.dtype == np.float64
     np.testing.assert_allclose(out, oracle.attention(q32, k32, v32, w, 3), rtol=RTOL, atol=ATOL)
-    for x, y in zip((q32, k32, v32), copies):
+    for x, y in zip((q32, k32, v32), copies, strict=True):
         np.testing.assert_array_equal(x, y)
 
 

@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
+import scipy.fft
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refattn import fsat
 from refattn.conformance.oracles import fsat as oracle
+from refattn.fsat.cross import next_fast_len
 
 LENGTHS = [1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17, 31, 32, 61, 64, 97, 127, 128, 251, 256, 257]
 
@@ -26,7 +28,8 @@ def assert_close_normwise(actual, expected, rtol=1e-12):
     assert actual.dtype == np.float64
     scale = np.abs(expected).max(axis=(2, 3), keepdims=True)
     error = np.abs(actual - expected)
-    assert np.all(error <= rtol * scale), f"max error {error.max()}, relative {np.max(error / np.maximum(scale, 1e-300))}"
+    relative = np.max(error / np.maximum(scale, 1e-300))
+    assert np.all(error <= rtol * scale), f"max error {error.max()}, relative {relative}"
 
 
 @pytest.mark.parametrize("kind", ["none", "random", "full-row"])
@@ -141,3 +144,9 @@ def test_cross_property_matches_oracle(length, features, batch, heads, padded, s
     mask = rng.random((batch, length)) < 0.4 if padded else None
     assert_close_normwise(fsat.cross(a, b, key_padding_mask=mask), oracle.cross(a, b, mask))
     np.testing.assert_array_equal(fsat.pair_counts(length, mask), oracle.pair_counts(length, mask, 1))
+
+
+def test_next_fast_len_matches_scipy():
+    """The pure-Python FFT length (shared with the torch and CuPy backends) is SciPy's, real=True."""
+    for n in list(range(1, 3000)) + [2**20 + 1, 3**9 + 7, 5**8 + 1, 32767, 2**31 - 1]:
+        assert next_fast_len(n) == scipy.fft.next_fast_len(n, real=True), n

@@ -12,7 +12,7 @@ RTOL, ATOL = 1e-8, 1e-9
 
 def assert_grads(actual, expected):
     assert len(actual) == len(expected)
-    for index, (x, y) in enumerate(zip(actual, expected)):
+    for index, (x, y) in enumerate(zip(actual, expected, strict=True)):
         assert x.shape == y.shape and x.dtype == np.float64, index
         np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL, err_msg=f"gradient {index}")
 
@@ -150,8 +150,10 @@ def setup_attention(seed, *, length=7, dim=3, dim_v=2, dim_c=None, top_k=3, caus
     if dim_c is not None:
         kw["cross_q"], kw["cross_k"] = rng.standard_normal((2, 2, 2, length, dim_c))
     a, b = kw.get("cross_q", q), kw.get("cross_k", k)
-    s = fsat.estimate(fsat.cross(a, b, key_padding_mask=kw["key_padding_mask"]), w, key_padding_mask=kw["key_padding_mask"])
-    assert selection_margin(s, kw.get("noise"), top_k, causal) > 1e-3, "seed gives a near-tie in the selection; pick another seed"
+    s = fsat.estimate(fsat.cross(a, b, key_padding_mask=kw["key_padding_mask"]), w,
+                      key_padding_mask=kw["key_padding_mask"])
+    assert selection_margin(s, kw.get("noise"), top_k,
+                            causal) > 1e-3, "seed gives a near-tie in the selection; pick another seed"
     dout = rng.standard_normal((2, 2, length, dim_v))
     return q, k, v, w, top_k, dout, kw
 
@@ -184,7 +186,8 @@ def test_attention_vjp_matches_finite_differences_where_not_truncated(case):
     expected = numerical_vjp(f, [q, k, v, w, *cross_inputs], dout, EPS)
     assert_grads((grads.v, grads.w), (expected[2], expected[3]))
     if separate:
-        assert_grads((grads.q, grads.k, grads.cross_q, grads.cross_k), (expected[0], expected[1], expected[4], expected[5]))
+        assert_grads((grads.q, grads.k, grads.cross_q, grads.cross_k),
+                     (expected[0], expected[1], expected[4], expected[5]))
         if q.shape[2] > 1:  # at L = 1 the output is v whatever the estimate
             assert np.abs(grads.cross_q).max() > 1e-3  # the estimator path is exercised
     else:
@@ -205,7 +208,8 @@ def test_attention_vjp_truncates_the_cross_path_from_q_and_k(case):
     offsets = fsat.select(s, top_k, causal=kw["causal"], noise=kw.get("noise"))
     bias = np.take_along_axis(s, offsets + length - 1, axis=2)
     # dq, dk: exactly the sparse attention's at the fixed offsets and bias ...
-    dq, dk, dv, dbias = fsat.sparse_attention_vjp(q, k, v, offsets, bias, dout, causal=kw["causal"], key_padding_mask=mask)
+    dq, dk, dv, dbias = fsat.sparse_attention_vjp(q, k, v, offsets, bias, dout, causal=kw["causal"],
+                                                  key_padding_mask=mask)
     np.testing.assert_array_equal(grads.q, dq)
     np.testing.assert_array_equal(grads.k, dk)
     np.testing.assert_array_equal(grads.v, dv)

@@ -196,7 +196,8 @@ def test_simulated_similarity_assign_several_tiles():
     np.testing.assert_allclose(clustering.similarity(tokens, means), reference.similarity(tokens, means),
                                rtol=1e-12, atol=1e-12)
     ds = generator.standard_normal((1, 1, 18, 20))
-    for got, want in zip(clustering.similarity_vjp(tokens, means, ds), reference.similarity_vjp(tokens, means, ds)):
+    for got, want in zip(clustering.similarity_vjp(tokens, means, ds), reference.similarity_vjp(tokens, means, ds),
+                         strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     tokens[0, :, 5] = means[:, 3] / np.linalg.norm(means[:, 3], axis=-1, keepdims=True)  # ties at position 5
     padding = np.zeros((1, 18), dtype=bool)
@@ -241,7 +242,7 @@ def test_simulated_update_centroids_edge_cases():
     empty = reference.CentroidState(means, np.zeros((2, 3)), means.copy())
     all_padded = np.ones((2, 5), dtype=bool)
     for got, want in zip(clustering.update_centroids(empty, tokens, tokens, key_padding_mask=all_padded),
-                         reference.update_centroids(empty, tokens, tokens, key_padding_mask=all_padded)):
+                         reference.update_centroids(empty, tokens, tokens, key_padding_mask=all_padded), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(empty.means, means)
     lone = means.copy()
@@ -253,7 +254,7 @@ def test_simulated_update_centroids_edge_cases():
     got = clustering.update_centroids(device_state, cuda.to_device(tokens), profile="lucidrains", decay=0.5)
     want = reference.update_centroids(state, tokens, profile="lucidrains", decay=0.5)
     assert isinstance(got, reference.CentroidState) and not isinstance(got.means, np.ndarray)
-    for part, wanted in zip(got, want):
+    for part, wanted in zip(got, want, strict=True):
         np.testing.assert_allclose(part.copy_to_host(), wanted, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got.means.copy_to_host()[:, 2], lone[:, 2], rtol=1e-12)
     np.testing.assert_array_equal(device_state.means.copy_to_host(), lone)

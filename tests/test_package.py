@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,60 @@ def test_import_leaves_torch_cupy_numba_unimported() -> None:
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_ops_works_after_a_plain_import_refattn_and_imports_no_backend_library() -> None:
+    """The README's line ``refattn.ops.fsat.attention(...)`` after ``import refattn`` alone."""
+    result = run_python("""
+        import sys
+        import numpy as np
+        import refattn
+
+        rng = np.random.default_rng(0)
+        q, k, v = rng.standard_normal((3, 1, 2, 8, 4))
+        out = refattn.ops.fsat.attention(q, k, v, np.ones((2, 4)), top_k=3)
+        print(out.shape, refattn.ops.name, sorted(name for name in ("torch", "cupy", "numba") if name in sys.modules))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 2, 8, 4) numpy []"
+
+
+def test_backends_and_conformance_import_no_private_name_of_refattn() -> None:
+    """backends/ and conformance/ import refattn's public names only, and no backend another's."""
+    private = re.compile(r"from refattn(\.[a-z_]+)*\._|import refattn\..*\._|from \.\._|_stable_argsort")
+    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+             for folder in ("backends", "conformance") for path in sorted((REPO / folder).rglob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert found == []
+
+
+def test_every_builtin_backend_has_a_synchronize() -> None:
+    assert refattn.get_backend("numpy").synchronize() is None
+    for name in ("torch", "cupy", "numba_cuda"):
+        try:
+            backend = refattn.get_backend(name)
+        except refattn.BackendUnavailableError as error:
+            print(f"{name}: not checked, {error}")
+            continue
+        assert backend.synchronize() is None  # returns at once without a device
+
+
+def test_bench_treats_a_backend_by_its_arrays_and_synchronizes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A renamed copy of the reference is benchmarked exactly like it: nothing depends on the name,
+    and every timed call ends with the backend's synchronize()."""
+    from refattn.bench import cases
+
+    synchronized: list[str] = []
+    toy = backends.Backend(name="toy", fsat=refattn.fsat, routing=refattn.routing,
+                           capabilities=refattn.get_backend("numpy").capabilities,
+                           synchronize=lambda: synchronized.append("toy"))
+    monkeypatch.setattr(cases, "load_backend", lambda name: toy)
+    shape = cases.Shape(batch=1, heads=2, length=16, dim=4, top_k=3)
+    for algorithm in ("fsat", "routing", "dense"):
+        case = cases.build_case("toy", algorithm, "fwdbwd", "float32", shape)
+        assert (case.framework, case.info["compute_dtype"], case.info["framework"]) == ("numpy", "float64", "numpy")
+        case.fn()
+    assert synchronized == ["toy"] * 3
 
 
 def test_unknown_backend_variable_fails_the_import_listing_the_backends() -> None:
@@ -141,13 +196,17 @@ def test_wheel_installs_the_same_import_surface_as_the_editable_install(tmp_path
         print(refattn.get_backend("numpy").name)
     """, python=python, cwd=tmp_path)
     assert imported.returncode == 0, imported.stderr
-    assert imported.stdout.split() == [str(environment / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
-                                           / "site-packages" / "refattn" / "backends" / "__init__.py"), "numpy"]
+    site = environment / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    assert imported.stdout.split() == [str(site / "refattn" / "backends" / "__init__.py"), "numpy"]
     # The wheel holds exactly the modules of the source folders, under the names the editable install gives them.
     with zipfile.ZipFile(wheel) as archive:
         in_wheel = {name.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
                     for name in archive.namelist() if name.endswith(".py")}
     assert in_wheel == source_modules()
+    # ... and the CUDA sources and the header of their CPU emulation, which are package data.
+    data = {"refattn/backends/cupy/kernels/fsat_sparse_attention.cu",
+            "refattn/backends/cupy/emulation/cuda_emulation.h"}
+    assert data <= set(archive.namelist())
 
 
 def source_modules() -> set[str]:

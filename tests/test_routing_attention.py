@@ -71,7 +71,8 @@ def test_a_token_in_one_cluster_gets_o_over_one_plus_eps():
     members = np.array([[[[0, 1, 2, 3]]]])
     for profile, eps in (("tacl", 1e-2), ("lucidrains", 1e-5)):
         o = routing.cluster_attention(q, k, v, members, members, profile=profile)
-        np.testing.assert_allclose(routing.combine(o, members, 4, profile=profile)[0, 0], o[0, 0, 0] / (1 + eps), rtol=1e-15)
+        np.testing.assert_allclose(routing.combine(o, members, 4, profile=profile)[0, 0], o[0, 0, 0] / (1 + eps),
+                                   rtol=1e-15)
 
 
 def test_tacl_logits_are_layernormed_unscaled_and_lucidrains_raw_scaled():
@@ -160,7 +161,8 @@ def test_cluster_chunks_give_the_same_answer(monkeypatch):
     grads = routing.cluster_attention_vjp(q, k, v, qm, km, np.ones_like(whole), causal=True)
     monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 1)
     np.testing.assert_array_equal(routing.cluster_attention(q, k, v, qm, km, causal=True), whole)
-    for a, b in zip(routing.cluster_attention_vjp(q, k, v, qm, km, np.ones_like(whole), causal=True), grads):
+    for a, b in zip(routing.cluster_attention_vjp(q, k, v, qm, km, np.ones_like(whole), causal=True), grads,
+                    strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-15)
 
 

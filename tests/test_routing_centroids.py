@@ -94,7 +94,8 @@ def test_lucidrains_update_by_hand():
 
 def test_lucidrains_update_unshared_pools_q_and_k_and_excludes_padding():
     q = np.array([[[[0.6, 0.8], [0.8, 0.6], [1.0, 0.0]]]])
-    k = np.array([[[[0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]]])  # -> c1, c2, and c0 ((0, -1) scores 0, -1, 0: a tie, the lower index)
+    # -> c1, c2, and c0 ((0, -1) scores 0, -1, 0: a tie, the lower index)
+    k = np.array([[[[0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]]])
     s0 = state(MU, np.zeros((1, 3)), np.zeros((1, 3, 2)))
     new = routing.update_centroids(s0, q, k, profile="lucidrains", decay=0.5)
     sums = np.array([[1.8, 0.6 - 1.0], [0.6, 1.8], [-1.0, 0.0]])
@@ -112,7 +113,7 @@ def test_init_centroids_is_a_function_of_the_generator(profile):
     a = routing.init_centroids(3, 5, 8, rng=np.random.default_rng(42), profile=profile)
     b = routing.init_centroids(3, 5, 8, rng=np.random.default_rng(42), profile=profile)
     c = routing.init_centroids(3, 5, 8, rng=np.random.default_rng(43), profile=profile)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.means, c.means)
     assert a.means.shape == (3, 5, 8) and a.counts.shape == (3, 5) and a.sums.shape == (3, 5, 8)

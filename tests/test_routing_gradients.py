@@ -21,7 +21,7 @@ CONFIGS = [
 
 def assert_grads(actual, expected):
     assert len(actual) == len(expected)
-    for index, (x, y) in enumerate(zip(actual, expected)):
+    for index, (x, y) in enumerate(zip(actual, expected, strict=True)):
         assert x.shape == y.shape and x.dtype == np.float64, index
         np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL, err_msg=f"gradient {index}")
 

@@ -151,7 +151,8 @@ def test_k_missing_without_shared_qk(data):
 
 def test_lucidrains_causal_unshared(data):
     q, k, v, mu, _ = data
-    with pytest.raises(ValueError, match=r"^profile: 'lucidrains' does not support causal=True with shared_qk=False.*memory key/values"):
+    with pytest.raises(ValueError, match=r"^profile: 'lucidrains' does not support causal=True with shared_qk=False"
+                                         r".*memory key/values"):
         routing.attention(q, k, v, mu, causal=True, profile="lucidrains")
 
 

@@ -1,4 +1,4 @@
-"""The PyTorch FSAT backend (backends/torch/fsat.py) against the NumPy reference ``refattn.fsat``.
+"""The PyTorch FSAT backend (backends/torch/fsat/) against the NumPy reference ``refattn.fsat``.
 
 Every function is compared with the reference on float64 NumPy copies of its inputs: float64 to the
 float64 row of the tolerance table of spec/interface.md, float32/bfloat16/float16 to their rows
@@ -8,17 +8,24 @@ float64 row of the tolerance table of spec/interface.md, float32/bfloat16/float1
 
 from __future__ import annotations
 
+import warnings
 
 import numpy as np
 import pytest
-import scipy.fft
 
 torch = pytest.importorskip("torch")
 
+from refattn import checks  # noqa: E402
 from refattn import fsat as ref  # noqa: E402
+from refattn.backends.torch import fsat as F  # noqa: E402
+from refattn.backends.torch.fsat.sparse_attention import (  # noqa: E402
+    GatheredShift,
+    SlicedShift,
+    forced_shifts,
+    shifts,
+)
 from refattn.conformance.tolerances import FORWARD, GRADIENT  # noqa: E402
 from refattn.fsat.select import candidate_order  # noqa: E402
-from refattn.backends.torch import fsat as F  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +70,7 @@ def assert_close(actual, expected, tol, what=""):
 
 def assert_grads(actual, expected, tol):
     assert len(actual) == len(expected)
-    for index, (x, y) in enumerate(zip(actual, expected)):
+    for index, (x, y) in enumerate(zip(actual, expected, strict=True)):
         if y is None:
             assert x is None, index
         else:
@@ -132,11 +139,6 @@ SHAPES = [  # (B, H, L, D, Dv)
 # ------------------------------------------------------------------------------ step 1: the cross
 
 
-def test_next_fast_len_matches_scipy():
-    for n in list(range(1, 3000)) + [2**20 + 1, 3**9 + 7, 5**8 + 1, 32767]:
-        assert F._next_fast_len(n) == scipy.fft.next_fast_len(n, real=True), n
-
-
 @pytest.mark.parametrize("kind", ["none", "random", "full-row"])
 @pytest.mark.parametrize("length", [1, 2, 7, 16])
 def test_pair_counts(length, kind):
@@ -177,7 +179,8 @@ def test_estimate_and_vjp(shape, kind):
     w = rng.standard_normal((heads, dim))
     ds = rng.standard_normal((batch, heads, 2 * length - 1))
     M = T(mask)
-    assert_close(F.estimate(T(c), T(w), key_padding_mask=M), ref.estimate(c, w, key_padding_mask=mask), FORWARD["float64"], "s")
+    assert_close(F.estimate(T(c), T(w), key_padding_mask=M), ref.estimate(c, w, key_padding_mask=mask),
+                 FORWARD["float64"], "s")
     expected = ref.estimate_vjp(c, w, ds, key_padding_mask=mask)
     assert_grads(F.estimate_vjp(T(c), T(w), T(ds), key_padding_mask=M), expected, GRADIENT["float64"])
     tc, tw = T(c).requires_grad_(), T(w).requires_grad_()
@@ -216,7 +219,8 @@ def test_select_tie_breaks(causal):
         np.testing.assert_array_equal(F.select(T(s), top_k, causal=causal).numpy(), ref.select(s, top_k, causal=causal))
     # all tied: tau = 0, then -1, 1, -2, 2, ...
     assert F.select(torch.zeros(1, 1, 2 * length - 1, dtype=torch.float64), 4).tolist() == [[[-2, -1, 0, 1]]]
-    assert F.select(torch.zeros(1, 1, 2 * length - 1, dtype=torch.float64), 4, causal=True).tolist() == [[[-3, -2, -1, 0]]]
+    assert F.select(torch.zeros(1, 1, 2 * length - 1, dtype=torch.float64), 4,
+                    causal=True).tolist() == [[[-3, -2, -1, 0]]]
 
 
 # --------------------------------------------------------------------- step 3: sparse attention
@@ -224,7 +228,8 @@ def test_select_tie_breaks(causal):
 
 def random_offsets(rng, batch, heads, length, count):
     pool = np.arange(-(length - 1), length)
-    return np.stack([np.stack([rng.choice(pool, size=count, replace=False) for _ in range(heads)]) for _ in range(batch)])
+    return np.stack([np.stack([rng.choice(pool, size=count,
+                                          replace=False) for _ in range(heads)]) for _ in range(batch)])
 
 
 SPARSE_CASES = [  # (L, D, Dv, K)
@@ -241,10 +246,13 @@ SPARSE_CASES = [  # (L, D, Dv, K)
 @pytest.mark.parametrize("kind", ["none", "random", "full-row"])
 @pytest.mark.parametrize("bias_kind", ["none", "finite", "with-inf"])
 @pytest.mark.parametrize("case", SPARSE_CASES)
-def test_sparse_attention_and_vjp(case, bias_kind, kind, causal, shift, monkeypatch):
-    """Both ways of pairing rows with their shifted partners: slices (CPU) and row gathers (GPU, forced here)."""
-    if shift == "gathered":
-        monkeypatch.setattr(F, "_SlicedShift", F._GatheredShift)
+def test_sparse_attention_and_vjp(case, bias_kind, kind, causal, shift):
+    """Both ways of pairing rows with their shifted partners: slices (CPU) and row gathers (GPU), each forced."""
+    with forced_shifts(shift):
+        _check_sparse_attention_and_vjp(case, bias_kind, kind, causal)
+
+
+def _check_sparse_attention_and_vjp(case, bias_kind, kind, causal):
     length, dim, dim_v, count = case
     rng = np.random.default_rng(length * 1000 + count * 10 + len(bias_kind) + len(kind))
     q, k = rng.standard_normal((2, 2, 3, length, dim))
@@ -263,15 +271,31 @@ def test_sparse_attention_and_vjp(case, bias_kind, kind, causal, shift, monkeypa
     assert_close(out, ref_out, FORWARD["float64"], "out")
     assert_close(lse, ref_lse, FORWARD["float64"], "lse")
     expected = ref.sparse_attention_vjp(q, k, v, offsets, bias, dout, dlse=dlse, causal=causal, key_padding_mask=mask)
-    actual = F.sparse_attention_vjp(T(q), T(k), T(v), T(offsets), T(bias), T(dout), dlse=T(dlse), causal=causal, key_padding_mask=M)
+    actual = F.sparse_attention_vjp(T(q), T(k), T(v), T(offsets), T(bias), T(dout), dlse=T(dlse), causal=causal,
+                                    key_padding_mask=M)
     assert_grads(actual, expected, GRADIENT["float64"])
     # autograd through both outputs; the cotangent of lse at -inf rows is ignored (as in the reference)
     leaves = [T(x).requires_grad_() for x in (q, k, v)] + ([T(bias).requires_grad_()] if bias is not None else [])
-    out_t, lse_t = F.sparse_attention(*leaves[:3], T(offsets), leaves[3] if bias is not None else None, causal=causal, key_padding_mask=M)
+    out_t, lse_t = F.sparse_attention(*leaves[:3], T(offsets), leaves[3] if bias is not None else None, causal=causal,
+                                      key_padding_mask=M)
     finite = torch.isfinite(lse_t)
     loss = (out_t * T(dout)).sum() + torch.where(finite, lse_t * T(dlse), torch.zeros(()).double()).sum()
     grads = torch.autograd.grad(loss, leaves)
     assert_grads(list(grads) + ([None] if bias is None else []), expected, GRADIENT["float64"])
+
+
+def test_forced_shifts_choose_the_pairing_on_any_device():
+    offsets = torch.tensor([[[-1, 0, 2]]])
+    assert {type(shift) for shift in shifts(offsets, 4)} == {SlicedShift}  # a CPU's own choice
+    with forced_shifts("gathered"):
+        assert {type(shift) for shift in shifts(offsets, 4)} == {GatheredShift}
+        with forced_shifts("sliced"):
+            assert {type(shift) for shift in shifts(offsets, 4)} == {SlicedShift}
+        assert {type(shift) for shift in shifts(offsets, 4)} == {GatheredShift}
+    assert {type(shift) for shift in shifts(offsets, 4)} == {SlicedShift}
+    with pytest.raises(ValueError, match="kind: expected one of 'sliced', 'gathered', got 'slices'"):
+        with forced_shifts("slices"):
+            pass
 
 
 def test_sparse_attention_saves_no_l_by_k_by_d_tensor():
@@ -319,13 +343,15 @@ def _attention_problem(case, seed=0, dtype="float64"):
         rng, q, k, v, w, kw, dout = problem(1000 * seed + attempt + sum(shape), batch, heads, length, dim, dim_v,
                                             mask=mask, noise=noise, cross=cross)
         q, k, v, w, dout = (rounded(x, dtype) for x in (q, k, v, w, dout))
-        kw = {name: rounded(x, dtype) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x for name, x in kw.items()}
+        kw = {name: rounded(x, dtype) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x for name,
+              x in kw.items()}
         if selection_margin(q, k, w, top_k, causal, kw) > 1e-3:
             return q, k, v, w, top_k, dict(kw, causal=causal), dout
     raise RuntimeError("no tie-free seed")
 
 
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-{c[2]}-noise{c[3]}-cross{c[4]}-causal{c[5]}")
+@pytest.mark.parametrize("case", ATTENTION_CASES,
+                         ids=lambda c: f"{c[0]}-K{c[1]}-{c[2]}-noise{c[3]}-cross{c[4]}-causal{c[5]}")
 def test_attention_forward_vjp_and_autograd(case):
     q, k, v, w, top_k, kw, dout = _attention_problem(case)
     tkw = torch_kw(kw)
@@ -378,7 +404,8 @@ def test_gradient_truncation(crossed):
     mask = tkw["key_padding_mask"]
     s = F.estimate(F.cross(a.detach(), b.detach(), key_padding_mask=mask), T(w), key_padding_mask=mask)
     bias = torch.gather(s, 2, offsets + (q.shape[2] - 1))
-    dq, dk, dv, dbias = F.sparse_attention_vjp(T(q), T(k), T(v), offsets, bias, T(dout), causal=True, key_padding_mask=mask)
+    dq, dk, dv, dbias = F.sparse_attention_vjp(T(q), T(k), T(v), offsets, bias, T(dout), causal=True,
+                                               key_padding_mask=mask)
     for got, want in ((tq.grad, dq), (tk.grad, dk), (tv.grad, dv)):
         assert_close(got, N(want), GRADIENT["float64"])
     assert float(dbias.abs().max()) > 0 and float(tw.grad.abs().max()) > 0  # w learns through the bias
@@ -444,7 +471,8 @@ def test_steps_reduced_precision(dtype):
     ref_c = ref.cross(q, k, key_padding_mask=mask)
     assert_close(c, ref_c, FORWARD[dtype], "c")
     rc = rounded(ref_c, dtype)
-    assert_close(F.estimate(T(rc, dtype), T(w, dtype), key_padding_mask=M), ref.estimate(rc, w, key_padding_mask=mask), FORWARD[dtype], "s")
+    assert_close(F.estimate(T(rc, dtype), T(w, dtype), key_padding_mask=M), ref.estimate(rc, w, key_padding_mask=mask),
+                 FORWARD[dtype], "s")
     offsets = random_offsets(rng, batch, heads, length, 5)
     bias = rounded(rng.standard_normal((batch, heads, 5)), dtype)
     out, lse = F.sparse_attention(T(q, dtype), T(k, dtype), T(v, dtype), T(offsets), T(bias, dtype), key_padding_mask=M)
@@ -454,7 +482,8 @@ def test_steps_reduced_precision(dtype):
     assert_close(lse, ref_lse, FORWARD[dtype], "lse")
     dout = rounded(rng.standard_normal(v.shape), dtype)
     assert_grads(
-        F.sparse_attention_vjp(T(q, dtype), T(k, dtype), T(v, dtype), T(offsets), T(bias, dtype), T(dout, dtype), key_padding_mask=M),
+        F.sparse_attention_vjp(T(q, dtype), T(k, dtype), T(v, dtype), T(offsets), T(bias, dtype), T(dout, dtype),
+                               key_padding_mask=M),
         ref.sparse_attention_vjp(q, k, v, offsets, bias, dout, key_padding_mask=mask),
         GRADIENT[dtype],
     )
@@ -479,7 +508,7 @@ def test_torch_compile_matches_eager(tmp_path, monkeypatch):
 
     eager = run(f)
     compiled = run(torch.compile(f, backend="inductor"))
-    for x, y in zip(compiled, eager):
+    for x, y in zip(compiled, eager, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     torch._dynamo.reset()
 
@@ -539,19 +568,18 @@ def test_rejects_nan():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_finite_check_is_exact_when_the_sum_overflows(dtype):
-    """The finite check sums first; a sum that overflows from finite entries must not be an error,
-    and a single Inf, -Inf or NaN among huge finite entries must be."""
-    from refattn.backends.torch import _checks
-
+    """The finite check (refattn.checks on tensors, as the backend runs it) sums first; a sum that
+    overflows from finite entries must not be an error, and a single Inf, -Inf or NaN among huge
+    finite entries must be."""
     huge = torch.full((4, 64), torch.finfo(dtype).max, dtype=dtype)
     if dtype in (torch.float64, torch.float32):  # half types are summed in float32: no overflow
         assert not torch.isfinite(huge.sum(dtype=dtype))
-    assert _checks.float_tensor(huge, "x") is huge
+    assert checks.float_array(huge, "x") is huge
     for bad in (float("inf"), float("-inf"), float("nan")):
         spoiled = huge.clone()
         spoiled[1, 2] = bad
         with pytest.raises(ValueError, match=r"x: expected finite values, got 1 NaN or Inf entries"):
-            _checks.float_tensor(spoiled, "x")
+            checks.float_array(spoiled, "x")
 
 
 def test_rejects_inf_noise():
@@ -576,7 +604,8 @@ def test_rejects_bad_w_shape():
 
 def test_rejects_non_bool_mask():
     q, k, v, w = _good()
-    with pytest.raises(TypeError, match=r"key_padding_mask: expected a bool tensor \(True = padding\), got dtype torch.int64"):
+    with pytest.raises(TypeError,
+                       match=r"key_padding_mask: expected a bool tensor \(True = padding\), got dtype torch.int64"):
         F.attention(q, k, v, w, 2, key_padding_mask=torch.zeros(2, 5, dtype=torch.long))
 
 
@@ -603,7 +632,8 @@ def test_rejects_only_one_cross_input():
 
 def test_rejects_qkv_dtype_mismatch():
     q, k, v, w = _good()
-    with pytest.raises(TypeError, match=r"q, k, v: expected one floating-point dtype, got q torch.float64, k torch.float32"):
+    with pytest.raises(TypeError,
+                       match=r"q, k, v: expected one floating-point dtype, got q torch.float64, k torch.float32"):
         F.attention(q, k.float(), v, w, 2)
     with pytest.raises(TypeError, match=r"expected one floating-point dtype"):
         F.sparse_attention(q, k, v.float(), torch.zeros(2, 2, 1, dtype=torch.long))
@@ -633,7 +663,8 @@ def test_rejects_float_offsets():
 
 def test_rejects_out_of_range_offsets():
     q, k, v, _ = _good()
-    with pytest.raises(ValueError, match=r"offsets: expected offsets in \[-\(L-1\), L-1\] = \[-4, 4\], got values in \[0, 5\]"):
+    with pytest.raises(ValueError,
+                       match=r"offsets: expected offsets in \[-\(L-1\), L-1\] = \[-4, 4\], got values in \[0, 5\]"):
         F.sparse_attention(q, k, v, torch.tensor([0, 5]).expand(2, 2, 2))
 
 
@@ -680,6 +711,79 @@ def test_rejects_wrong_dout_shape():
         F.attention_vjp(q, k, v, w, 2, torch.zeros(2, 2, 5, 4, dtype=torch.float64))
 
 
+# ------------------------------------------------------------------------------ overflow
+
+
+def _huge(*shape, scale, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overflow_of_the_cross_names_q_and_k(dtype):
+    """The report: finite q of 1e20 in float32 (or bfloat16, computed in float32) gave NaN; the cross's
+    products |q|·|k| reach 1e40."""
+    q = _huge(1, 2, 16, 8, scale=1e20)
+    with pytest.raises(ValueError, match=r"^q and k overflow float32 in the cross: \|q\|·\|k\| up to \d\.\de\+4\d$"):
+        F.attention(q.to(dtype), q.to(dtype), (q / 1e20).to(dtype), torch.ones(2, 8), 4)
+    with pytest.raises(ValueError, match=r"^q and k overflow float32 in the cross"):
+        F.attention_vjp(q, q, q / 1e20, torch.ones(2, 8), 4, torch.ones(1, 2, 16, 8))
+    with pytest.raises(ValueError, match=r"^a and b overflow float32 in the cross: \|a\|·\|b\|"):
+        F.cross(q, q)
+
+
+def test_overflow_of_the_estimate_names_q_k_and_w():
+    """The cross is finite (|q|·|k| about 1e20) but w of 1e30 takes the scores beyond float32."""
+    x, v = _huge(1, 2, 16, 8, scale=1e10), _huge(1, 2, 16, 8, scale=1.0, seed=1)
+    w = torch.full((2, 8), 1e30)
+    with pytest.raises(ValueError, match=r"^q, k and w overflow float32 in the estimate: \|q\|·\|k\|·\|w\|"):
+        F.attention(x, x, v, w, 4)
+    with pytest.raises(ValueError, match=r"^c and w overflow float32 in the estimate: \|c\|·\|w\|"):
+        F.estimate(_huge(1, 2, 31, 8, scale=1e30), w)
+
+
+def test_overflow_of_given_cross_inputs_names_them():
+    v = _huge(1, 2, 16, 8, scale=1.0)
+    big = _huge(1, 2, 16, 3, scale=1e20, seed=1)
+    with pytest.raises(ValueError, match=r"^cross_q and cross_k overflow float32 in the cross"):
+        F.attention(v, v, v, torch.ones(2, 3), 4, cross_q=big, cross_k=big)
+
+
+def test_overflow_of_the_attention_logits_names_q_and_k():
+    """Logits |q|·|k| of 1e40 in the sparse attention (its scores alone would be finite: one offset)."""
+    q, v = _huge(1, 2, 16, 8, scale=1e20), _huge(1, 2, 16, 8, scale=1.0, seed=1)
+    offsets = torch.tensor([-1, 0, 1]).expand(1, 2, 3)
+    with pytest.raises(ValueError, match=r"^q and k overflow float32 in the sparse attention: \|q\|·\|k\|"):
+        F.sparse_attention(q, q, v, offsets)
+
+
+def test_overflow_of_the_gradients_names_the_cotangent():
+    v = _huge(1, 2, 16, 8, scale=1.0)
+    dout = _huge(1, 2, 16, 8, scale=1e37, seed=1)  # finite; times the softmax sums and sqrt(D) scales: inf
+    offsets = torch.tensor([-1, 0, 1]).expand(1, 2, 3)
+    where = "overflow float32 in the gradient of the"
+    with pytest.raises(ValueError, match=rf"^dout, v and k {where} sparse attention: \|dout\|·\|v\|·\|k\|"):
+        F.sparse_attention_vjp(v * 1e3, v * 1e3, v * 1e3, offsets, None, dout)
+    with pytest.raises(ValueError, match=rf"^dout, v and k {where} attention"):
+        F.attention_vjp(v * 1e3, v * 1e3, v * 1e3, torch.ones(2, 8), 3, dout)
+    with pytest.raises(ValueError, match=rf"^b and dc {where} cross: \|b\|·\|dc\|"):
+        F.cross_vjp(v * 1e10, v * 1e10, _huge(1, 2, 31, 8, scale=1e30, seed=2))
+    with pytest.raises(ValueError, match=rf"^ds and w {where} estimate: \|ds\|·\|w\|"):
+        F.estimate_vjp(_huge(1, 2, 31, 8, scale=1.0), torch.full((2, 8), 1e30), _huge(1, 2, 31, scale=1e30))
+
+
+def test_overflow_checks_leave_autograd_and_the_values_alone():
+    """A checked result that requires grad: no autograd warning from the check, the same numbers."""
+    q, k, v = (_huge(1, 2, 16, 8, scale=1.0, seed=s, dtype=torch.float64).requires_grad_() for s in range(3))
+    w = torch.ones(2, 8, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = F.attention(q, k, v, w, 4)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v, w))
+    expected = ref.attention_vjp(*(N(x) for x in (q, k, v, w)), 4, 2 * N(out))
+    for got, want in zip(grads, expected, strict=False):
+        np.testing.assert_allclose(N(got), want, rtol=1e-9, atol=1e-11)
+
+
 # ------------------------------------------------------------------------------ CUDA
 
 
@@ -703,5 +807,6 @@ def test_cuda_matches_reference():
             expected = ref.attention_vjp(q, k, v, w, top_k, dout, **kw)
             assert_grads(list(grads) + [None] * (6 - len(grads)), expected, GRADIENT[dtype])
             explicit = F.attention_vjp(*[x.detach() for x in leaves[:4]], top_k, T(dout, dtype, "cuda"),
-                                       **{n: (x.detach() if isinstance(x, torch.Tensor) else x) for n, x in tkw.items()})
+                                       **{n: (x.detach() if isinstance(x, torch.Tensor) else x) for n,
+                                          x in tkw.items()})
             assert_grads(explicit, expected, GRADIENT[dtype])

@@ -1,18 +1,18 @@
-"""``FSATAttention`` (backends/torch/fsat_module.py): shapes, parameters, noise, truncation, learning."""
+"""``FSATAttention`` (backends/torch/layers/fsat_attention.py): shapes, parameters, noise, truncation, learning."""
 
 from __future__ import annotations
 
 import math
 import time
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from refattn.backends.torch import fsat as F  # noqa: E402
-from refattn.backends.torch.fsat_module import FSATAttention  # noqa: E402
-
 from refattn import fsat as ref  # noqa: E402
+from refattn.backends.torch import FSATAttention  # noqa: E402
+from refattn.backends.torch import fsat as F  # noqa: E402
 
 
 def layer(**kw):
@@ -114,8 +114,8 @@ def test_cross_projection_learns_only_through_the_estimator():
     a, b = attn.cross(x2.detach()).detach().chunk(2, dim=-1)
     split = lambda t, f: t.view(2, 11, 3, f).transpose(1, 2)  # noqa: E731
     q, k, v = attn.qkv(x2).chunk(3, dim=-1)
-    out = F.attention(split(q, 4), split(k, 4), split(v, 4), attn.w, 4, causal=True,
-                      cross_q=split(a, 2), cross_k=split(b, 2))
+    out = F.attention(split(q, 4), split(k, 4), split(v, 4), attn.w, 4, causal=True, cross_q=split(a, 2),
+                      cross_k=split(b, 2))
     attn.out(out.transpose(1, 2).reshape(2, 11, 12)).square().sum().backward()
     torch.testing.assert_close(x2.grad, dx, rtol=1e-12, atol=1e-12)
 
@@ -135,16 +135,75 @@ def test_dropout_on_attention_output():
     assert not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("bad", [dict(dim=10, heads=3), dict(top_k=0), dict(cross_dim=0), dict(cross_dim="auto"),
-                                 dict(dropout=1.0)])
-def test_rejects_bad_configuration(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, error, message", [
+    (dict(dim=10, heads=3), ValueError, r"^dim, heads: expected dim divisible by heads, got dim=10, heads=3$"),
+    (dict(dim=12.0), TypeError, r"^dim: expected an integer, got float 12.0$"),
+    (dict(dim="12"), TypeError, r"^dim: expected an integer, got str '12'$"),
+    (dict(dim=0), ValueError, r"^dim: expected an integer .*, got 0$"),
+    (dict(heads=True), TypeError, r"^heads: expected an integer, got bool True$"),
+    (dict(top_k=0), ValueError, r"^top_k: expected an integer .*, got 0$"),
+    (dict(top_k=2.0), TypeError, r"^top_k: expected an integer, got float 2.0$"),
+    (dict(causal="yes"), TypeError, r"^causal: expected a bool \(True or False\), got str 'yes'$"),
+    (dict(cross_dim=0), ValueError, r"^cross_dim: expected an integer .*, got 0$"),
+    (dict(cross_dim=2.5), TypeError, r"^cross_dim: expected an integer, got float 2.5$"),
+    (dict(cross_dim="auto"), ValueError, r"^cross_dim: expected 'head', None or an integer >= 1, got 'auto'$"),
+    (dict(dropout=1.0), ValueError, r"^dropout: expected a probability in \[0, 1\), got 1.0$"),
+    (dict(dropout=-0.1), ValueError, r"^dropout: expected a number in \[0, 1\], got -0.1$"),
+    (dict(dropout="0.1"), TypeError, r"^dropout: expected a real number, got str '0.1'$"),
+    (dict(generator=0), TypeError, r"^generator: expected a torch.Generator or None, got int$"),
+    (dict(noise_scale=-0.1), ValueError, r"^noise_scale: expected a number >= 0, got -0.1$"),
+    (dict(noise_scale=float("nan")), ValueError, r"^noise_scale: expected a finite number, got nan$"),
+    (dict(noise_scale="1"), TypeError, r"^noise_scale: expected a real number, got str '1'$"),
+    (dict(noise_final=float("inf")), ValueError, r"^noise_final: expected a finite number, got inf$"),
+    (dict(noise_schedule="exponential"), ValueError,
+     r"^noise_schedule: expected one of 'constant', 'linear', 'cosine', got 'exponential'$"),
+    (dict(noise_steps=0), ValueError, r"^noise_steps: expected an integer .*, got 0$"),
+    (dict(noise_steps=2.5), TypeError, r"^noise_steps: expected an integer, got float 2.5$"),
+])
+def test_rejects_bad_configuration(bad, error, message):
+    """Every option, checked where it is given: a wrong type is a TypeError, a wrong value a ValueError,
+    each naming the option (before, dim=12.0 failed inside torch's empty())."""
+    with pytest.raises(error, match=message):
         layer(**bad)
 
 
-def test_rejects_bad_input_width():
-    with pytest.raises(ValueError, match=r"x: expected a tensor of shape \(B, L, dim\) with dim = 12"):
-        layer()(torch.randn(2, 5, 8, dtype=torch.float64))
+def test_accepts_numpy_integers():
+    """NumPy integers are integers (the functions accept them; the layer rejected np.int64(2))."""
+    attn = FSATAttention(dim=np.int64(12), heads=np.int32(3), top_k=np.int64(2), cross_dim=np.uint8(2),
+                         noise_steps=np.int64(3), noise_scale=np.float32(0.5))
+    assert (attn.dim, attn.heads, attn.top_k, attn.cross_dim, attn.noise_steps) == (12, 3, 2, 2, 3)
+    assert all(type(n) is int for n in (attn.dim, attn.heads, attn.top_k, attn.cross_dim, attn.noise_steps))
+    assert attn(torch.randn(1, 5, 12)).shape == (1, 5, 12)
+
+
+def test_rejects_bad_input():
+    attn = layer()
+    with pytest.raises(ValueError, match=r"^x: expected shape \(B, L, dim\) = \('\*', '\*', 12\), got \(2, 5, 8\)$"):
+        attn(torch.randn(2, 5, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^x: expected a 3-D tensor \(B, L, dim\), got shape \(5, 12\)$"):
+        attn(torch.randn(5, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^x: expected every axis of \(B, L, dim\) to be at least 1"):
+        attn(torch.randn(2, 0, 12, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^x: expected a torch.Tensor, got ndarray$"):
+        attn(np.zeros((2, 5, 12)))
+    with pytest.raises(TypeError, match=r"^x: expected a real floating-point tensor, got dtype torch.int64$"):
+        attn(torch.zeros(2, 5, 12, dtype=torch.int64))
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    x[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^x: expected finite values, got 1 NaN or Inf entries$"):
+        attn(x)
+
+
+def test_rejects_an_input_of_another_dtype():
+    """A float64 x given to a float32 layer: a TypeError naming x and both dtypes (before, nn.Linear's
+    'mat1 and mat2 must have the same dtype'); under autocast any float dtype is cast as usual."""
+    attn = FSATAttention(dim=12, heads=3, top_k=2)
+    with pytest.raises(TypeError, match=r"^x: expected a tensor of the layer's dtype torch.float32, got torch.float64 "
+                                        r"\(convert the input with x.to\(torch.float32\) or the layer with "
+                                        r"layer.to\(torch.float64\)\)$"):
+        attn(torch.randn(2, 5, 12, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn(torch.randn(2, 5, 12, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_float32_module_backward():
@@ -295,16 +354,3 @@ def test_noise_is_scaled_gumbel_and_zero_temperature_is_greedy():
     greedy.eval()
     greedy(x)
     assert torch.equal(greedy_offsets, greedy.last_offsets)
-
-
-@pytest.mark.parametrize("bad, message", [
-    (dict(noise_scale=-0.1), "noise_scale: expected a finite number >= 0"),
-    (dict(noise_scale=float("nan")), "noise_scale: expected a finite number >= 0"),
-    (dict(noise_final=float("inf")), "noise_final: expected a finite number >= 0"),
-    (dict(noise_schedule="exponential"), "noise_schedule: expected one of constant, linear, cosine, got 'exponential'"),
-    (dict(noise_steps=0), "noise_steps: expected an integer >= 1"),
-    (dict(noise_steps=2.5), "noise_steps: expected an integer >= 1"),
-])
-def test_rejects_bad_exploration_options(bad, message):
-    with pytest.raises(ValueError, match=message):
-        layer(**bad)

@@ -1,4 +1,4 @@
-"""The torch backend's ``routing`` namespace (backends/torch/routing.py) against the NumPy reference.
+"""The torch backend's ``routing`` namespace (backends/torch/routing/) against the NumPy reference.
 
 Every function is compared with ``refattn.routing`` on float64 NumPy copies of the inputs (rounded to
 the tested dtype first), with the tolerance table of spec/interface.md; discrete outputs (members,
@@ -9,16 +9,19 @@ torch backend, and a CUDA variant (skipped, with the reason, without a device).
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch", reason="the torch backend needs torch (pip install 'refattn[torch]')")
 
-from refattn.backends.torch import routing as F
+import torch
 
+from refattn import get_backend
 from refattn import routing as ref
+from refattn.backends.torch import routing as F
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +144,7 @@ def test_attention_and_autograd_match_reference(shape, profile, causal, shared, 
     vjp = F.attention_vjp(tq.detach(), None if shared else tk.detach(), tv.detach(), T(mu, dtype), T(dout, dtype),
                           key_padding_mask=T(mask), **kw)
     assert (vjp[1] is None) == shared
-    for got, want in zip(vjp, (dq, dk, dv)):
+    for got, want in zip(vjp, (dq, dk, dv), strict=True):
         if want is not None:
             close(got, want, GRADIENT[dtype])
     if padded and mask is not None:
@@ -160,14 +163,24 @@ def test_attention_reduced_precision(profile, causal, shared, dtype):
     close(out, ref.attention(q, k, v, mu, key_padding_mask=mask, **kw), FORWARD[dtype])
     grads = torch.autograd.grad(out, leaves, T(dout, dtype))
     dq, dk, dv = ref.attention_vjp(q, k, v, mu, dout, key_padding_mask=mask, **kw)
-    for got, want in zip(grads, (dq, dv, dk)):
+    assert (dk is None) == shared
+    for got, want in zip(grads, (dq, dv) if shared else (dq, dv, dk), strict=True):
         assert got.dtype == DTYPES[dtype]
         close(got, want, GRADIENT[dtype])
 
 
+def test_backend_bridge_keeps_a_0d_array_0d():
+    """A scalar cotangent (commitment_loss's) stays a scalar: np.ascontiguousarray would make it (1,)."""
+    backend = get_backend("torch")
+    scalar = backend.from_numpy(np.asarray(0.75), "float16", "cpu")
+    assert scalar.shape == () and scalar.dtype == torch.float16 and float(scalar) == 0.75
+    assert backend.from_numpy(np.arange(6.0).reshape(2, 3)[:, ::2], "float32", "cpu").is_contiguous()
+
+
 def test_default_window_and_l1():
     q, k, v, mu, _, _ = problem((2, 2, 10, 4, 4, 3, 4), "tacl", False, False, False)
-    np.testing.assert_allclose(N(F.attention(T(q), T(k), T(v), T(mu))), ref.attention(q, k, v, mu), rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(N(F.attention(T(q), T(k), T(v), T(mu))), ref.attention(q, k, v, mu), rtol=1e-9,
+                               atol=1e-11)
     assert F.default_num_clusters(10) == ref.default_num_clusters(10) == 3
     assert F.default_window(10, 3) == ref.default_window(10, 3) == 4
     # L = 1, lucidrains shared: the self logit is the only one -> v / (1 + 1e-5)
@@ -183,7 +196,7 @@ def test_attention_does_not_differentiate_through_centroids_and_leaves_inputs_al
     copies = [x.clone() for x in (tq, tk, tv, tmu)]
     out = F.attention(tq, tk, tv, tmu, window=3, key_padding_mask=T(mask))
     assert not out.requires_grad  # no gradient path from the centroids (membership is discrete)
-    for x, y in zip((tq, tk, tv, tmu), copies):
+    for x, y in zip((tq, tk, tv, tmu), copies, strict=True):
         assert torch.equal(x, y)
 
 
@@ -216,12 +229,12 @@ def test_similarity_and_vjp(dtype):
     ds = N(T(rng.standard_normal((2, 3, 7, 4)), dtype))
     close(F.similarity(T(x, dtype), T(mu, dtype)), ref.similarity(x, mu), FORWARD[dtype])
     got = F.similarity_vjp(T(x, dtype), T(mu, dtype), T(ds, dtype))
-    for a, b in zip(got, ref.similarity_vjp(x, mu, ds)):
+    for a, b in zip(got, ref.similarity_vjp(x, mu, ds), strict=True):
         close(a, b, GRADIENT[dtype])
     # and autograd through similarity agrees with the explicit VJP
     tx, tmu = T(x).requires_grad_(), T(mu).requires_grad_()
     auto = torch.autograd.grad(F.similarity(tx, tmu), (tx, tmu), T(ds))
-    for a, b in zip(auto, ref.similarity_vjp(x, mu, ds)):
+    for a, b in zip(auto, ref.similarity_vjp(x, mu, ds), strict=True):
         close(a, b, GRADIENT["float64"])
 
 
@@ -267,7 +280,8 @@ def test_route_chunks_equal_one_pass(monkeypatch):
     s = rng.integers(-3, 4, size=(2, 2, 17, 9)).astype(np.float64)
     mask = rng.random((2, 17)) < 0.3
     whole = F.route(T(s), 5, key_padding_mask=T(mask))
-    monkeypatch.setattr(F, "_ROUTE_CHUNK_ELEMENTS", 2 * 2 * 17 * 2)  # chunks of 2 centroids
+    route_module = importlib.import_module("refattn.backends.torch.routing.route")  # F.route is the function
+    monkeypatch.setattr(route_module, "CHUNK_ELEMENTS", 2 * 2 * 17 * 2)  # chunks of 2 centroids
     assert torch.equal(F.route(T(s), 5, key_padding_mask=T(mask)), whole)
     np.testing.assert_array_equal(N(whole), ref.route(s, 5, key_padding_mask=mask))
 
@@ -304,13 +318,14 @@ def test_cluster_attention_combine_and_vjps(profile, causal, shared, dtype):
     o = F.cluster_attention(T(q, dtype), T(k, dtype), T(v, dtype), T(qm), T(km), **kw)
     o_ref = ref.cluster_attention(q, k, v, qm, km, **kw)
     close(o, o_ref, FORWARD[dtype])
-    close(F.combine(T(o_ref, dtype), T(qm), 11, profile=profile), ref.combine(o_ref, qm, 11, profile=profile), FORWARD[dtype])
+    close(F.combine(T(o_ref, dtype), T(qm), 11, profile=profile), ref.combine(o_ref, qm, 11, profile=profile),
+          FORWARD[dtype])
     do = ref.combine_vjp(qm, dout, profile=profile)
     close(F.combine_vjp(T(qm), T(dout, dtype), profile=profile), do, GRADIENT[dtype])
     got = F.cluster_attention_vjp(T(q, dtype), T(k, dtype), T(v, dtype), T(qm), T(km), T(do, dtype), **kw)
     want = ref.cluster_attention_vjp(q, k, v, qm, km, do, **kw)
     assert (got[1] is None) == shared
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         if b is not None:
             close(a, b, GRADIENT[dtype])
 
@@ -326,7 +341,8 @@ def test_cluster_attention_edge_cases():
     np.testing.assert_allclose(N(got), want, rtol=1e-12, atol=1e-14)
     assert np.all(N(got)[0, 0, 0] == 0.0)  # positions 0 and 2 see no key <= them; slot 2 empty
     dq, dk, dv = F.cluster_attention_vjp(T(q), T(k), T(v), T(qm), T(km), T(np.ones(want.shape)), causal=True)
-    for a, b in zip((dq, dk, dv), ref.cluster_attention_vjp(q, k, v, qm, km, np.ones(want.shape), causal=True)):
+    for a, b in zip((dq, dk, dv), ref.cluster_attention_vjp(q, k, v, qm, km, np.ones(want.shape), causal=True),
+                    strict=True):
         np.testing.assert_allclose(N(a), b, rtol=1e-10, atol=1e-12)
 
 
@@ -346,7 +362,7 @@ def test_local_attention_and_vjp(length, block, causal, padded, dtype):
     close(F.local_attention(T(q, dtype), T(k, dtype), T(v, dtype), block, **tkw),
           ref.local_attention(q, k, v, block, **kw), FORWARD[dtype])
     got = F.local_attention_vjp(T(q, dtype), T(k, dtype), T(v, dtype), block, T(dout, dtype), **tkw)
-    for a, b in zip(got, ref.local_attention_vjp(q, k, v, block, dout, **kw)):
+    for a, b in zip(got, ref.local_attention_vjp(q, k, v, block, dout, **kw), strict=True):
         close(a, b, GRADIENT[dtype])
 
 
@@ -374,12 +390,12 @@ def test_init_centroids():
         a = F.init_centroids(2, 5, 4, rng=np.random.default_rng(7), profile=profile, dtype=torch.float64)
         b = ref.init_centroids(2, 5, 4, rng=np.random.default_rng(7), profile=profile)
         assert isinstance(a, ref.CentroidState)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             np.testing.assert_allclose(N(x), y, rtol=1e-14, atol=1e-15)
         g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         c1 = F.init_centroids(2, 5, 4, rng=g1, profile=profile)
         c2 = F.init_centroids(2, 5, 4, rng=g2, profile=profile)
-        assert all(torch.equal(x, y) for x, y in zip(c1, c2))
+        assert all(torch.equal(x, y) for x, y in zip(c1, c2, strict=True))
         assert c1.means.dtype == torch.get_default_dtype() and c1.counts.shape == (2, 5)
         assert torch.equal(c1.counts, torch.zeros(2, 5)) and torch.equal(c1.sums, c1.means)
         if profile == "lucidrains":
@@ -401,14 +417,15 @@ def test_update_centroids(profile, shared, padded, dtype):
     q_hat, k_hat = N(T(q_hat, dtype)), N(T(k_hat, dtype))
     state = F.CentroidState(T(mu, dtype), T(counts, dtype), T(sums, dtype))
     before = [x.clone() for x in state]
-    new = F.update_centroids(state, T(q_hat, dtype), T(k_hat, dtype), profile=profile, key_padding_mask=T(mask), decay=0.9)
+    new = F.update_centroids(state, T(q_hat, dtype), T(k_hat, dtype), profile=profile, key_padding_mask=T(mask),
+                             decay=0.9)
     want = ref.update_centroids(ref.CentroidState(mu, counts, sums), q_hat, k_hat, profile=profile,
                                 key_padding_mask=mask, decay=0.9)
     assert isinstance(new, ref.CentroidState)
-    for a, b in zip(new, want):
+    for a, b in zip(new, want, strict=True):
         assert a.dtype == DTYPES[dtype]
         close(a, b, FORWARD[dtype])
-    assert all(torch.equal(x, y) for x, y in zip(state, before))  # functional
+    assert all(torch.equal(x, y) for x, y in zip(state, before, strict=True))  # functional
 
 
 def test_statistics_split_and_sum_equals_whole_batch():
@@ -421,9 +438,9 @@ def test_statistics_split_and_sum_equals_whole_batch():
         whole = F.update_centroids(state, q_hat, k_hat, profile=profile, key_padding_mask=T(mask))
         halves = [F.centroid_statistics(state, q_hat[s], k_hat[s], key_padding_mask=T(mask)[s])
                   for s in (slice(0, 2), slice(2, 4))]
-        summed = tuple((a[0] + b[0], a[1] + b[1]) for a, b in zip(*halves))
+        summed = tuple((a[0] + b[0], a[1] + b[1]) for a, b in zip(*halves, strict=True))
         split = F.apply_centroid_statistics(state, summed, profile=profile)
-        for a, b in zip(split, whole):
+        for a, b in zip(split, whole, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
 
 
@@ -459,7 +476,7 @@ def test_torch_compile_matches_eager(profile, causal, shared, tmp_path, monkeypa
     explanation = torch._dynamo.explain(f)(T(q), None if shared else T(k), T(v), T(mu))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = run(torch.compile(f, backend="inductor"))
-    for x, y in zip(compiled, eager):
+    for x, y in zip(compiled, eager, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     close(eager[0], ref.attention(q, k, v, mu, window=4, causal=causal, shared_qk=shared, profile=profile,
                                   key_padding_mask=mask), FORWARD["float64"])
@@ -622,7 +639,8 @@ def test_rejects_float_members():
 def test_rejects_cluster_count_mismatch():
     q, k, v, _ = _good()
     with pytest.raises(ValueError, match="k_members: expected the same number of clusters"):
-        F.cluster_attention(q, k, v, torch.zeros(2, 2, 3, 1, dtype=torch.int64), torch.zeros(2, 2, 2, 1, dtype=torch.int64))
+        F.cluster_attention(q, k, v, torch.zeros(2, 2, 3, 1, dtype=torch.int64),
+                            torch.zeros(2, 2, 2, 1, dtype=torch.int64))
 
 
 def test_rejects_combine_shape_mismatch():
@@ -688,6 +706,64 @@ def test_rejects_bad_statistics():
         F.apply_centroid_statistics(state, [(torch.zeros(2, 3, dtype=torch.float64), mu[:1])])
 
 
+# ------------------------------------------------------------------------------ overflow
+
+
+def _big(*shape, scale=1.0, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(scale).float()
+
+
+def _centroids():
+    return F.init_centroids(2, 3, 8, rng=np.random.default_rng(0), dtype=torch.float32).means
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overflow_of_the_cluster_logits_names_q_and_k(dtype):
+    """lucidrains' logits are raw q·k / sqrt(D): |q|·|k| of 1e40 overflows float32 (bfloat16 is
+    computed in float32); before, the output was NaN."""
+    q, v = _big(1, 2, 16, 8, scale=1e20).to(dtype), _big(1, 2, 16, 8, seed=1).to(dtype)
+    mu = _centroids()
+    message = r"^q and k overflow float32 in the cluster attention: \|q\|·\|k\| up to \d\.\de\+4\d$"
+    with pytest.raises(ValueError, match=message):
+        F.attention(q, q, v, mu, profile="lucidrains")
+    members = F.route(F.similarity(F.normalize(v.float()), mu), 6)
+    with pytest.raises(ValueError, match=message):
+        F.cluster_attention(q, q, v, members, members, profile="lucidrains")
+    with pytest.raises(ValueError, match=r"^q and k overflow float32 in the local attention: \|q\|·\|k\|"):
+        F.local_attention(q, q, v, 4)
+
+
+def test_overflow_of_the_similarities_names_the_centroids():
+    """Normalized tokens (|x̂| about sqrt(D)) against centroids of 1e38: the similarities overflow."""
+    v = _big(1, 2, 16, 8)
+    mu = _centroids() * 1e38
+    with pytest.raises(ValueError, match=r"^centroids overflows float32 in the similarity of the normalized q "
+                                         r"to the centroids: \|centroids\| up to"):
+        F.attention(v, v, v, mu)
+    with pytest.raises(ValueError, match=r"^x_hat and centroids overflow float32 in the similarity"):
+        F.similarity(F.normalize(v), mu)
+
+
+def test_overflow_of_the_normalization_names_x():
+    with pytest.raises(ValueError, match=r"^x overflows float32 in the normalization: \|x\| up to \d\.\de\+20$"):
+        F.normalize(_big(1, 2, 16, 8, scale=1e20))
+
+
+def test_overflow_of_the_gradients_names_the_cotangent():
+    v, mu = _big(1, 2, 16, 8), _centroids()
+    dout = _big(1, 2, 16, 8, scale=1e36, seed=1)
+    where = "overflow float32 in the gradient of the"
+    with pytest.raises(ValueError, match=rf"^dout, v, q and k {where} routing attention"):
+        F.attention_vjp(v * 1e3, v * 1e3, v * 1e3, mu, dout * 10)
+    with pytest.raises(ValueError, match=rf"^dout, v and k {where} local attention"):
+        F.local_attention_vjp(v * 1e3, v * 1e3, v * 1e3, 4, dout * 10)
+    members = F.route(F.similarity(F.normalize(v), mu), 6)
+    with pytest.raises(ValueError, match=rf"^do, v, q and k {where} cluster attention"):
+        F.cluster_attention_vjp(v * 1e3, v * 1e3, v * 1e3, members, members, _big(1, 2, 3, 6, 8, scale=1e37))
+    with pytest.raises(ValueError, match=rf"^ds and centroids {where} similarity"):
+        F.similarity_vjp(F.normalize(v), mu * 1e30, _big(1, 2, 16, 3, scale=1e30))
+
+
 # ------------------------------------------------------------------------------ lucidrains parity
 
 
@@ -743,7 +819,7 @@ def test_lucidrains_parity(causal, shared, batch, heads, length, dim, clusters, 
     # gradients: torch autograd through our attention vs through KmeansAttention
     ours = torch.autograd.grad(out, leaves, T(dout, dtype))
     theirs = torch.autograd.grad(expected, [lq, lv] + ([] if shared else [lk]), T(dout, dtype))
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         close(a, N(b), gtol)
     # aux loss = commitment_loss over normalize(cat(q, k)) (q alone when shared)
     x = T(q if shared else np.concatenate([q, k], axis=2), dtype)
@@ -790,7 +866,7 @@ def test_cuda_matches_reference():
             close(out, ref.attention(q, k, v, mu, key_padding_mask=mask, **kw), FORWARD[dtype], f"{dtype} {profile}")
             grads = torch.autograd.grad(out, leaves, T(dout, dtype, "cuda"))
             dq, dk, dv = ref.attention_vjp(q, k, v, mu, dout, key_padding_mask=mask, **kw)
-            for got, want in zip(grads, (dq, dv, dk)):
+            for got, want in zip(grads, (dq, dv, dk), strict=True):
                 close(got, want, GRADIENT[dtype], f"{dtype} {profile} grad")
         # route ties and padding on the device
         s = np.random.default_rng(0).integers(-2, 3, size=(3, 2, 29, 4)).astype(np.float64)

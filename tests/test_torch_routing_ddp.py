@@ -15,10 +15,13 @@ import time
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch", reason="the torch backend needs torch (pip install 'refattn[torch]')")
+
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from refattn.backends.torch.routing_module import RoutingAttention
+
+from refattn.backends.torch import RoutingAttention
 
 TIMEOUT = 120.0
 STEPS = 4

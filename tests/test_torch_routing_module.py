@@ -1,4 +1,4 @@
-"""``RoutingAttention`` (backends/torch/routing_module.py): composition, head order, centroid updates,
+"""``RoutingAttention`` (backends/torch/layers/routing_attention.py): composition, head order, centroid updates,
 commitment loss, padding, state_dict, bad arguments, and centroid convergence on clustered data."""
 
 from __future__ import annotations
@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch", reason="the torch backend needs torch (pip install 'refattn[torch]')")
 
-from refattn.backends.torch import routing as F
-from refattn.backends.torch.routing_module import RoutingAttention
+import torch
 
 from refattn import routing as ref
+from refattn.backends.torch import RoutingAttention
+from refattn.backends.torch import routing as F
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +37,8 @@ def N(t):
 
 def split(m: RoutingAttention, x: torch.Tensor, width: int) -> np.ndarray:
     """(B, L, count * D) -> (B, count, L, D) as NumPy."""
-    b, l, _ = x.shape
-    return N(x.reshape(b, l, -1, m.dim_head).transpose(1, 2))
+    b, length, _ = x.shape
+    return N(x.reshape(b, length, -1, m.dim_head).transpose(1, 2))
 
 
 def manual(m: RoutingAttention, x: torch.Tensor, mask: np.ndarray | None) -> np.ndarray:
@@ -138,7 +139,7 @@ def test_training_forward_updates_centroids_functionally(profile, causal, shared
                                     None if k_hat is None else N(k_hat), profile=profile,
                                     key_padding_mask=mask.numpy(), decay=0.9)
     y = m(x, mask)
-    for got, expected, expected_ref in zip(m.centroid_state, want, want_ref):
+    for got, expected, expected_ref in zip(m.centroid_state, want, want_ref, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
         np.testing.assert_allclose(N(got), expected_ref, rtol=1e-10, atol=1e-12)
     assert not torch.equal(m.means, state.means)
@@ -159,7 +160,8 @@ def test_no_update_in_eval_and_update_under_no_grad_in_training():
     assert not torch.equal(m.means, means)
 
 
-@pytest.mark.parametrize("profile,shared", [("tacl", False), ("tacl", True), ("lucidrains", False), ("lucidrains", True)])
+@pytest.mark.parametrize("profile,shared",
+                         [("tacl", False), ("tacl", True), ("lucidrains", False), ("lucidrains", True)])
 def test_commitment_loss_per_profile(profile, shared):
     m = layer(profile=profile, shared_qk=shared, local_heads=1).eval()
     x = torch.randn(2, 9, 12, dtype=torch.float64)
@@ -201,7 +203,7 @@ def test_padding_does_not_leak():
     x2[mask] = 100.0 * torch.randn(int(mask.sum()), 12, dtype=torch.float64)
     y2 = m(x2, mask)
     torch.testing.assert_close(y1[~mask], y2[~mask], rtol=1e-12, atol=1e-12)
-    for a, b in zip(after1, m.centroid_state):  # padded tokens are not in the centroid statistics
+    for a, b in zip(after1, m.centroid_state, strict=True):  # padded tokens are not in the centroid statistics
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -246,7 +248,7 @@ def test_load_centroid_state():
     m = layer()
     state = F.init_centroids(3, 3, 4, rng=np.random.default_rng(0), dtype=torch.float64)
     m.load_centroid_state(state)
-    assert all(torch.equal(a, b) for a, b in zip(m.centroid_state, state))
+    assert all(torch.equal(a, b) for a, b in zip(m.centroid_state, state, strict=True))
     with pytest.raises(ValueError, match="state: expected shapes"):
         m.load_centroid_state(F.init_centroids(3, 2, 4, rng=np.random.default_rng(0), dtype=torch.float64))
 
@@ -279,28 +281,76 @@ def test_autocast_bfloat16():
     assert torch.isfinite(m.to_q.weight.grad).all()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dim=12, heads=3, num_clusters=2, local_heads=3), "local_heads: expected an integer in"),
-    (dict(dim=12, heads=3), "num_clusters: expected an integer >= 1, or max_seq_len"),
-    (dict(dim=10, heads=3, num_clusters=2), "dim, heads: expected dim divisible by heads"),
-    (dict(dim=12, heads=3, num_clusters=2, causal=True, profile="lucidrains"), "profile: 'lucidrains' does not support"),
-    (dict(dim=12, heads=3, num_clusters=2, profile="other"), "profile: expected one of"),
-    (dict(dim=12, heads=3, num_clusters=0), "num_clusters: expected an integer >= 1"),
-    (dict(dim=12, heads=3, num_clusters=2, window=0), "window: expected an integer >= 1"),
-    (dict(dim=12, heads=3, num_clusters=2, local_block=0), "local_block: expected an integer >= 1"),
-    (dict(dim=12, heads=3, num_clusters=2, decay=1.5), "decay: expected a number in"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(local_heads=3), ValueError, r"^local_heads: expected an integer in \[0, 2\], got 3$"),
+    (dict(local_heads=-1), ValueError, r"^local_heads: expected an integer in \[0, 2\], got -1$"),
+    (dict(num_clusters=None), ValueError, r"^num_clusters: expected an integer >= 1, or max_seq_len to derive it"),
+    (dict(dim=10), ValueError, r"^dim, heads: expected dim divisible by heads \(or give dim_head\)"),
+    (dict(causal=True, profile="lucidrains"), ValueError, r"^profile: 'lucidrains' does not support"),
+    (dict(profile="other"), ValueError, r"^profile: expected one of"),
+    (dict(num_clusters=0), ValueError, r"^num_clusters: expected an integer .*, got 0$"),
+    (dict(window=0), ValueError, r"^window: expected an integer .*, got 0$"),
+    (dict(local_block=0), ValueError, r"^local_block: expected an integer .*, got 0$"),
+    (dict(decay=1.5), ValueError, r"^decay: expected a number in \[0, 1\], got 1.5$"),
+    (dict(commitment=-1.0), ValueError, r"^commitment: expected a number >= 0, got -1.0$"),
+    (dict(dim=12.0), TypeError, r"^dim: expected an integer, got float 12.0$"),
+    (dict(dim="12"), TypeError, r"^dim: expected an integer, got str '12'$"),
+    (dict(heads=3.0), TypeError, r"^heads: expected an integer, got float 3.0$"),
+    (dict(num_clusters=2.0), TypeError, r"^num_clusters: expected an integer, got float 2.0$"),
+    (dict(window="4"), TypeError, r"^window: expected an integer, got str '4'$"),
+    (dict(local_heads=True), TypeError, r"^local_heads: expected an integer, got bool True$"),
+    (dict(local_block=4.0), TypeError, r"^local_block: expected an integer, got float 4.0$"),
+    (dict(num_clusters=None, max_seq_len=64.0), TypeError, r"^max_seq_len: expected an integer, got float 64.0$"),
+    (dict(dim_head=4.0), TypeError, r"^dim_head: expected an integer, got float 4.0$"),
+    (dict(dim_head=0), ValueError, r"^dim_head: expected an integer .*, got 0$"),
+    (dict(causal=1), TypeError, r"^causal: expected a bool \(True or False\), got int 1$"),
+    (dict(shared_qk="no"), TypeError, r"^shared_qk: expected a bool \(True or False\), got str 'no'$"),
+    (dict(decay="0.9"), TypeError, r"^decay: expected a real number, got str '0.9'$"),
+    (dict(commitment=None), TypeError, r"^commitment: expected a real number, got NoneType None$"),
+    (dict(bias=0), TypeError, r"^bias: expected a bool \(True or False\), got int 0$"),
+    (dict(generator=1), TypeError, r"^generator: expected a torch.Generator or None, got int$"),
+    (dict(sync_centroids="yes"), TypeError, r"^sync_centroids: expected a bool \(True or False\), got str 'yes'$"),
 ])
-def test_rejects_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        RoutingAttention(**kwargs)
+def test_rejects_bad_arguments(kwargs, error, match):
+    """Every option, checked where it is given: a wrong type is a TypeError, a wrong value a ValueError,
+    each naming the option (before, dim=12.0 failed inside torch)."""
+    args = dict(dim=12, heads=3, num_clusters=2)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        RoutingAttention(**args)
+
+
+def test_accepts_numpy_integers():
+    """NumPy integers are integers (before: 'num_clusters: expected an integer >= 1, got np.int64(2)')."""
+    m = RoutingAttention(dim=np.int64(12), heads=np.int32(3), num_clusters=np.int64(2), window=np.int64(3),
+                         local_heads=np.int64(1), local_block=np.uint16(4), decay=np.float32(0.5))
+    assert (m.dim, m.heads, m.num_clusters, m.window, m.local_heads, m.local_block) == (12, 3, 2, 3, 1, 4)
+    assert all(type(n) is int for n in (m.dim, m.heads, m.num_clusters, m.window, m.local_heads, m.local_block))
+    assert m(torch.randn(1, 7, 12)).shape == (1, 7, 12)
+    derived = RoutingAttention(dim=12, heads=3, max_seq_len=np.int64(64))
+    assert derived.num_clusters == 8 and type(derived.max_seq_len) is int
 
 
 def test_rejects_bad_input():
     m = layer()
-    with pytest.raises(ValueError, match="x: expected a \\(B, L, dim\\) tensor with dim = 12"):
+    with pytest.raises(ValueError, match=r"^x: expected shape \(B, L, dim\) = \('\*', '\*', 12\), got \(2, 5, 11\)$"):
         m(torch.randn(2, 5, 11, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^x: expected a torch.Tensor, got list$"):
+        m([[0.0] * 12])
     with pytest.raises(ValueError, match="key_padding_mask: expected shape"):
         m(torch.randn(2, 5, 12, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"^return_loss: expected a bool"):
+        m(torch.randn(2, 5, 12, dtype=torch.float64), return_loss="yes")
+
+
+def test_rejects_an_input_of_another_dtype():
+    """A float64 x given to a float32 layer: a TypeError naming x and both dtypes, not nn.Linear's
+    'mat1 and mat2 must have the same dtype'."""
+    m = RoutingAttention(dim=12, heads=3, num_clusters=2)
+    with pytest.raises(TypeError, match=r"^x: expected a tensor of the layer's dtype torch.float32, got torch.float64"):
+        m(torch.randn(2, 5, 12, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^x: expected a tensor of the layer's dtype torch.float64, got torch.float32"):
+        layer()(torch.randn(2, 5, 12))
 
 
 # ------------------------------------------------------------------------------ convergence
@@ -355,6 +405,6 @@ def test_module_on_cuda():
         y_cpu, y_gpu = cpu(x, mask), gpu(x.cuda(), mask.cuda())
         torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-9, atol=1e-11)
         (y_gpu.square().mean() + gpu.commitment_loss).backward()
-        for a, b in zip(gpu.centroid_state, cpu.centroid_state):
+        for a, b in zip(gpu.centroid_state, cpu.centroid_state, strict=True):
             assert a.device.type == "cuda"
             torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-11)

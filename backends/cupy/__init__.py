@@ -20,9 +20,11 @@ from typing import Any
 
 import cupy
 import numpy as np
+
 from refattn.backends import Backend, Capabilities
 from refattn.backends.cupy import _config, fsat, routing
-from refattn.backends.cupy._array import host_execution
+
+from ._array import host_execution
 
 __all__ = ["backend", "device_report", "fsat", "host_execution", "routing"]
 
@@ -73,6 +75,13 @@ def _to_numpy(x: Any) -> np.ndarray:
     return array
 
 
+def _synchronize() -> None:
+    """Wait for the queues of every visible CUDA device (none without a device)."""
+    devices, _, _ = device_report()
+    for index in range(len(devices)):
+        cupy.cuda.Device(index).synchronize()
+
+
 def backend() -> Backend:
     """The CuPy backend; never raises for want of a device (capabilities.devices is then empty)."""
     devices, reason, status = device_report()
@@ -85,4 +94,5 @@ def backend() -> Backend:
         from_numpy=_from_numpy,
         to_numpy=_to_numpy,
         status=status,
+        synchronize=_synchronize,
     )

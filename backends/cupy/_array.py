@@ -5,10 +5,11 @@ Every public function first turns its array arguments into CuPy arrays on one de
 device arrays, CUDA torch tensors) or a CUDA DLPack capsule (``__dlpack__``) without a copy. NumPy
 arrays are refused (TypeError), except inside :func:`host_execution`, a testing aid that runs the
 host-side logic with NumPy as ``xp`` on a machine without a GPU (the CUDA kernels then refuse to
-launch). Arrays on different devices raise ValueError.
+launch, or run as CUDA C emulated on the CPU with REFATTN_CUDA_EMULATION=1). Arrays on different
+devices raise ValueError.
 
-The checks mirror refattn._validation (same messages) without converting to NumPy: dtype checks
-read ``.dtype``; value checks (finite, ranges) reduce on the device and read back one scalar.
+The checks are :mod:`refattn.checks` (same code, same messages, on the device: one reduction and one
+read back per array), plus the dtypes the kernels support.
 """
 
 from __future__ import annotations
@@ -20,7 +21,24 @@ from typing import Any
 
 import numpy as np
 
+from refattn import checks
+from refattn.checks import expect_shape, index_array, padding_mask
+
 from . import _config
+
+__all__ = [
+    "acc",
+    "arrays",
+    "device_of",
+    "expect_shape",
+    "float_array",
+    "host_enabled",
+    "host_execution",
+    "index_array",
+    "padding_mask",
+    "result_dtype",
+    "sequence",
+]
 
 _host = threading.local()
 
@@ -32,7 +50,8 @@ def host_execution() -> Iterator[None]:
     """Within this context, NumPy arrays are accepted and processed with NumPy as ``xp``.
 
     For tests of the host-side logic (validation, shapes, dtypes, launch configuration) on machines
-    without a GPU. The kernels are never emulated: a kernel launch raises RuntimeError.
+    without a GPU. A kernel launch raises RuntimeError, unless REFATTN_CUDA_EMULATION=1 runs it in
+    the CUDA C emulation on the CPU (:mod:`.emulation`).
     """
     previous = getattr(_host, "enabled", False)
     _host.enabled = True
@@ -106,69 +125,25 @@ def device_of(xp: Any, x: Any) -> Any:
     return x.device
 
 
-def _count_bad(xp: Any, bad: Any) -> int:
-    return int(xp.count_nonzero(bad))
+def _supported(x: Any, name: str) -> None:
+    if x.dtype.kind == "f" and x.dtype.name not in _config.SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name}: the CuPy backend supports the dtypes {', '.join(_config.SUPPORTED_DTYPES)}, got {x.dtype}"
+        )
 
 
 def float_array(xp: Any, x: Any, name: str, *, rank: int | None = None, axes: str | None = None,
                 allow_neg_inf: bool = False) -> Any:
-    """Check a real floating array of a supported dtype (and rank); finite (or -inf when allowed)."""
-    if x.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a real floating-point array, got dtype {x.dtype}")
-    if x.dtype.name not in _config.SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name}: the CuPy backend supports the dtypes {', '.join(_config.SUPPORTED_DTYPES)}, got {x.dtype}"
-        )
-    if rank is not None and x.ndim != rank:
-        layout = f" {axes}" if axes else ""
-        raise ValueError(f"{name}: expected a {rank}-D array{layout}, got shape {tuple(x.shape)}")
-    if allow_neg_inf:
-        if x.size and _count_bad(xp, xp.isnan(x) | (x == np.inf)):
-            raise ValueError(f"{name}: expected finite values or -inf, got NaN or +Inf entries")
-    elif x.size:
-        bad = _count_bad(xp, ~xp.isfinite(x))
-        if bad:
-            raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf entries")
-    return x
-
-
-def expect_shape(x: Any, name: str, expected: tuple[int | None, ...], axes: str) -> None:
-    shape = tuple(x.shape)
-    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
-    if not ok:
-        wanted = tuple("*" if e is None else e for e in expected)
-        raise ValueError(f"{name}: expected shape {axes} = {wanted}, got {shape}")
+    """:func:`refattn.checks.float_array` of an array of a dtype the kernels support."""
+    _supported(x, name)
+    return checks.float_array(x, name, rank=rank, axes=axes, allow_neg_inf=allow_neg_inf)
 
 
 def sequence(xp: Any, x: Any, name: str, axes: str, like: tuple[int, ...] | None = None, *,
              feature: int | None = None) -> Any:
-    """A (B, H, L, F) float array; with ``like = (B, H, L)`` its leading axes (and F = feature) must match."""
-    float_array(xp, x, name, rank=4, axes=axes)
-    if like is not None:
-        expect_shape(x, name, (*like, feature), axes)
-    if 0 in x.shape:
-        raise ValueError(f"{name}: expected every axis of {axes} to be at least 1, got shape {tuple(x.shape)}")
-    return x
-
-
-def index_array(x: Any, name: str, *, rank: int, axes: str) -> Any:
-    if x.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected an integer array, got dtype {x.dtype}")
-    if x.ndim != rank:
-        raise ValueError(f"{name}: expected a {rank}-D array {axes}, got shape {tuple(x.shape)}")
-    return x.astype(np.int64, copy=False)
-
-
-def padding_mask(x: Any, batch: int, length: int) -> Any:
-    if x is None:
-        return None
-    if x.dtype != np.bool_:
-        raise TypeError(f"key_padding_mask: expected a bool array (True = padding), got dtype {x.dtype}")
-    if tuple(x.shape) != (batch, length):
-        raise ValueError(f"key_padding_mask: expected shape (B, L) = ({batch}, {length}), got {tuple(x.shape)}")
-    return x
-
-
+    """:func:`refattn.checks.sequence` of an array of a dtype the kernels support."""
+    _supported(x, name)
+    return checks.sequence(x, name, axes, like, feature=feature)
 
 
 def result_dtype(*xs: Any) -> np.dtype:

@@ -19,13 +19,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from refattn._validation import integer_in_range
+from refattn.checks import flag, integer_in_range, length_from_offsets, offsets_array
+from refattn.fsat import FSATGrads
+from refattn.fsat.select import candidate_order
 
 from . import _array, _config, _kernels
 from ._array import (
     expect_shape,
     float_array,
-    index_array,
     padding_mask,
     sequence,
 )
@@ -43,23 +44,6 @@ __all__ = [
     "sparse_attention",
     "sparse_attention_vjp",
 ]
-
-
-class FSATGrads(NamedTuple):
-    """Gradients returned by :func:`attention_vjp`; ``cross_q``/``cross_k`` are None unless given."""
-
-    q: Any
-    k: Any
-    v: Any
-    w: Any
-    cross_q: Any
-    cross_k: Any
-
-
-def _length_from_offsets(count: int, name: str) -> int:
-    if count < 1 or count % 2 == 0:
-        raise ValueError(f"{name}: expected 2L - 1 offsets along axis 2 (an odd number, L >= 1), got {count}")
-    return (count + 1) // 2
 
 
 def _convolve(xp: Any, x: Any, y: Any, axis: int, size: int) -> Any:
@@ -86,12 +70,7 @@ def pair_counts(length: int, key_padding_mask: Any = None) -> Any:
     """Number of valid pairs n_tau per offset, int64 (B or 1, 2L - 1) (see refattn.fsat.pair_counts)."""
     length = integer_in_range(length, "length", low=1)
     xp, a = _array.arrays(key_padding_mask=key_padding_mask)
-    mask = a["key_padding_mask"]
-    if mask is not None:
-        if mask.dtype != np.bool_:
-            raise TypeError(f"key_padding_mask: expected a bool array (True = padding), got dtype {mask.dtype}")
-        if mask.ndim != 2 or mask.shape[1] != length or mask.shape[0] < 1:
-            raise ValueError(f"key_padding_mask: expected shape (B, L) with L = {length}, got {tuple(mask.shape)}")
+    mask = padding_mask(a["key_padding_mask"], None, length)
     return _counts(xp, length, mask).astype(np.int64)
 
 
@@ -145,7 +124,7 @@ def cross_vjp(a: Any, b: Any, dc: Any, *, key_padding_mask: Any = None) -> tuple
 def _estimate_inputs(xp, c, w, mask):
     sequence(xp, c, "c", "(B, H, 2L - 1, Dc)")
     batch, heads, count, features = c.shape
-    length = _length_from_offsets(count, "c")
+    length = length_from_offsets(count, "c")
     float_array(xp, w, "w", rank=2, axes="(H, Dc)")
     expect_shape(w, "w", (heads, features), "(H, Dc)")
     mask = padding_mask(mask, batch, length)
@@ -179,28 +158,13 @@ def estimate_vjp(c: Any, w: Any, ds: Any, *, key_padding_mask: Any = None) -> tu
         return dc.astype(dtype), dw.astype(dtype)
 
 
-def candidate_order(length: int, *, causal: bool = False) -> np.ndarray:
-    """Candidates in tie-break priority: -1, 1, -2, 2, ... (causal: -1, -2, ...); NumPy int64."""
-    magnitude = np.arange(1, length, dtype=np.int64)
-    if causal:
-        return -magnitude
-    return np.stack([-magnitude, magnitude], axis=1).reshape(-1)
-
-
-def _stable_argsort(xp: Any, x: Any) -> Any:
-    """Stable argsort along the last axis (cupy.argsort is always stable; NumPy is asked to be)."""
-    if xp is np:
-        return np.argsort(x, axis=-1, kind="stable")
-    return xp.argsort(x, axis=-1)
-
-
 def _select(xp, s, top_k, causal, noise):
     """select on validated arrays: s (B, H, 2L - 1) with -inf allowed, noise finite or None."""
     length = (s.shape[2] + 1) // 2
     scores = s.astype(np.float64)
     if noise is not None:
         scores = scores + noise.astype(np.float64)
-    candidates = candidate_order(length, causal=bool(causal))
+    candidates = candidate_order(length, causal=flag(causal, "causal"))
     k_eff = min(top_k, candidates.size + 1)
     zero = xp.zeros(tuple(s.shape[:2]) + (1,), dtype=np.int64)
     if k_eff == 1:
@@ -208,7 +172,7 @@ def _select(xp, s, top_k, causal, noise):
     device_candidates = xp.asarray(candidates)
     ordered = scores[:, :, device_candidates + (length - 1)]
     # Descending score, equal scores in tie-break order (-(-inf) = +inf sorts last, stably).
-    best = _stable_argsort(xp, -ordered)[:, :, : k_eff - 1]
+    best = xp.argsort(-ordered, axis=-1, kind="stable")[:, :, : k_eff - 1]
     chosen = device_candidates[best]
     return xp.sort(xp.concatenate([zero, chosen], axis=-1), axis=-1).astype(np.int64)
 
@@ -219,7 +183,7 @@ def select(s: Any, top_k: int, *, causal: bool = False, noise: Any = None) -> An
     xp, x = _array.arrays(s=s, noise=noise)
     with _array.device_of(xp, x["s"]):
         s = float_array(xp, x["s"], "s", rank=3, axes="(B, H, 2L - 1)", allow_neg_inf=True)
-        _length_from_offsets(s.shape[2], "s")
+        length_from_offsets(s.shape[2], "s")
         top_k = integer_in_range(top_k, "top_k", low=1)
         noise = x["noise"]
         if noise is not None:
@@ -243,17 +207,7 @@ def _sparse_inputs(xp, q, k, v, offsets, bias, mask) -> _Sparse:
     batch, heads, length, dim = q.shape
     sequence(xp, k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
     sequence(xp, v, "v", "(B, H, L, Dv)", (batch, heads, length))
-    offsets = index_array(offsets, "offsets", rank=3, axes="(B, H, K)")
-    expect_shape(offsets, "offsets", (batch, heads, None), "(B, H, K)")
-    if offsets.shape[2] < 1:
-        raise ValueError(f"offsets: expected at least one offset per (batch, head), got shape {tuple(offsets.shape)}")
-    if int(xp.abs(offsets).max()) > length - 1:
-        raise ValueError(
-            f"offsets: expected offsets in [-(L-1), L-1] = [{-(length - 1)}, {length - 1}], "
-            f"got values in [{int(offsets.min())}, {int(offsets.max())}]"
-        )
-    if offsets.shape[2] > 1 and int(xp.count_nonzero(xp.diff(xp.sort(offsets, axis=-1), axis=-1) == 0)):
-        raise ValueError("offsets: expected distinct offsets within each (batch, head), got a repeated offset")
+    offsets = offsets_array(offsets, batch, heads, length)
     if bias is not None:
         float_array(xp, bias, "bias", rank=3, axes="(B, H, K)", allow_neg_inf=True)
         expect_shape(bias, "bias", tuple(offsets.shape), "(B, H, K)")
@@ -285,8 +239,8 @@ def _sparse_forward(xp, x: _Sparse, causal: bool) -> tuple[Any, Any]:
     bias, has_bias = _optional(xp, x.bias, acc)
     mask, has_mask = _optional(xp, x.mask, np.uint8)
     args = (x.q, x.k, x.v, x.offsets, bias, mask, out, lse, np.int64(heads), np.int64(length), np.int64(dim),
-            np.int64(dim_v), np.int64(count), np.int64(plan.tiles), has_bias, has_mask, np.int32(bool(causal)),
-            np.float64(1.0 / math.sqrt(dim)))
+            np.int64(dim_v), np.int64(count), np.int64(plan.tiles), has_bias, has_mask,
+            np.int32(flag(causal, "causal")), np.float64(1.0 / math.sqrt(dim)))
     _kernels.launch(xp, _config.FSAT_SPARSE, "fsat_sparse_forward", x.dtype, plan, args)
     return out, lse
 
@@ -320,11 +274,11 @@ def _sparse_backward(xp, x: _Sparse, dout: Any, dlse: Any, causal: bool):
     plan = _config.row_launch(batch * heads, length, dim)
     _kernels.launch(xp, _config.FSAT_SPARSE, "fsat_sparse_backward_query", x.dtype, plan,
                     (x.q, x.k, x.v, x.offsets, bias, mask, dout, dlse, dq, lse, delta, dz, *sizes,
-                     np.int64(plan.tiles), has_bias, has_mask, has_dlse, np.int32(bool(causal)), scale))
+                     np.int64(plan.tiles), has_bias, has_mask, has_dlse, np.int32(flag(causal, "causal")), scale))
     plan = _config.row_launch(batch * heads, length, max(dim, dim_v))
     _kernels.launch(xp, _config.FSAT_SPARSE, "fsat_sparse_backward_key", x.dtype, plan,
                     (x.q, x.k, x.v, x.offsets, bias, mask, dout, lse, delta, dk, dv, *sizes,
-                     np.int64(plan.tiles), has_bias, has_mask, np.int32(bool(causal)), scale))
+                     np.int64(plan.tiles), has_bias, has_mask, np.int32(flag(causal, "causal")), scale))
     dbias = None if x.bias is None else dz.sum(axis=-1).astype(x.dtype)
     return dq, dk, dv, dbias
 

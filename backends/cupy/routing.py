@@ -19,21 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import integer_in_range
-from refattn.routing._checks import check_configuration, check_shared
+from refattn.checks import centroid_array, flag, integer_in_range, members_array, real_number, shared_keys
 from refattn.routing.attention import default_num_clusters, default_window
 from refattn.routing.centroids import CentroidState
-from refattn.routing.profiles import PROFILE_NAMES, Profile, get_profile
+from refattn.routing.indexing import flat_rows, gather
+from refattn.routing.profiles import PROFILE_NAMES, Profile, check_configuration, get_profile
 
 from . import _array
 from ._array import (
     expect_shape,
     float_array,
-    index_array,
     padding_mask,
     sequence,
 )
-from .fsat import _stable_argsort
 
 __all__ = [
     "PROFILE_NAMES",
@@ -63,51 +61,12 @@ __all__ = [
 _CHUNK_ELEMENTS = 1 << 24  # logits entries (B * H * chunk * Wq * Wk) per chunk of clusters
 
 
-# ---------------------------------------------------------------------------------------------- checks
-
-def _centroid_array(xp, centroids, heads, dim, name="centroids"):
-    float_array(xp, centroids, name, rank=3, axes="(H, C, D)")
-    expect_shape(centroids, name, (heads, None, dim), "(H, C, D)")
-    if 0 in centroids.shape:
-        raise ValueError(f"{name}: expected every axis of (H, C, D) to be at least 1, got shape {tuple(centroids.shape)}")
-    return centroids
-
-
-def _members_array(xp, members, name, batch, heads, length):
-    members = index_array(members, name, rank=4, axes="(B, H, C, W)")
-    expect_shape(members, name, (batch, heads, None, None), "(B, H, C, W)")
-    if 0 in members.shape:
-        raise ValueError(f"{name}: expected every axis of (B, H, C, W) to be at least 1, got shape {tuple(members.shape)}")
-    low, high = int(members.min()), int(members.max())
-    if low < -1 or high >= length:
-        raise ValueError(
-            f"{name}: expected positions in [0, L) = [0, {length}) or -1 for an empty slot, "
-            f"got values in [{low}, {high}]"
-        )
-    filled = xp.sort(members, axis=-1)
-    if members.shape[3] > 1 and int(xp.count_nonzero((xp.diff(filled, axis=-1) == 0) & (filled[..., 1:] >= 0))):
-        raise ValueError(f"{name}: expected distinct positions within each cluster, got a repeated position")
-    return members
-
-
 # ------------------------------------------------------------------------------- gather and scatter
 
-def _flat_rows(xp, members, length):
-    """Row numbers into a (B * H * L, F) view; empty slots point at row 0 of their (b, h)."""
-    batch, heads = members.shape[:2]
-    base = (xp.arange(batch * heads, dtype=np.int64) * length).reshape(batch, heads, 1, 1)
-    return base + xp.maximum(members, 0)
-
-
-def _gather(xp, x, members):
-    batch, heads, length, features = x.shape
-    return x.reshape(batch * heads * length, features)[_flat_rows(xp, members, length)]
-
-
 def _scatter_rows(xp, members, length):
-    """Like _flat_rows, but empty slots point at one extra row B * H * L (dropped afterwards)."""
+    """Like flat_rows, but empty slots point at one extra row B * H * L (dropped afterwards)."""
     batch, heads = members.shape[:2]
-    return xp.where(members >= 0, _flat_rows(xp, members, length), batch * heads * length)
+    return xp.where(members >= 0, flat_rows(members, length), batch * heads * length)
 
 
 def _scatter_add(xp, values, members, length):
@@ -154,29 +113,30 @@ def _normalize_vjp(xp, x, dy, profile: Profile):
 def _any_rank(xp, x, name):
     float_array(xp, x, name)
     if x.ndim < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name}: expected an array whose last axis (D) has at least 1 entry, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected an array whose last axis (D) has at least 1 entry, got shape {tuple(x.shape)}")
     return x
 
 
 def normalize(x: Any, *, profile: str = "tacl") -> Any:
     """x̂: LayerNorm without affine (tacl) or unit L2 norm (lucidrains) over the last axis."""
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     xp, a = _array.arrays(x=x)
     with _array.device_of(xp, a["x"]):
         x = _any_rank(xp, a["x"], "x")
-        return _normalize(xp, _array.acc(x, x.dtype), spec).astype(x.dtype)
+        return _normalize(xp, _array.acc(x, x.dtype), profile).astype(x.dtype)
 
 
 def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> Any:
     """dx of :func:`normalize`."""
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     xp, a = _array.arrays(x=x, dx_hat=dx_hat)
     with _array.device_of(xp, a["x"]):
         x = _any_rank(xp, a["x"], "x")
         dy = float_array(xp, a["dx_hat"], "dx_hat")
         expect_shape(dy, "dx_hat", tuple(x.shape), "like x")
         dtype = _array.result_dtype(x, dy)
-        return _normalize_vjp(xp, _array.acc(x, dtype), _array.acc(dy, dtype), spec).astype(dtype)
+        return _normalize_vjp(xp, _array.acc(x, dtype), _array.acc(dy, dtype), profile).astype(dtype)
 
 
 # ------------------------------------------------------------------------------- step 2: similarity
@@ -186,7 +146,7 @@ def similarity(x_hat: Any, centroids: Any) -> Any:
     xp, a = _array.arrays(x_hat=x_hat, centroids=centroids)
     with _array.device_of(xp, a["x_hat"]):
         x_hat = sequence(xp, a["x_hat"], "x_hat", "(B, H, L, D)")
-        centroids = _centroid_array(xp, a["centroids"], x_hat.shape[1], x_hat.shape[3])
+        centroids = centroid_array(a["centroids"], x_hat.shape[1], x_hat.shape[3])
         dtype = _array.result_dtype(x_hat, centroids)
         return _similarity(xp, _array.acc(x_hat, dtype), _array.acc(centroids, dtype)).astype(dtype)
 
@@ -200,7 +160,7 @@ def similarity_vjp(x_hat: Any, centroids: Any, ds: Any) -> tuple[Any, Any]:
     xp, a = _array.arrays(x_hat=x_hat, centroids=centroids, ds=ds)
     with _array.device_of(xp, a["x_hat"]):
         x_hat = sequence(xp, a["x_hat"], "x_hat", "(B, H, L, D)")
-        centroids = _centroid_array(xp, a["centroids"], x_hat.shape[1], x_hat.shape[3])
+        centroids = centroid_array(a["centroids"], x_hat.shape[1], x_hat.shape[3])
         ds = float_array(xp, a["ds"], "ds", rank=4, axes="(B, H, L, C)")
         expect_shape(ds, "ds", tuple(x_hat.shape[:3]) + (centroids.shape[1],), "(B, H, L, C)")
         dtype = _array.result_dtype(x_hat, centroids, ds)
@@ -219,7 +179,7 @@ def _route(xp, scores, window, mask):
     if mask is not None:
         rows = xp.where(mask[:, None, None, :], -np.inf, rows)
     # Descending similarity; the stable sort keeps equal similarities in position order (lower first).
-    order = _stable_argsort(xp, -rows)[..., :window]
+    order = xp.argsort(-rows, axis=-1, kind="stable")[..., :window]
     if mask is not None:
         padded = xp.take_along_axis(xp.broadcast_to(mask[:, None, None, :], rows.shape), order, axis=-1)
         order = xp.where(padded, length, order)  # fewer than W unpadded tokens: those slots are empty
@@ -245,31 +205,32 @@ def route(similarities: Any, window: int, *, key_padding_mask: Any = None) -> An
 # -------------------------------------------------------------------------- step 4: cluster attention
 
 def _cluster_inputs(xp, a, causal, shared_qk, profile):
-    spec = get_profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
-    check_shared(a["k"], shared_qk)
-    check_configuration(spec, causal, shared_qk)
+    profile = get_profile(profile)
+    causal, shared_qk = flag(causal, "causal"), flag(shared_qk, "shared_qk")
+    shared_keys(a["k"], shared_qk)
+    check_configuration(profile, causal, shared_qk)
     q = sequence(xp, a["q"], "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     if a["k"] is not None:
         sequence(xp, a["k"], "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
     v = sequence(xp, a["v"], "v", "(B, H, L, Dv)", (batch, heads, length))
-    qm = _members_array(xp, a["q_members"], "q_members", batch, heads, length)
-    km = _members_array(xp, a["k_members"], "k_members", batch, heads, length)
+    qm = members_array(a["q_members"], "q_members", batch, heads, length)
+    km = members_array(a["k_members"], "k_members", batch, heads, length)
     if km.shape[2] != qm.shape[2]:
         raise ValueError(
-            f"k_members: expected the same number of clusters C = {qm.shape[2]} as q_members, got shape {tuple(km.shape)}")
+            f"k_members: expected the same number of clusters C = {qm.shape[2]} as q_members, "
+            f"got shape {tuple(km.shape)}")
     dtype = _array.result_dtype(q, a["k"], v)
     q, v = _array.acc(q, dtype), _array.acc(v, dtype)
     k = None if a["k"] is None else _array.acc(a["k"], dtype)
-    return q, k, v, qm, km, causal, shared_qk, spec, dtype
+    return q, k, v, qm, km, causal, shared_qk, profile, dtype
 
 
-def _features(xp, q, k, shared_qk, spec):
-    if spec.logits_use_normalized:
-        f_q = _normalize(xp, q, spec)
-        return f_q, (f_q if shared_qk else _normalize(xp, k, spec))
-    return q, (_normalize(xp, q, spec) if shared_qk else k)
+def _features(xp, q, k, shared_qk, profile):
+    if profile.logits_use_normalized:
+        f_q = _normalize(xp, q, profile)
+        return f_q, (f_q if shared_qk else _normalize(xp, k, profile))
+    return q, (_normalize(xp, q, profile) if shared_qk else k)
 
 
 def _chunks(qm, km):
@@ -279,20 +240,20 @@ def _chunks(qm, km):
         yield slice(c0, min(clusters, c0 + size))
 
 
-def _block(xp, f_q, f_k, v, qm, km, causal, shared_qk, spec, dim):
+def _block(xp, f_q, f_k, v, qm, km, causal, shared_qk, profile, dim):
     """Gathered features and softmax weights of a chunk of clusters (reference: _block)."""
-    fq, fk, vg = _gather(xp, f_q, qm), _gather(xp, f_k, km), _gather(xp, v, km)
+    fq, fk, vg = gather(f_q, qm), gather(f_k, km), gather(v, km)
     logits = xp.matmul(fq, xp.swapaxes(fk, -1, -2))
-    if spec.scaled_logits:
+    if profile.scaled_logits:
         logits = logits * (1.0 / math.sqrt(dim))
     qpos, kpos = qm[..., :, None], km[..., None, :]
     valid = (qpos >= 0) & (kpos >= 0)
     if causal:
         valid = valid & (kpos <= qpos)
     fixed = None
-    if shared_qk and spec.self_logit is not None:
+    if shared_qk and profile.self_logit is not None:
         fixed = valid & (kpos == qpos)
-        logits = xp.where(fixed, spec.self_logit, logits)
+        logits = xp.where(fixed, profile.self_logit, logits)
     logits = xp.where(valid, logits, -np.inf)
     peak = logits.max(axis=-1, keepdims=True)
     peak = xp.where(xp.isfinite(peak), peak, 0.0)
@@ -307,27 +268,27 @@ def cluster_attention(q: Any, k: Any, v: Any, q_members: Any, k_members: Any, *,
     """o (B, H, C, Wq, Dv): dense attention of each cluster's query members to its key members."""
     xp, a = _array.arrays(q=q, k=k, v=v, q_members=q_members, k_members=k_members)
     with _array.device_of(xp, a["q"]):
-        q, k, v, qm, km, causal, shared_qk, spec, dtype = _cluster_inputs(xp, a, causal, shared_qk, profile)
-        f_q, f_k = _features(xp, q, k, shared_qk, spec)
+        q, k, v, qm, km, causal, shared_qk, profile, dtype = _cluster_inputs(xp, a, causal, shared_qk, profile)
+        f_q, f_k = _features(xp, q, k, shared_qk, profile)
         batch, heads, clusters, wq = qm.shape
         out = xp.empty((batch, heads, clusters, wq, v.shape[3]), dtype=v.dtype)
         for part in _chunks(qm, km):
-            _, _, vg, probs, _ = _block(xp, f_q, f_k, v, qm[:, :, part], km[:, :, part], causal, shared_qk, spec,
+            _, _, vg, probs, _ = _block(xp, f_q, f_k, v, qm[:, :, part], km[:, :, part], causal, shared_qk, profile,
                                         q.shape[3])
             out[:, :, part] = xp.matmul(probs, vg)
         return out.astype(dtype)
 
 
-def _cluster_vjp(xp, q, k, v, qm, km, do, causal, shared_qk, spec):
+def _cluster_vjp(xp, q, k, v, qm, km, do, causal, shared_qk, profile):
     length, dim = q.shape[2], q.shape[3]
-    f_q, f_k = _features(xp, q, k, shared_qk, spec)
-    scale = 1.0 / math.sqrt(dim) if spec.scaled_logits else 1.0
+    f_q, f_k = _features(xp, q, k, shared_qk, profile)
+    scale = 1.0 / math.sqrt(dim) if profile.scaled_logits else 1.0
     dfq = xp.zeros_like(f_q)
     dfk = xp.zeros_like(f_k)
     dv = xp.zeros_like(v)
     for part in _chunks(qm, km):
         qp, kp = qm[:, :, part], km[:, :, part]
-        fq, fk, vg, probs, fixed = _block(xp, f_q, f_k, v, qp, kp, causal, shared_qk, spec, dim)
+        fq, fk, vg, probs, fixed = _block(xp, f_q, f_k, v, qp, kp, causal, shared_qk, profile, dim)
         dob = do[:, :, part]
         dp = xp.matmul(dob, xp.swapaxes(vg, -1, -2))
         dz = probs * (dp - xp.sum(probs * dp, axis=-1, keepdims=True))
@@ -336,12 +297,12 @@ def _cluster_vjp(xp, q, k, v, qm, km, do, causal, shared_qk, spec):
         dfq += _scatter_add(xp, scale * xp.matmul(dz, fk), qp, length)
         dfk += _scatter_add(xp, scale * xp.matmul(xp.swapaxes(dz, -1, -2), fq), kp, length)
         dv += _scatter_add(xp, xp.matmul(xp.swapaxes(probs, -1, -2), dob), kp, length)
-    if spec.logits_use_normalized:
+    if profile.logits_use_normalized:
         if shared_qk:
-            return _normalize_vjp(xp, q, dfq + dfk, spec), None, dv
-        return _normalize_vjp(xp, q, dfq, spec), _normalize_vjp(xp, k, dfk, spec), dv
+            return _normalize_vjp(xp, q, dfq + dfk, profile), None, dv
+        return _normalize_vjp(xp, q, dfq, profile), _normalize_vjp(xp, k, dfk, profile), dv
     if shared_qk:
-        return dfq + _normalize_vjp(xp, q, dfk, spec), None, dv
+        return dfq + _normalize_vjp(xp, q, dfk, profile), None, dv
     return dfq, dfk, dv
 
 
@@ -350,11 +311,11 @@ def cluster_attention_vjp(q: Any, k: Any, v: Any, q_members: Any, k_members: Any
     """(dq, dk, dv) of :func:`cluster_attention`, membership fixed; dk is None with shared QK."""
     xp, a = _array.arrays(q=q, k=k, v=v, q_members=q_members, k_members=k_members, do=do)
     with _array.device_of(xp, a["q"]):
-        q, k, v, qm, km, causal, shared_qk, spec, dtype = _cluster_inputs(xp, a, causal, shared_qk, profile)
+        q, k, v, qm, km, causal, shared_qk, profile, dtype = _cluster_inputs(xp, a, causal, shared_qk, profile)
         do = float_array(xp, a["do"], "do", rank=5, axes="(B, H, C, W, Dv)")
         expect_shape(do, "do", tuple(qm.shape) + (v.shape[3],), "(B, H, C, W, Dv)")
         dtype = np.result_type(dtype, do.dtype)
-        grads = _cluster_vjp(xp, q, k, v, qm, km, _array.acc(do, dtype), causal, shared_qk, spec)
+        grads = _cluster_vjp(xp, q, k, v, qm, km, _array.acc(do, dtype), causal, shared_qk, profile)
         return tuple(None if g is None else g.astype(dtype) for g in grads)
 
 
@@ -362,36 +323,37 @@ def cluster_attention_vjp(q: Any, k: Any, v: Any, q_members: Any, k_members: Any
 
 def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> Any:
     """out (B, H, L, Dv): the sum of a token's cluster outputs / (count + ε)."""
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     length = integer_in_range(length, "length", low=1)
     xp, a = _array.arrays(o=o, q_members=q_members)
     with _array.device_of(xp, a["o"]):
         o = float_array(xp, a["o"], "o", rank=5, axes="(B, H, C, W, Dv)")
-        members = _members_array(xp, a["q_members"], "q_members", o.shape[0], o.shape[1], length)
+        members = members_array(a["q_members"], "q_members", o.shape[0], o.shape[1], length)
         if tuple(members.shape) != tuple(o.shape[:4]):
             raise ValueError(
-                f"q_members: expected shape (B, H, C, W) = {tuple(o.shape[:4])} (that of o), got {tuple(members.shape)}")
+                f"q_members: expected shape (B, H, C, W) = {tuple(o.shape[:4])} (that of o), "
+                f"got {tuple(members.shape)}")
         total = _scatter_add(xp, _array.acc(o, o.dtype), members, length)
         counts = _member_counts(xp, members, length, total.dtype)
-        return (total / (counts + spec.combine_eps)[..., None]).astype(o.dtype)
+        return (total / (counts + profile.combine_eps)[..., None]).astype(o.dtype)
 
 
-def _combine_vjp(xp, members, dout, spec):
+def _combine_vjp(xp, members, dout, profile):
     batch, heads, length, features = dout.shape
-    scaled = dout / (_member_counts(xp, members, length, dout.dtype) + spec.combine_eps)[..., None]
-    do = scaled.reshape(batch * heads * length, features)[_flat_rows(xp, members, length)]
+    scaled = dout / (_member_counts(xp, members, length, dout.dtype) + profile.combine_eps)[..., None]
+    do = scaled.reshape(batch * heads * length, features)[flat_rows(members, length)]
     return xp.where((members >= 0)[..., None], do, 0.0).astype(dout.dtype)
 
 
 def combine_vjp(q_members: Any, dout: Any, *, profile: str = "tacl") -> Any:
     """do (B, H, C, W, Dv) of :func:`combine` (linear in o); 0 at empty slots."""
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     xp, a = _array.arrays(q_members=q_members, dout=dout)
     with _array.device_of(xp, a["dout"]):
         dout = float_array(xp, a["dout"], "dout", rank=4, axes="(B, H, L, Dv)")
         batch, heads, length, _ = dout.shape
-        members = _members_array(xp, a["q_members"], "q_members", batch, heads, length)
-        return _combine_vjp(xp, members, _array.acc(dout, dout.dtype), spec).astype(dout.dtype)
+        members = members_array(a["q_members"], "q_members", batch, heads, length)
+        return _combine_vjp(xp, members, _array.acc(dout, dout.dtype), profile).astype(dout.dtype)
 
 
 # ------------------------------------------------------------------------------ step 6: local attention
@@ -456,7 +418,7 @@ def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False,
     xp, a = _array.arrays(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["q"]):
         q, k, v, block, mask, dtype = _local_inputs(xp, a, block)
-        out = _local_forward(xp, q, k, v, _local_layout(q.shape[2], block), bool(causal), mask)[-1]
+        out = _local_forward(xp, q, k, v, _local_layout(q.shape[2], block), flag(causal, "causal"), mask)[-1]
         return xp.ascontiguousarray(out).astype(dtype)
 
 
@@ -472,7 +434,7 @@ def local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causal
         dtype = np.result_type(dtype, dout.dtype)
         dout = _array.acc(dout, dtype)
         layout = _local_layout(length, block)
-        qb, kb, vb, key_index, probs, _ = _local_forward(xp, q, k, v, layout, bool(causal), mask)
+        qb, kb, vb, key_index, probs, _ = _local_forward(xp, q, k, v, layout, flag(causal, "causal"), mask)
         width, n = layout[0], layout[1]
         total = n * width
         dob = _padded_rows(xp, dout, total).reshape(batch, heads, n, width, -1)
@@ -510,7 +472,7 @@ def assign(x_hat: Any, centroids: Any, *, key_padding_mask: Any = None) -> Any:
     xp, a = _array.arrays(x_hat=x_hat, centroids=centroids, key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["x_hat"]):
         x_hat = sequence(xp, a["x_hat"], "x_hat", "(B, H, L, D)")
-        centroids = _centroid_array(xp, a["centroids"], x_hat.shape[1], x_hat.shape[3])
+        centroids = centroid_array(a["centroids"], x_hat.shape[1], x_hat.shape[3])
         mask = padding_mask(a["key_padding_mask"], x_hat.shape[0], x_hat.shape[2])
         dtype = _array.result_dtype(x_hat, centroids)
         return _assign(xp, _array.acc(x_hat, dtype), _array.acc(centroids, dtype), mask)
@@ -520,13 +482,13 @@ def init_centroids(num_heads: int, num_clusters: int, dim: int, *, rng: np.rando
                    profile: str = "tacl") -> CentroidState:
     """Initial centroids from ``rng.standard_normal((H, C, D))`` (one draw, as the reference), normalized
     on the host in float64 and moved to the current device (NumPy arrays inside host_execution)."""
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     heads = integer_in_range(num_heads, "num_heads", low=1)
     clusters = integer_in_range(num_clusters, "num_clusters", low=1)
     dim = integer_in_range(dim, "dim", low=1)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
-    means = _normalize(np, rng.standard_normal((heads, clusters, dim)), spec)
+    means = _normalize(np, rng.standard_normal((heads, clusters, dim)), profile)
     xp, _ = _array.arrays()
     means = xp.asarray(means)
     return CentroidState(means, xp.zeros((heads, clusters)), means.copy())
@@ -546,13 +508,13 @@ def _statistics(xp, x_hat, means, mask):
 def update_centroids(state: CentroidState, q_hat: Any, k_hat: Any = None, *, profile: str = "tacl",
                      key_padding_mask: Any = None, decay: float = 0.999) -> CentroidState:
     """One k-means step (tacl: VQ-VAE EMA with Laplace smoothing; lucidrains: spherical mean EMA)."""
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     if not isinstance(state, tuple) or len(state) != 3:
         raise TypeError(f"state: expected a CentroidState (means, counts, sums), got {type(state).__name__}")
     xp, a = _array.arrays(means=state[0], counts=state[1], sums=state[2], q_hat=q_hat, k_hat=k_hat,
                           key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["means"]):
-        means = _centroid_array(xp, a["means"], None, None, "state.means")
+        means = centroid_array(a["means"], None, None, "state.means")
         heads, clusters, dim = means.shape
         counts = float_array(xp, a["counts"], "state.counts", rank=2, axes="(H, C)")
         expect_shape(counts, "state.counts", (heads, clusters), "(H, C)")
@@ -565,24 +527,22 @@ def update_centroids(state: CentroidState, q_hat: Any, k_hat: Any = None, *, pro
         if a["k_hat"] is not None:
             inputs.append(sequence(xp, a["k_hat"], "k_hat", "(B, H, L, D)", (batch, heads, length), feature=dim))
         mask = padding_mask(a["key_padding_mask"], batch, length)
-        decay = float(decay)
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay: expected a number in [0, 1], got {decay}")
+        decay = real_number(decay, "decay", low=0.0, high=1.0)
         dtype = _array.result_dtype(means, counts, sums, *inputs)
         means, counts, sums = (_array.acc(y, dtype) for y in (means, counts, sums))
         stats = [_statistics(xp, _array.acc(x, dtype), means, mask) for x in inputs]
-        if spec.update == "vqvae_ema":
+        if profile.update == "vqvae_ema":
             for batch_counts, batch_sums in stats:
                 counts = decay * counts + (1.0 - decay) * batch_counts
                 sums = decay * sums + (1.0 - decay) * batch_sums
             total = counts.sum(axis=-1, keepdims=True)
-            smoothed = (counts + spec.laplace_eps) / (total + clusters * spec.laplace_eps) * total
+            smoothed = (counts + profile.laplace_eps) / (total + clusters * profile.laplace_eps) * total
             new = xp.where(total[..., None] > 0, sums / xp.where(smoothed > 0, smoothed, 1.0)[..., None], means)
             return CentroidState(new.astype(dtype), counts.astype(dtype), sums.astype(dtype))
         batch_counts = sum(c for c, _ in stats)
         batch_sums = sum(s for _, s in stats)
         norm = xp.sqrt(xp.sum(batch_sums * batch_sums, axis=-1, keepdims=True))
-        batch_means = xp.where(batch_counts[..., None] > 0, batch_sums / xp.maximum(norm, spec.norm_eps), means)
+        batch_means = xp.where(batch_counts[..., None] > 0, batch_sums / xp.maximum(norm, profile.norm_eps), means)
         new = decay * means + (1.0 - decay) * batch_means
         return CentroidState(new.astype(dtype), counts.astype(dtype), sums.astype(dtype))
 
@@ -591,7 +551,7 @@ def update_centroids(state: CentroidState, q_hat: Any, k_hat: Any = None, *, pro
 
 def _residual(xp, a):
     x_hat = sequence(xp, a["x_hat"], "x_hat", "(B, H, L, D)")
-    centroids = _centroid_array(xp, a["centroids"], x_hat.shape[1], x_hat.shape[3])
+    centroids = centroid_array(a["centroids"], x_hat.shape[1], x_hat.shape[3])
     mask = padding_mask(a["key_padding_mask"], x_hat.shape[0], x_hat.shape[2])
     dtype = _array.result_dtype(x_hat, centroids)
     x_hat, centroids = _array.acc(x_hat, dtype), _array.acc(centroids, dtype)
@@ -603,17 +563,10 @@ def _residual(xp, a):
     return residual, int(xp.count_nonzero(keep)) * x_hat.shape[3], dtype
 
 
-def _beta(beta: Any) -> float:
-    beta = float(beta)
-    if not math.isfinite(beta):
-        raise ValueError(f"beta: expected a finite number, got {beta}")
-    return beta
-
-
 def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_padding_mask: Any = None) -> float:
     """β · mean over the unpadded tokens' elements of (x̂ - μ_a(x̂))², a Python float as in the reference
     (reading it back synchronises with the device)."""
-    beta = _beta(beta)
+    beta = real_number(beta, "beta", low=0.0)
     xp, a = _array.arrays(x_hat=x_hat, centroids=centroids, key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["x_hat"]):
         residual, count, _ = _residual(xp, a)
@@ -623,8 +576,8 @@ def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_paddi
 def commitment_loss_vjp(x_hat: Any, centroids: Any, dloss: float = 1.0, *, beta: float = 1e-4,
                         key_padding_mask: Any = None) -> Any:
     """dx̂ = dloss · 2β (x̂ - μ_a(x̂)) / (N D), 0 at padding (the centroids get none)."""
-    beta = _beta(beta)
-    dloss = float(dloss)
+    beta = real_number(beta, "beta", low=0.0)
+    dloss = real_number(dloss, "dloss")
     xp, a = _array.arrays(x_hat=x_hat, centroids=centroids, key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["x_hat"]):
         residual, count, dtype = _residual(xp, a)
@@ -635,17 +588,17 @@ def commitment_loss_vjp(x_hat: Any, centroids: Any, dloss: float = 1.0, *, beta:
 # ------------------------------------------------------------------------------------- the pipeline
 
 def _pipeline_inputs(xp, a, window, causal, shared_qk, profile):
-    spec = get_profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
-    check_shared(a["k"], shared_qk)
-    check_configuration(spec, causal, shared_qk)
+    profile = get_profile(profile)
+    causal, shared_qk = flag(causal, "causal"), flag(shared_qk, "shared_qk")
+    shared_keys(a["k"], shared_qk)
+    check_configuration(profile, causal, shared_qk)
     q = sequence(xp, a["q"], "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
     k = a["k"]
     if k is not None:
         sequence(xp, k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
     v = sequence(xp, a["v"], "v", "(B, H, L, Dv)", (batch, heads, length))
-    centroids = _centroid_array(xp, a["centroids"], heads, dim)
+    centroids = centroid_array(a["centroids"], heads, dim)
     if window is None:
         window = default_window(length, centroids.shape[1])
     window = integer_in_range(window, "window", low=1, high=length)
@@ -653,14 +606,14 @@ def _pipeline_inputs(xp, a, window, causal, shared_qk, profile):
     dtype = _array.result_dtype(q, k, v, centroids)
     q, v, centroids = (_array.acc(y, dtype) for y in (q, v, centroids))
     k = None if k is None else _array.acc(k, dtype)
-    return q, k, v, centroids, window, causal, shared_qk, spec, mask, dtype
+    return q, k, v, centroids, window, causal, shared_qk, profile, mask, dtype
 
 
-def _members(xp, q, k, centroids, window, spec, mask, shared_qk):
-    q_members = _route(xp, _similarity(xp, _normalize(xp, q, spec), centroids), window, mask)
+def _members(xp, q, k, centroids, window, profile, mask, shared_qk):
+    q_members = _route(xp, _similarity(xp, _normalize(xp, q, profile), centroids), window, mask)
     if shared_qk:
         return q_members, q_members
-    return q_members, _route(xp, _similarity(xp, _normalize(xp, k, spec), centroids), window, mask)
+    return q_members, _route(xp, _similarity(xp, _normalize(xp, k, profile), centroids), window, mask)
 
 
 def attention(q: Any, k: Any, v: Any, centroids: Any, *, window: int | None = None, causal: bool = False,
@@ -668,20 +621,20 @@ def attention(q: Any, k: Any, v: Any, centroids: Any, *, window: int | None = No
     """Routing attention: normalize -> similarity -> route -> cluster attention -> combine."""
     xp, a = _array.arrays(q=q, k=k, v=v, centroids=centroids, key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["q"]):
-        q, k, v, centroids, window, causal, shared_qk, spec, mask, dtype = _pipeline_inputs(
+        q, k, v, centroids, window, causal, shared_qk, profile, mask, dtype = _pipeline_inputs(
             xp, a, window, causal, shared_qk, profile)
-        qm, km = _members(xp, q, k, centroids, window, spec, mask, shared_qk)
-        f_q, f_k = _features(xp, q, k, shared_qk, spec)
+        qm, km = _members(xp, q, k, centroids, window, profile, mask, shared_qk)
+        f_q, f_k = _features(xp, q, k, shared_qk, profile)
         batch, heads, clusters, wq = qm.shape
         o = xp.empty((batch, heads, clusters, wq, v.shape[3]), dtype=v.dtype)
         for part in _chunks(qm, km):
-            _, _, vg, probs, _ = _block(xp, f_q, f_k, v, qm[:, :, part], km[:, :, part], causal, shared_qk, spec,
+            _, _, vg, probs, _ = _block(xp, f_q, f_k, v, qm[:, :, part], km[:, :, part], causal, shared_qk, profile,
                                         q.shape[3])
             o[:, :, part] = xp.matmul(probs, vg)
         length = q.shape[2]
         total = _scatter_add(xp, o, qm, length)
         counts = _member_counts(xp, qm, length, total.dtype)
-        return (total / (counts + spec.combine_eps)[..., None]).astype(dtype)
+        return (total / (counts + profile.combine_eps)[..., None]).astype(dtype)
 
 
 def attention_vjp(q: Any, k: Any, v: Any, centroids: Any, dout: Any, *, window: int | None = None,
@@ -690,12 +643,12 @@ def attention_vjp(q: Any, k: Any, v: Any, centroids: Any, dout: Any, *, window: 
     """(dq, dk, dv) of :func:`attention` with the membership held fixed; dk is None with shared QK."""
     xp, a = _array.arrays(q=q, k=k, v=v, centroids=centroids, dout=dout, key_padding_mask=key_padding_mask)
     with _array.device_of(xp, a["q"]):
-        q, k, v, centroids, window, causal, shared_qk, spec, mask, dtype = _pipeline_inputs(
+        q, k, v, centroids, window, causal, shared_qk, profile, mask, dtype = _pipeline_inputs(
             xp, a, window, causal, shared_qk, profile)
         dout = float_array(xp, a["dout"], "dout", rank=4, axes="(B, H, L, Dv)")
         expect_shape(dout, "dout", tuple(v.shape), "(B, H, L, Dv)")
         dtype = np.result_type(dtype, dout.dtype)
-        qm, km = _members(xp, q, k, centroids, window, spec, mask, shared_qk)
-        do = _combine_vjp(xp, qm, _array.acc(dout, dtype), spec)
-        grads = _cluster_vjp(xp, q, k, v, qm, km, do, causal, shared_qk, spec)
+        qm, km = _members(xp, q, k, centroids, window, profile, mask, shared_qk)
+        do = _combine_vjp(xp, qm, _array.acc(dout, dtype), profile)
+        grads = _cluster_vjp(xp, q, k, v, qm, km, do, causal, shared_qk, profile)
         return tuple(None if g is None else g.astype(dtype) for g in grads)

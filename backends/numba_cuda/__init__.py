@@ -64,6 +64,12 @@ def _where() -> tuple[tuple[str, ...], str | None, str]:
     return ("cuda",), None, f"{versions}, CUDA device {name} (compute capability {device.compute_capability})"
 
 
+def _synchronize() -> None:
+    """Wait for the CUDA context's queue; nothing to wait for without a device."""
+    if simulator() or cuda.is_available():
+        cuda.synchronize()
+
+
 def backend() -> Backend:
     """The Numba-CUDA backend on the current device, or the simulator."""
     devices, unavailable, status = _where()
@@ -77,4 +83,5 @@ def backend() -> Backend:
         to_numpy=_to_numpy,
         status=status,
         extra={"simulator": simulator()},
+        synchronize=_synchronize,
     )

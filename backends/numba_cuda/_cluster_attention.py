@@ -33,9 +33,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import cuda
 
-from refattn._validation import expect_shape, integer_in_range, padding_mask
-from refattn.routing._checks import check_configuration, check_shared, members_array
-from refattn.routing.profiles import Profile, get_profile
+from refattn.checks import expect_shape, flag, integer_in_range, members_array, padding_mask, shared_keys
+from refattn.routing.profiles import Profile, check_configuration, get_profile
 
 from ._clustering import _normalize, _normalize_vjp
 from ._kernels import TILE
@@ -51,7 +50,7 @@ _FORWARD = object()  # the cotangent argument of the checks in a forward call: n
 
 
 def _members(members: Any, name: str, batch: int, heads: int, length: int) -> np.ndarray:
-    """:func:`refattn.routing._checks.members_array` on the host copy of a (small) member array."""
+    """:func:`refattn.checks.members_array` on the host copy of a (small) member array."""
     return members_array(host_small(members), name, batch, heads, length)
 
 
@@ -75,26 +74,26 @@ class _Routed(NamedTuple):
 
 def routed_inputs(q: Any, k: Any, v: Any, profile: str, causal: bool, shared_qk: bool
                   ) -> tuple[Profile, bool, bool, Meta, Meta]:
-    """:func:`refattn.routing._checks.routed_inputs` on metadata (and device-side NaN counts):
+    """:func:`refattn.routing.cluster_attention.routed_inputs` on metadata (and device-side NaN counts):
     the profile and its configuration, k against ``shared_qk``, q, k, v. Returns (profile, causal,
     shared_qk, q's metadata, v's metadata)."""
-    spec = get_profile(profile)
-    causal, shared_qk = bool(causal), bool(shared_qk)
-    check_shared(k, shared_qk)
-    check_configuration(spec, causal, shared_qk)
+    profile = get_profile(profile)
+    causal, shared_qk = flag(causal, "causal"), flag(shared_qk, "shared_qk")
+    shared_keys(k, shared_qk)
+    check_configuration(profile, causal, shared_qk)
     mq = sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = mq.shape
     if k is not None:
         sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
     mv = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
-    return spec, causal, shared_qk, mq, mv
+    return profile, causal, shared_qk, mq, mv
 
 
 def _routed(q: Any, k: Any, v: Any, q_members: Any, k_members: Any, causal: bool, shared_qk: bool, profile: str,
             do: Any = _FORWARD) -> _Routed:
     """The checks of the reference's cluster attention (``routed_inputs``, the members, then ``do`` in a
     VJP), on metadata; the members go to the device only once everything is valid."""
-    spec, causal, shared_qk, mq, mv = routed_inputs(q, k, v, profile, causal, shared_qk)
+    profile, causal, shared_qk, mq, mv = routed_inputs(q, k, v, profile, causal, shared_qk)
     batch, heads, length, _ = mq.shape
     host_q = _members(q_members, "q_members", batch, heads, length)
     host_k = _members(k_members, "k_members", batch, heads, length)
@@ -106,7 +105,7 @@ def _routed(q: Any, k: Any, v: Any, q_members: Any, k_members: Any, causal: bool
     if do is not _FORWARD:
         mdo = float_array(do, "do", rank=5, axes="(B, H, C, W, Dv)")
         expect_shape(mdo, "do", host_q.shape + (mv.shape[3],), "(B, H, C, W, Dv)")
-    return _Routed(spec, causal, shared_qk, _device_members(q_members, host_q), _device_members(k_members, host_k),
+    return _Routed(profile, causal, shared_qk, _device_members(q_members, host_q), _device_members(k_members, host_k),
                    mv.shape[3])
 
 
@@ -119,12 +118,12 @@ def _features(call: Call, routed: _Routed, q: Any, k: Any, q_hat: Any = None, k_
     ``q_hat``, ``k_hat``: N(q), N(k) (the profile's normalization) where the caller has them already
     (the routing pipeline routes with them); a needed one that is missing is computed here.
     """
-    spec = routed.profile
+    profile = routed.profile
 
     def normalized(x: Any, known: Any) -> Any:
-        return _normalize(call, x, spec) if known is None else known
+        return _normalize(call, x, profile) if known is None else known
 
-    if spec.logits_use_normalized:
+    if profile.logits_use_normalized:
         f_q = normalized(q, q_hat)
         return f_q, (f_q if routed.shared_qk else normalized(k, k_hat))
     return q, (normalized(q, q_hat) if routed.shared_qk else k)
@@ -132,10 +131,10 @@ def _features(call: Call, routed: _Routed, q: Any, k: Any, q_hat: Any = None, k_
 
 def _logit_arguments(call: Call, routed: _Routed, dim: int) -> tuple[int, int, Any, Any]:
     """(causal, self_masked, self_logit, scale) as the kernels take them."""
-    spec = routed.profile
-    self_masked = routed.shared_qk and spec.self_logit is not None
-    scale = 1.0 / math.sqrt(dim) if spec.scaled_logits else 1.0
-    return int(routed.causal), int(self_masked), call.scalar(spec.self_logit if self_masked else 0.0), \
+    profile = routed.profile
+    self_masked = routed.shared_qk and profile.self_logit is not None
+    scale = 1.0 / math.sqrt(dim) if profile.scaled_logits else 1.0
+    return int(routed.causal), int(self_masked), call.scalar(profile.self_logit if self_masked else 0.0), \
         call.scalar(scale)
 
 
@@ -256,14 +255,14 @@ def cluster_attention_vjp(
 def _cluster_backward(call: Call, routed: _Routed, q: Any, k: Any, v: Any, do: Any, q_hat: Any = None,
                       k_hat: Any = None) -> tuple[Any, Any, Any]:
     """(dq, dk or None, dv) of device arrays; ``q_hat``, ``k_hat`` as :func:`_features` takes them."""
-    spec = routed.profile
+    profile = routed.profile
     f_q, f_k = _features(call, routed, q, k, q_hat, k_hat)
     o, lse = _cluster_forward(call, routed, f_q, f_k, v)
     arguments = _logit_arguments(call, routed, q.shape[3])
     delta = call.empty(lse.shape)
     dfq = call.zeros(q.shape)
     # tacl with shared QK: both feature gradients pull back through the same LN(q), so they share a buffer
-    dfk = dfq if routed.shared_qk and spec.logits_use_normalized else call.zeros(q.shape)
+    dfk = dfq if routed.shared_qk and profile.logits_use_normalized else call.zeros(q.shape)
     dv = call.zeros(v.shape)
     blocks, block = _cluster_grid(routed.q_members, routed.k_members)
     call.kernels["cluster_bwd_q_k"][blocks, block](f_q, f_k, v, routed.q_members, routed.k_members, *arguments,
@@ -271,11 +270,11 @@ def _cluster_backward(call: Call, routed: _Routed, q: Any, k: Any, v: Any, do: A
     blocks, block = _cluster_grid(routed.k_members, routed.q_members)
     call.kernels["cluster_bwd_kv_k"][blocks, block](f_q, f_k, v, routed.q_members, routed.k_members, *arguments,
                                                    lse, do, delta, dfk, dv)
-    if spec.logits_use_normalized:
-        dq = _normalize_vjp(call, q, dfq, spec)
-        return dq, (None if routed.shared_qk else _normalize_vjp(call, k, dfk, spec)), dv
+    if profile.logits_use_normalized:
+        dq = _normalize_vjp(call, q, dfq, profile)
+        return dq, (None if routed.shared_qk else _normalize_vjp(call, k, dfk, profile)), dv
     if routed.shared_qk:
-        return _normalize_vjp(call, q, dfk, spec, base=dfq), None, dv
+        return _normalize_vjp(call, q, dfk, profile, base=dfq), None, dv
     return dfq, dfk, dv
 
 
@@ -309,21 +308,21 @@ def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> An
     Returns:
         out (B, H, L, Dv) in o's dtype; rows of tokens in no cluster (and of padding) are 0.
     """
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     length = integer_in_range(length, "length", low=1)
     mo = float_array(o, "o", rank=5, axes="(B, H, C, W, Dv)")
     host = _members(q_members, "q_members", mo.shape[0], mo.shape[1], length)
     if host.shape != mo.shape[:4]:
         raise ValueError(f"q_members: expected shape (B, H, C, W) = {mo.shape[:4]} (that of o), got {host.shape}")
     call = Call(o)
-    return call.out(_combine(call, call.put(o), _device_members(q_members, host), length, spec))
+    return call.out(_combine(call, call.put(o), _device_members(q_members, host), length, profile))
 
 
-def _combine(call: Call, o: Any, members: Any, length: int, spec: Profile) -> Any:
+def _combine(call: Call, o: Any, members: Any, length: int, profile: Profile) -> Any:
     """out (B, H, L, Dv) of device o and members (no checks)."""
     out = call.zeros((o.shape[0], o.shape[1], length, o.shape[4]))
     launch(call.kernels["combine_k"], o.size, o, members, _counts(call, members, length),
-           call.scalar(spec.combine_eps), out)
+           call.scalar(profile.combine_eps), out)
     return out
 
 
@@ -339,19 +338,19 @@ def combine_vjp(q_members: Any, dout: Any, *, profile: str = "tacl") -> Any:
     Returns:
         do (B, H, C, W, Dv) in dout's dtype.
     """
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     md = float_array(dout, "dout", rank=4, axes="(B, H, L, Dv)")
     batch, heads, length, _ = md.shape
     host = _members(q_members, "q_members", batch, heads, length)
     call = Call(dout)
-    return call.out(_combine_vjp(call, _device_members(q_members, host), call.put(dout), spec))
+    return call.out(_combine_vjp(call, _device_members(q_members, host), call.put(dout), profile))
 
 
-def _combine_vjp(call: Call, members: Any, dout: Any, spec: Profile) -> Any:
+def _combine_vjp(call: Call, members: Any, dout: Any, profile: Profile) -> Any:
     """do (B, H, C, W, Dv) of device members and dout (no checks)."""
     do = call.empty(tuple(members.shape) + (dout.shape[3],))
     launch(call.kernels["combine_vjp_k"], do.size, dout, members, _counts(call, members, dout.shape[2]),
-           call.scalar(spec.combine_eps), do)
+           call.scalar(profile.combine_eps), do)
     return do
 
 
@@ -378,7 +377,7 @@ def _local(q: Any, k: Any, v: Any, block: int, causal: bool, key_padding_mask: A
         md = float_array(dout, "dout", rank=4, axes="(B, H, L, Dv)")
         expect_shape(md, "dout", (batch, heads, length, mv.shape[3]), "(B, H, L, Dv)")
     padded = np.zeros((1, length), dtype=np.int64) if mask is None else mask.astype(np.int64)
-    return _Local(min(block, length), int(bool(causal)), cuda.to_device(padded), 1.0 / math.sqrt(dim))
+    return _Local(min(block, length), int(flag(causal, "causal")), cuda.to_device(padded), 1.0 / math.sqrt(dim))
 
 
 def _local_grid(length: int, batch_heads: int) -> tuple[int, int]:

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from refattn._validation import expect_shape, integer_in_range, padding_mask
+from refattn.checks import expect_shape, integer_in_range, padding_mask, real_number
 from refattn.routing.centroids import CentroidState
-from refattn.routing.commitment import _beta
 from refattn.routing.profiles import Profile, get_profile
 
 from ._clustering_kernels import GEMM, PARTIALS, RADIX, RANK_THREADS, TRANSPOSE
@@ -54,7 +53,7 @@ def _grid(kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], *args: Any
 
 
 def _centroids(centroids: Any, heads: int | None, dim: int | None, name: str = "centroids") -> Meta:
-    """:func:`refattn.routing._checks.centroid_array` (same messages) on a host or device array."""
+    """:func:`refattn.checks.centroid_array` (same messages) on a host or device array."""
     meta = float_array(centroids, name, rank=3, axes="(H, C, D)")
     expect_shape(meta, name, (heads, None, dim), "(H, C, D)")
     if 0 in meta.shape:
@@ -112,23 +111,23 @@ def _features(x: Any) -> Meta:
 # ---------------------------------------------------------------- step 1: normalize
 
 
-def _normalize(call: Call, x: Any, spec: Profile) -> Any:
+def _normalize(call: Call, x: Any, profile: Profile) -> Any:
     """N(x), the profile's normalization of the device array ``x`` (any rank) over its last axis."""
     out = call.empty(x.shape)
-    _rows_launch(call, "normalize_k", _as_rows(x), int(spec.norm == "layernorm"), call.scalar(spec.norm_eps),
+    _rows_launch(call, "normalize_k", _as_rows(x), int(profile.norm == "layernorm"), call.scalar(profile.norm_eps),
                  _as_rows(out))
     return out
 
 
-def _normalize_vjp(call: Call, x: Any, dy: Any, spec: Profile, base: Any = None) -> Any:
+def _normalize_vjp(call: Call, x: Any, dy: Any, profile: Profile, base: Any = None) -> Any:
     """dx = [base +] N'(x)ᵀ dy of device arrays of one shape, N as in :func:`_normalize`.
 
     ``base`` is added in the same kernel: the cluster-attention backward sums two gradients of q so.
     """
     dx = call.empty(x.shape)
     rows = _as_rows(dy)
-    _rows_launch(call, "normalize_vjp_k", _as_rows(x), rows, int(spec.norm == "layernorm"),
-                 call.scalar(spec.norm_eps), int(base is not None), rows if base is None else _as_rows(base),
+    _rows_launch(call, "normalize_vjp_k", _as_rows(x), rows, int(profile.norm == "layernorm"),
+                 call.scalar(profile.norm_eps), int(base is not None), rows if base is None else _as_rows(base),
                  _as_rows(dx))
     return dx
 
@@ -159,10 +158,10 @@ def normalize(x: Any, *, profile: str = "tacl") -> Any:
     Returns:
         x̂, same shape as x, in the compute dtype.
     """
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     _features(x)
     call = Call(x)
-    return call.out(_normalize(call, call.put(x), spec))
+    return call.out(_normalize(call, call.put(x), profile))
 
 
 def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> Any:
@@ -182,12 +181,12 @@ def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> Any:
     Returns:
         dx, same shape as x, in the compute dtype.
     """
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     meta = _features(x)
     dy = float_array(dx_hat, "dx_hat")
     expect_shape(dy, "dx_hat", meta.shape, "like x")
     call = Call(x, dx_hat)
-    return call.out(_normalize_vjp(call, call.put(x), call.put(dx_hat), spec))
+    return call.out(_normalize_vjp(call, call.put(x), call.put(dx_hat), profile))
 
 
 # ---------------------------------------------------------------- step 2: similarity
@@ -423,7 +422,7 @@ def update_centroids(
     Returns:
         A new CentroidState, in the compute dtype.
     """
-    spec = get_profile(profile)
+    profile = get_profile(profile)
     heads, clusters, dim = _state(state)
     meta = sequence(q_hat, "q_hat", _SEQUENCE)
     expect_shape(meta, "q_hat", (None, heads, None, dim), "(B, H, L, D) with H, D of the state")
@@ -431,9 +430,7 @@ def update_centroids(
     if k_hat is not None:
         sequence(k_hat, "k_hat", _SEQUENCE, (batch, heads, length), feature=dim)
     mask = padding_mask(host_small(key_padding_mask), batch, length)
-    decay = float(decay)
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay: expected a number in [0, 1], got {decay}")
+    decay = real_number(decay, "decay", low=0.0, high=1.0)
     call = Call(state[0], state[1], state[2], q_hat, k_hat)
     means, counts, sums = (call.put(part) for part in state)
     inputs = [call.put(x) for x in (q_hat, k_hat) if x is not None]
@@ -444,19 +441,19 @@ def update_centroids(
     new_means = call.empty((heads, clusters, dim))
     new_counts = call.empty((heads, clusters))
     new_sums = call.empty((heads, clusters, dim))
-    if spec.update == "vqvae_ema":
+    if profile.update == "vqvae_ema":
         for x in inputs:  # the queries' EMA step, then the keys' (both assigned under the incoming means)
             _statistics(call, x, means, padded, batch_counts, batch_sums, accumulate=False)
             launch(call.kernels["centroid_ema_k"], new_sums.size, counts, sums, batch_counts, batch_sums, keep, rate,
                    new_counts, new_sums)
             counts, sums = new_counts, new_sums
         _grid(call.kernels["vqvae_means_k"], (heads,), (min(REDUCE, pow2_at_least(clusters * dim)),), new_counts,
-              new_sums, means, call.scalar(spec.laplace_eps), new_means)
+              new_sums, means, call.scalar(profile.laplace_eps), new_means)
     else:
         for position, x in enumerate(inputs):  # lucidrains pools the queries and keys
             _statistics(call, x, means, padded, batch_counts, batch_sums, accumulate=position > 0)
         unit = call.empty((heads, clusters, dim))
-        _rows_launch(call, "normalize_k", _as_rows(batch_sums), 0, call.scalar(spec.norm_eps), _as_rows(unit))
+        _rows_launch(call, "normalize_k", _as_rows(batch_sums), 0, call.scalar(profile.norm_eps), _as_rows(unit))
         launch(call.kernels["spherical_update_k"], new_means.size, means, counts, sums, batch_counts, unit, keep, rate,
                new_means, new_counts, new_sums)
     return CentroidState(call.out(new_means), call.out(new_counts), call.out(new_sums))
@@ -499,7 +496,7 @@ def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_paddi
     Returns:
         The loss, a Python float.
     """
-    beta = _beta(beta)
+    beta = real_number(beta, "beta", low=0.0)
     meta, mask, count = _residual_inputs(x_hat, centroids, key_padding_mask)
     if count == 0:
         return 0.0
@@ -528,8 +525,8 @@ def commitment_loss_vjp(
     Returns:
         dx_hat (B, H, L, D) in the compute dtype.
     """
-    beta = _beta(beta)
-    dloss = float(dloss)
+    beta = real_number(beta, "beta", low=0.0)
+    dloss = real_number(dloss, "dloss")
     meta, mask, count = _residual_inputs(x_hat, centroids, key_padding_mask)
     call = Call(x_hat, centroids)
     x_dev, mu = call.put(x_hat), call.put(centroids)

@@ -12,7 +12,7 @@ from typing import Any
 
 from numba import cuda
 
-from ._kernels import CHUNK, REDUCE, SLAB, TILE, KernelTable, registry
+from ._kernels import CHUNK, REDUCE, SLAB, KernelTable, registry
 
 
 def build(dt: Any) -> KernelTable:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from numba import cuda, float32, float64, int64, types
 
@@ -59,7 +60,7 @@ def signature(spec: str, dt: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def python_kernels(dtype: str) -> KernelTable:
     """Every kernel of every builder module for ``dtype`` ("float32" or "float64"); names are unique."""
     merged: KernelTable = {}
@@ -73,7 +74,7 @@ def python_kernels(dtype: str) -> KernelTable:
     return merged
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(dtype: str) -> dict[str, Any]:
     """The kernels for ``dtype`` ("float32" or "float64") as CUDA dispatchers (compiled on first launch)."""
     return {name: cuda.jit(fn) for name, (fn, _) in python_kernels(dtype).items()}

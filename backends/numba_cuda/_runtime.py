@@ -3,7 +3,7 @@
 Inputs are NumPy arrays (copied to the device, results copied back) or device arrays: Numba device
 arrays and any object with ``__cuda_array_interface__`` (CuPy arrays, CUDA torch tensors), which are
 viewed without a copy; results are then Numba device arrays. Validation reuses the messages of
-:mod:`refattn._validation`: shapes and dtypes are checked on metadata, NaN/Inf with a counting
+:mod:`refattn.checks`: shapes and dtypes are checked on metadata, NaN/Inf with a counting
 kernel on the device (no copy of the data).
 """
 
@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numba import cuda
 
+from refattn import checks
+
 from . import _kernels
+
 
 def simulator() -> bool:
     """Is Numba's CUDA simulator in use (NUMBA_ENABLE_CUDASIM=1 when numba was imported)?"""
@@ -126,7 +130,7 @@ def host_small(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-# --- validation, with the messages of refattn._validation ---------------------------------------
+# --- validation, with the messages of refattn.checks ----------------------------------------------
 
 
 def _dtype_of(x: Any) -> np.dtype:
@@ -174,13 +178,10 @@ def _count_bad(x: Any, allow_neginf: bool) -> int:
 
 
 def float_array(x: Any, name: str, *, rank: int | None = None, axes: str | None = None) -> Meta:
-    """:func:`refattn._validation.float_array` on a host or device array; returns its metadata."""
+    """:func:`refattn.checks.float_array` on a host or device array; returns its metadata."""
     meta = Meta(x)
-    if meta.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a real floating-point array, got dtype {meta.dtype}")
-    if rank is not None and meta.ndim != rank:
-        layout = f" {axes}" if axes else ""
-        raise ValueError(f"{name}: expected a {rank}-D array{layout}, got shape {meta.shape}")
+    checks.expect_floating(meta, name)
+    checks.expect_rank(meta, name, rank, axes)
     bad = _count_bad(x, False)
     if bad:
         raise ValueError(f"{name}: expected finite values, got {bad} NaN or Inf entries")
@@ -188,24 +189,20 @@ def float_array(x: Any, name: str, *, rank: int | None = None, axes: str | None 
 
 
 def score_array(x: Any, name: str, *, rank: int, axes: str) -> Meta:
-    """:func:`refattn._validation.score_array` (-inf allowed) on a host or device array."""
+    """:func:`refattn.checks.float_array` with ``allow_neg_inf`` on a host or device array."""
     meta = Meta(x)
-    if meta.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a real floating-point array, got dtype {meta.dtype}")
-    if meta.ndim != rank:
-        raise ValueError(f"{name}: expected a {rank}-D array {axes}, got shape {meta.shape}")
+    checks.expect_floating(meta, name)
+    checks.expect_rank(meta, name, rank, axes)
     if _count_bad(x, True):
         raise ValueError(f"{name}: expected finite values or -inf, got NaN or +Inf entries")
     return meta
 
 
 def sequence(x: Any, name: str, axes: str, like: tuple[int, ...] | None = None, *, feature: int | None = None) -> Meta:
-    """:func:`refattn._validation.sequence` on a host or device array."""
-    from refattn._validation import expect_shape
-
+    """:func:`refattn.checks.sequence` on a host or device array."""
     meta = float_array(x, name, rank=4, axes=axes)
     if like is not None:
-        expect_shape(meta, name, (*like, feature), axes)
+        checks.expect_shape(meta, name, (*like, feature), axes)
     if 0 in meta.shape:
         raise ValueError(f"{name}: expected every axis of {axes} to be at least 1, got shape {meta.shape}")
     return meta

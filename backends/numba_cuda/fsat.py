@@ -10,31 +10,38 @@ with its backward kernels. The host validates metadata, launches and, for NumPy 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, index_array, integer_in_range, padding_mask
-from refattn.fsat._checks import length_from_offsets
+from refattn.checks import (
+    expect_shape,
+    flag,
+    integer_in_range,
+    length_from_offsets,
+    offsets_array,
+    padding_mask,
+)
+from refattn.fsat import FSATGrads
 
 from . import _kernels
-from ._runtime import Call, host_small, is_device, launch, pow2_at_least, score_array, sequence, float_array, twiddles, Meta
+from ._runtime import (
+    Call,
+    Meta,
+    float_array,
+    host_small,
+    is_device,
+    launch,
+    pow2_at_least,
+    score_array,
+    sequence,
+    twiddles,
+)
 
 __all__ = ["pair_counts", "cross", "cross_vjp", "estimate", "estimate_vjp", "select", "sparse_attention",
            "sparse_attention_vjp", "attention", "attention_vjp", "FSATGrads"]
 
 _AXES = "(B, H, L, Dc)"
-
-
-class FSATGrads(NamedTuple):
-    """Gradients returned by :func:`attention_vjp`; ``cross_q``/``cross_k`` are None unless given."""
-
-    q: Any
-    k: Any
-    v: Any
-    w: Any
-    cross_q: Any
-    cross_k: Any
 
 
 # ---------------------------------------------------------------- helpers
@@ -211,7 +218,7 @@ def select(s: Any, top_k: int, *, causal: bool = False, noise: Any = None) -> An
         nm = float_array(noise, "noise", rank=3, axes="(B, H, 2L - 1)")
         expect_shape(nm, "noise", meta.shape, "(B, H, 2L - 1)")
     call = Call(s, noise)
-    return call.out(_select(call, call.put(s), top_k, bool(causal), call.put(noise)))
+    return call.out(_select(call, call.put(s), top_k, flag(causal, "causal"), call.put(noise)))
 
 
 def _select(call: Call, s: Any, top_k: int, causal: bool, noise: Any) -> Any:
@@ -235,17 +242,7 @@ def _sparse_inputs(q, k, v, offsets, bias, key_padding_mask):
     batch, heads, length, dim = mq.shape
     sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
     mv = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
-    host_offsets = index_array(host_small(offsets), "offsets", rank=3, axes="(B, H, K)")
-    expect_shape(host_offsets, "offsets", (batch, heads, None), "(B, H, K)")
-    if host_offsets.shape[2] < 1:
-        raise ValueError(f"offsets: expected at least one offset per (batch, head), got shape {host_offsets.shape}")
-    if np.any(np.abs(host_offsets) > length - 1):
-        raise ValueError(
-            f"offsets: expected offsets in [-(L-1), L-1] = [{-(length - 1)}, {length - 1}], "
-            f"got values in [{host_offsets.min()}, {host_offsets.max()}]"
-        )
-    if np.any(np.diff(np.sort(host_offsets, axis=-1), axis=-1) == 0):
-        raise ValueError("offsets: expected distinct offsets within each (batch, head), got a repeated offset")
+    host_offsets = offsets_array(host_small(offsets), batch, heads, length)
     if bias is not None:
         bm = score_array(bias, "bias", rank=3, axes="(B, H, K)")
         expect_shape(bm, "bias", host_offsets.shape, "(B, H, K)")
@@ -254,7 +251,7 @@ def _sparse_inputs(q, k, v, offsets, bias, key_padding_mask):
 
 
 def _device_offsets(call: Call, offsets: Any, host_offsets: np.ndarray) -> Any:
-    from ._runtime import device_view, is_device
+    from ._runtime import device_view
     if is_device(offsets) and np.dtype(device_view(offsets).dtype) == np.int64:
         return device_view(offsets)
     from numba import cuda
@@ -282,8 +279,9 @@ def sparse_attention(q: Any, k: Any, v: Any, offsets: Any, bias: Any = None, *, 
     """(out (B, H, L, Dv), lse (B, H, L)): attention on the selected diagonals, bias added per offset."""
     mq, mv, host_offsets, mask = _sparse_inputs(q, k, v, offsets, bias, key_padding_mask)
     call = Call(q, k, v, bias)
-    out, lse = _sparse_forward(call, call.put(q), call.put(k), call.put(v), _device_offsets(call, offsets, host_offsets),
-                               call.put(bias), bool(causal), _valid(call, mask, mq.shape[2]))
+    out, lse = _sparse_forward(call, call.put(q), call.put(k), call.put(v),
+                               _device_offsets(call, offsets, host_offsets), call.put(bias), flag(causal, "causal"),
+                               _valid(call, mask, mq.shape[2]))
     return call.out(out), call.out(lse)
 
 
@@ -321,7 +319,7 @@ def sparse_attention_vjp(q: Any, k: Any, v: Any, offsets: Any, bias: Any, dout: 
         expect_shape(ml, "dlse", mq.shape[:3], "(B, H, L)")
     call = Call(q, k, v, bias, dout, dlse)
     grads = _sparse_backward(call, call.put(q), call.put(k), call.put(v), _device_offsets(call, offsets, host_offsets),
-                             call.put(bias), call.put(dout), call.put(dlse), bool(causal),
+                             call.put(bias), call.put(dout), call.put(dlse), flag(causal, "causal"),
                              _valid(call, mask, mq.shape[2]))
     return tuple(call.out(g) for g in grads)
 
@@ -359,7 +357,7 @@ def _run_plan(q, k, v, w, top_k, causal, noise, cross_q, cross_k, mask, separate
     a, b = (call.put(cross_q), call.put(cross_k)) if separate else (dq, dk)
     c = _cross(call, a, b, mask)
     s = _estimate(call, c, dw, mask, length)
-    offsets = _select(call, s, top_k, bool(causal), call.put(noise))
+    offsets = _select(call, s, top_k, flag(causal, "causal"), call.put(noise))
     bias = call.empty(offsets.shape)
     launch(call.kernels["gather_bias_k"], bias.size, s, offsets, bias)
     valid = _valid(call, mask, length)
@@ -372,18 +370,19 @@ def attention(q: Any, k: Any, v: Any, w: Any, top_k: int, *, causal: bool = Fals
     """FSAT attention: cross -> estimate -> select -> sparse attention, all on the device."""
     top_k, mask, separate, length = _plan(q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k)
     call, p = _run_plan(q, k, v, w, top_k, causal, noise, cross_q, cross_k, mask, separate, length)
-    out, _ = _sparse_forward(call, p["q"], p["k"], p["v"], p["offsets"], p["bias"], bool(causal), p["valid"])
+    out, _ = _sparse_forward(call, p["q"], p["k"], p["v"], p["offsets"], p["bias"], flag(causal, "causal"), p["valid"])
     return call.out(out)
 
 
 def attention_vjp(q: Any, k: Any, v: Any, w: Any, top_k: int, dout: Any, *, causal: bool = False,
-                  key_padding_mask: Any = None, noise: Any = None, cross_q: Any = None, cross_k: Any = None) -> FSATGrads:
+                  key_padding_mask: Any = None, noise: Any = None, cross_q: Any = None,
+                  cross_k: Any = None) -> FSATGrads:
     """FSATGrads of :func:`attention` with the truncation of spec/fsat.md step 4."""
     top_k, mask, separate, length = _plan(q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k)
     sequence(dout, "dout", "(B, H, L, Dv)", Meta(q).shape[:3], feature=Meta(v).shape[3])
     call, p = _run_plan(q, k, v, w, top_k, causal, noise, cross_q, cross_k, mask, separate, length, (dout,))
     dq, dk, dv, dbias = _sparse_backward(call, p["q"], p["k"], p["v"], p["offsets"], p["bias"], call.put(dout), None,
-                                         bool(causal), p["valid"])
+                                         flag(causal, "causal"), p["valid"])
     ds = call.zeros(p["s"].shape)
     launch(call.kernels["scatter_ds_k"], dbias.size, dbias, p["offsets"], ds)
     dc, dw = _estimate_vjp(call, p["c"], p["w"], ds, p["mask"], p["length"])

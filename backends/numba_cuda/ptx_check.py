@@ -1,4 +1,5 @@
-"""Compile every kernel of the Numba-CUDA backend to PTX, without a GPU: ``python -m refattn.backends.numba_cuda.ptx_check``.
+"""Compile every kernel of the Numba-CUDA backend to PTX, without a GPU:
+``python -m refattn.backends.numba_cuda.ptx_check``.
 
 Each kernel is compiled with ``numba.cuda.compile_ptx`` and its explicit float32 and float64
 signatures for every requested compute capability (default sm_80 and sm_90). This catches the

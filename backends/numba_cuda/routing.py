@@ -15,17 +15,42 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from refattn._validation import expect_shape, integer_in_range, padding_mask
+from refattn.checks import expect_shape, integer_in_range, padding_mask
 from refattn.routing import CentroidState, default_num_clusters, default_window
 from refattn.routing import init_centroids as _reference_init_centroids
 from refattn.routing.profiles import Profile
 
-from ._cluster_attention import (_cluster_backward, _cluster_forward, _combine, _combine_vjp, _features, _Routed,
-                                 cluster_attention, cluster_attention_vjp, combine, combine_vjp, local_attention,
-                                 local_attention_vjp, routed_inputs)
-from ._clustering import (_centroids, _normalize, _padded, _route, _similarity, assign, commitment_loss,
-                          commitment_loss_vjp, normalize, normalize_vjp, route, similarity, similarity_vjp,
-                          update_centroids)
+from ._cluster_attention import (
+    _cluster_backward,
+    _cluster_forward,
+    _combine,
+    _combine_vjp,
+    _features,
+    _Routed,
+    cluster_attention,
+    cluster_attention_vjp,
+    combine,
+    combine_vjp,
+    local_attention,
+    local_attention_vjp,
+    routed_inputs,
+)
+from ._clustering import (
+    _centroids,
+    _normalize,
+    _padded,
+    _route,
+    _similarity,
+    assign,
+    commitment_loss,
+    commitment_loss_vjp,
+    normalize,
+    normalize_vjp,
+    route,
+    similarity,
+    similarity_vjp,
+    update_centroids,
+)
 from ._runtime import Call, Meta, float_array, host_small
 
 __all__ = ["normalize", "normalize_vjp", "similarity", "similarity_vjp", "route", "cluster_attention",
@@ -49,31 +74,31 @@ def _pipeline(q: Any, k: Any, v: Any, centroids: Any, window: int | None, causal
               profile: str, key_padding_mask: Any) -> _Pipeline:
     """The reference's checks, in its order (the profile and its configuration, q, k, v, the
     centroids, the window, the mask), on metadata and device-side NaN counts."""
-    spec, causal, shared_qk, mq, mv = routed_inputs(q, k, v, profile, causal, shared_qk)
+    profile, causal, shared_qk, mq, mv = routed_inputs(q, k, v, profile, causal, shared_qk)
     batch, heads, length, dim = mq.shape
     clusters = _centroids(centroids, heads, dim).shape[1]
     window = default_window(length, clusters) if window is None else window
     window = integer_in_range(window, "window", low=1, high=length)
     mask = padding_mask(host_small(key_padding_mask), batch, length)
-    return _Pipeline(spec, causal, shared_qk, window, mask, mv.shape[3])
+    return _Pipeline(profile, causal, shared_qk, window, mask, mv.shape[3])
 
 
 def _routed(call: Call, pipeline: _Pipeline, q: Any, k: Any, centroids: Any) -> tuple[_Routed, Any, Any]:
     """Steps 1-3 on the device: members = route(normalize(x) μᵀ, W) for the queries and (unless
     shared) the keys. Also returns normalize(q) and normalize(k) (None when shared): the logit
     features of step 4 are made of the same normalization, so the attention reuses them."""
-    spec = pipeline.profile
+    profile = pipeline.profile
     batch, _, length, _ = q.shape
     padded = _padded(call, pipeline.mask, batch, length)
-    q_hat = _normalize(call, q, spec)
-    k_hat = None if pipeline.shared_qk else _normalize(call, k, spec)
+    q_hat = _normalize(call, q, profile)
+    k_hat = None if pipeline.shared_qk else _normalize(call, k, profile)
 
     def members(x_hat: Any) -> Any:
         return _route(call, _similarity(call, x_hat, centroids), pipeline.window, padded)
 
     q_members = members(q_hat)
     k_members = q_members if pipeline.shared_qk else members(k_hat)
-    return _Routed(spec, pipeline.causal, pipeline.shared_qk, q_members, k_members, pipeline.dim_v), q_hat, k_hat
+    return _Routed(profile, pipeline.causal, pipeline.shared_qk, q_members, k_members, pipeline.dim_v), q_hat, k_hat
 
 
 def attention(

@@ -1,6 +1,9 @@
 """The PyTorch backend: the interface of spec/interface.md on CPU and CUDA tensors, with autograd.
 
-Also the layers for training: :class:`FSATAttention` and :class:`RoutingAttention`.
+The reference's layout: :mod:`.fsat` and :mod:`.routing` hold one module per step of
+:mod:`refattn.fsat` and :mod:`refattn.routing`, with the same names; :mod:`.tensors` what the
+backend checks beyond :mod:`refattn.checks`; :mod:`.layers` the ``nn.Module`` layers for training,
+:class:`FSATAttention` and :class:`RoutingAttention`.
 
 ``get_backend("torch").fsat.attention`` and ``.routing.attention`` are differentiable with
 ``torch.autograd``; the ``*_vjp`` functions give the same gradients explicitly. Inputs must be
@@ -10,13 +13,17 @@ accumulated in float32 in the softmax, the reductions and the FFT).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 import torch
 
-from refattn.backends import Backend, Capabilities
+from refattn.backends import Backend, Capabilities, Strategy
 from refattn.backends.torch import fsat, routing
-from refattn.backends.torch.fsat_module import FSATAttention
-from refattn.backends.torch.routing_module import RoutingAttention
+from refattn.backends.torch.fsat.sparse_attention import SHIFT_KINDS, forced_shifts
+from refattn.backends.torch.layers import FSATAttention, RoutingAttention
+from refattn.backends.torch.tensors import vjp
 
 __all__ = ["FSATAttention", "RoutingAttention", "backend", "fsat", "routing"]
 
@@ -24,7 +31,7 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch
 
 
 def _from_numpy(array: np.ndarray, dtype: str | None = None, device: str = "cpu") -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(np.require(array, requirements="C"))  # ascontiguousarray would make 0-d arrays 1-d
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(_DTYPES[dtype])
     return tensor.to(device)
@@ -33,6 +40,25 @@ def _from_numpy(array: np.ndarray, dtype: str | None = None, device: str = "cpu"
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach().cpu()
     return (tensor.double() if tensor.is_floating_point() else tensor.long()).numpy()
+
+
+def _synchronize() -> None:
+    """Wait for every CUDA device's queue; tensors on the CPU are computed when a call returns."""
+    if torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
+
+
+def _dtype_of(tensor: Any) -> str:
+    if isinstance(tensor, torch.Tensor):
+        return str(tensor.dtype).removeprefix("torch.")
+    return np.asarray(tensor).dtype.name
+
+
+# The FSAT sparse attention pairs row i with row i + tau by slices on a CPU and by a row gather on a
+# GPU (fsat/sparse_attention.py); both are checked on whatever device is present.
+_SHIFTED = ("fsat.sparse_attention", "fsat.sparse_attention_vjp", "fsat.attention", "fsat.attention_vjp")
+STRATEGIES = tuple(Strategy(kind, _SHIFTED, functools.partial(forced_shifts, kind)) for kind in SHIFT_KINDS)
 
 
 def backend() -> Backend:
@@ -47,4 +73,8 @@ def backend() -> Backend:
         from_numpy=_from_numpy,
         to_numpy=_to_numpy,
         status=f"PyTorch {torch.__version__}, {where}",
+        synchronize=_synchronize,
+        dtype_of=_dtype_of,
+        autodiff=vjp,
+        strategies=STRATEGIES,
     )

@@ -101,8 +101,8 @@ def select(s, top_k: int, causal: bool = False, noise=None) -> np.ndarray:
     out = np.empty((batch, heads, k_eff), dtype=np.int64)
     for bb in range(batch):
         for hh in range(heads):
-            def key(tau: int) -> tuple[float, int, int]:
-                return (-float(s[bb, hh, tau + length - 1]), abs(tau), 0 if tau < 0 else 1)
+            def key(tau: int, row: np.ndarray = s[bb, hh]) -> tuple[float, int, int]:
+                return (-float(row[tau + length - 1]), abs(tau), 0 if tau < 0 else 1)
 
             ranked = sorted(candidates, key=key)
             out[bb, hh] = sorted([0] + ranked[: k_eff - 1])

@@ -20,6 +20,7 @@ import numpy as np
 __all__ = [
     "normalize",
     "route",
+    "cluster_attention",
     "routed_attention",
     "attention",
     "local_attention",
@@ -75,25 +76,46 @@ def route(similarities, window: int, key_padding_mask=None) -> np.ndarray:
     return members
 
 
+def _features(q, k, shared_qk: bool, profile: str):
+    """(query features, key features, logit scale) of spec/routing.md step 4."""
+    q = np.asarray(q, dtype=np.float64)
+    keys_raw = q if shared_qk else np.asarray(k, dtype=np.float64)
+    if profile == "tacl":
+        fq = normalize(q, "tacl")
+        return fq, (fq if shared_qk else normalize(keys_raw, "tacl")), 1.0
+    return q, (normalize(q, "lucidrains") if shared_qk else keys_raw), 1.0 / math.sqrt(q.shape[3])
+
+
+def cluster_attention(q, k, v, q_members, k_members, *, causal=False, shared_qk=False, profile="tacl") -> np.ndarray:
+    """o[b, h, c, w]: the query t in slot w of cluster c attending, by a softmax over a Python list, to
+    the keys j of cluster c (j <= t when causal; lucidrains shared QK: its own logit is -5e4); 0 for an
+    empty slot or one with no valid key."""
+    v = np.asarray(v, dtype=np.float64)
+    fq, fk, scale = _features(q, k, shared_qk, profile)
+    qm = np.asarray(q_members)
+    km = np.asarray(k_members)
+    batch, heads, clusters, window = qm.shape
+    out = np.zeros((batch, heads, clusters, window, v.shape[3]))
+    for b, h, c, w in np.ndindex(batch, heads, clusters, window):
+        t = int(qm[b, h, c, w])
+        keys = sorted({int(j) for j in km[b, h, c] if j >= 0 and (not causal or j <= t)})
+        if t < 0 or not keys:
+            continue
+        logits = [_SELF_LOGIT if shared_qk and profile == "lucidrains" and j == t
+                  else scale * float(np.dot(fq[b, h, t], fk[b, h, j])) for j in keys]
+        peak = max(logits)
+        weights = [math.exp(z - peak) for z in logits]
+        out[b, h, c, w] = sum(weight * v[b, h, j] for weight, j in zip(weights, keys, strict=True)) / sum(weights)
+    return out
+
+
 def routed_attention(q, k, v, q_members, k_members, *, causal=False, shared_qk=False, profile="tacl") -> np.ndarray:
     """Brute force over co-membership: for every token t and every cluster c whose query list holds
     t, a dense softmax over the keys j of c (j <= t when causal), then the combine rule
     out_t = sum_c o_{c,t} / (count_t + eps). Equals combine(cluster_attention(...)) by definition."""
-    q = np.asarray(q, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
-    batch, heads, length, dim = q.shape
-    if shared_qk:
-        keys_raw = q
-    else:
-        keys_raw = np.asarray(k, dtype=np.float64)
-    if profile == "tacl":
-        fq = normalize(q, "tacl")
-        fk = fq if shared_qk else normalize(keys_raw, "tacl")
-        scale = 1.0
-    else:
-        fq = q
-        fk = normalize(q, "lucidrains") if shared_qk else keys_raw
-        scale = 1.0 / math.sqrt(dim)
+    batch, heads, length, _ = np.shape(q)
+    fq, fk, scale = _features(q, k, shared_qk, profile)
     qm = np.asarray(q_members)
     km = np.asarray(k_members)
     out = np.zeros((batch, heads, length, v.shape[3]))
@@ -119,7 +141,7 @@ def routed_attention(q, k, v, q_members, k_members, *, causal=False, shared_qk=F
                     peak = max(logits)
                     weights = [math.exp(z - peak) for z in logits]
                     norm = sum(weights)
-                    for weight, j in zip(weights, keys):
+                    for weight, j in zip(weights, keys, strict=True):
                         total += (weight / norm) * v[b, h, j]
                 out[b, h, t] = total / (len(clusters_of[t]) + _COMBINE_EPS[profile])
     return out

@@ -1,4 +1,4 @@
-"""Benchmarks of refattn's backends (issue 6): FLOP/byte models, cases, the sweep and its report.
+"""Benchmarks of refattn's backends: FLOP/byte models, cases, the sweep and its report.
 
 - :mod:`.models`: analytic FLOPs (attended elements + FFT / k-means, and dense-equivalent) and bytes;
 - :mod:`.measure`: timing (warm-up, median, IQR), peak memory (tracemalloc, torch profiler memory
@@ -6,7 +6,7 @@
 - :mod:`.cases`: one timed callable per (backend, algorithm, direction, dtype, shape), shared by the
   pytest-benchmark suite (tests/benchmarks) and the sweep;
 - :mod:`.runner`: ``refattn bench``: sweep, table, JSON, PNG plots;
-- :mod:`.targets`: the issue's performance targets.
+- :mod:`.targets`: the performance targets (speed and memory against dense attention and the peer).
 
 Importing this package imports neither torch nor matplotlib.
 """

@@ -16,14 +16,19 @@ the peer ``lucidrains`` (``routing_transformer.KmeansAttention``, routing only).
 Directions: ``fwd`` (torch under ``no_grad``), ``bwd`` (torch: the forward runs once when the case
 is built, then ``out.backward(dout, retain_graph=True)`` is timed alone, gradients reset each call;
 array backends: ``attention_vjp``, which recomputes the forward internally), ``fwdbwd``.
-Device work is synchronised inside the callable.
+The callable ends with the backend's ``synchronize()``, so a timing includes the device's work.
+
+Nothing here depends on a backend's name: what differs follows from the library of its arrays
+(:func:`array_library`: torch tensors are timed with autograd, NumPy arrays get the NumPy dense
+baseline and tracemalloc) and from its capabilities.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +82,7 @@ class Case:
     device: str
     shape: Shape
     fn: Callable[[], Any]
-    framework: str  # "numpy", "torch", "cupy" or "other": picks the peak-memory method
+    framework: str  # the array library (array_library): picks the peak-memory method
     info: dict[str, Any] = field(default_factory=dict)
 
     def peak_memory(self) -> tuple[int | None, str]:
@@ -112,8 +117,8 @@ def load_backend(name: str) -> Any:
 
 def _inputs(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    b, h, l, d = shape.batch, shape.heads, shape.length, shape.dim
-    q, k, v, dout = (rng.standard_normal((b, h, l, d)) for _ in range(4))
+    b, h, n, d = shape.batch, shape.heads, shape.length, shape.dim
+    q, k, v, dout = (rng.standard_normal((b, h, n, d)) for _ in range(4))
     w = rng.standard_normal((h, d)) / math.sqrt(d)
     centroids = rng.standard_normal((h, shape.num_clusters, d))
     centroids /= np.linalg.norm(centroids, axis=-1, keepdims=True)
@@ -122,23 +127,23 @@ def _inputs(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
 
 def _info(case_backend: str, algorithm: str, direction: str, dtype: str, device: str, shape: Shape,
           compute_dtype: str, device_name: str) -> dict[str, Any]:
-    b, h, l, d = shape.batch, shape.heads, shape.length, shape.dim
+    b, h, n, d = shape.batch, shape.heads, shape.length, shape.dim
     if algorithm == "fsat":
-        flops = models.fsat_flops(b, h, l, d, shape.top_k, direction=direction)
+        flops = models.fsat_flops(b, h, n, d, shape.top_k, direction=direction)
         params = {"top_k": shape.top_k}
     elif algorithm == "routing":
-        flops = models.routing_flops(b, h, l, d, shape.num_clusters, shape.window_size, direction=direction)
+        flops = models.routing_flops(b, h, n, d, shape.num_clusters, shape.window_size, direction=direction)
         params = {"clusters": shape.num_clusters, "window": shape.window_size}
     else:
-        flops = models.dense_flops(b, h, l, d, direction=direction)
+        flops = models.dense_flops(b, h, n, d, direction=direction)
         params = {}
     itemsize = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 8)
     return {
         "backend": case_backend, "algorithm": algorithm, "direction": direction, "dtype": dtype,
         "compute_dtype": compute_dtype, "device": device, "device_name": device_name,
-        "batch": b, "heads": h, "length": l, "dim": d, **params,
-        "flops": flops, "dense_flops": models.dense_flops(b, h, l, d, direction=direction),
-        "bytes": models.attention_bytes(b, h, l, d, itemsize=itemsize, direction=direction),
+        "batch": b, "heads": h, "length": n, "dim": d, **params,
+        "flops": flops, "dense_flops": models.dense_flops(b, h, n, d, direction=direction),
+        "bytes": models.attention_bytes(b, h, n, d, itemsize=itemsize, direction=direction),
     }
 
 
@@ -183,57 +188,68 @@ def _dense_numpy_vjp(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarr
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense_fits(backend: str, direction: str, shape: Shape, dense_max_gflop: float, dense_max_bytes: float) -> None:
+def _dense_fits(numpy_arrays: bool, direction: str, shape: Shape, dense_max_gflop: float,
+                dense_max_bytes: float) -> None:
+    """Unsupported unless the dense baseline fits its budget (the NumPy baseline: a tighter one)."""
     flops = models.dense_flops(shape.batch, shape.heads, shape.length, shape.dim, direction=direction)
-    if backend == "numpy":
+    if numpy_arrays:
         dense_max_gflop = min(dense_max_gflop, NUMPY_DENSE_MAX_GFLOP)
     if flops > dense_max_gflop * 1e9:
         raise Unsupported(f"dense at L={shape.length}: {flops / 1e9:.0f} GFLOP exceeds the dense budget "
                           f"({dense_max_gflop:.0f} GFLOP; raise --dense-max-gflop to run it)")
-    if backend == "numpy":
+    if numpy_arrays:
         need = 3 * 8 * shape.length**2
         if need > dense_max_bytes:
             raise Unsupported(f"NumPy dense at L={shape.length} needs {need / 2**30:.1f} GiB of L×L matrices "
                               f"(limit {dense_max_bytes / 2**30:.1f} GiB)")
 
 
-def _array_case(name: str, ns_backend: Any, algorithm: str, direction: str, dtype: str, shape: Shape,
-                arrays: dict[str, np.ndarray], profile: str) -> tuple[Callable[[], Any], str, str, str, str]:
-    """Backends with NumPy-like arrays and explicit ``*_vjp`` functions (numpy, cupy, numba, ...)."""
-    if name == "numpy":
-        framework, device, device_name, compute = "numpy", "cpu", measure.cpu_name(), "float64"
-        cast = {key: value.astype(dtype) if dtype in ("float32", "float64") else value for key, value in arrays.items()}
-        sync: Callable[[], None] = lambda: None  # noqa: E731
-    else:
-        caps = ns_backend.capabilities
-        if dtype not in caps.dtypes:
-            raise Unsupported(f"backend {name!r} does not support {dtype} (supports {', '.join(caps.dtypes)})")
-        if not caps.devices:
-            raise Unsupported(f"backend {name!r} has no device here: {caps.unavailable}")
-        device = caps.devices[0]
-        framework = "cupy" if name == "cupy" else "other"
-        cast = {key: ns_backend.from_numpy(value, dtype, device) for key, value in arrays.items()}
-        compute, device_name = dtype, ns_backend.status or device
-        sync = ns_backend.extra.get("synchronize", lambda: None)
-        if name == "cupy":
-            import cupy
+def array_library(backend: Any) -> str:
+    """The library of the backend's arrays (``"numpy"``, ``"torch"``, ``"cupy"``, ``"numba"``, ...), read
+    from one array its bridge makes; :class:`Unsupported` when it has no device here."""
+    caps = backend.capabilities
+    if not caps.devices:
+        raise Unsupported(f"backend {backend.name!r} has no device here: {caps.unavailable}")
+    probe = backend.from_numpy(np.zeros(1), caps.dtypes[0], caps.devices[0])
+    return type(probe).__module__.partition(".")[0]
 
-            sync = cupy.cuda.Device().synchronize
-    if direction != "fwd" and name != "numpy" and not ns_backend.capabilities.gradients:
-        raise Unsupported(f"backend {name!r} provides no gradients")
+
+def _array_case(backend: Any, framework: str, algorithm: str, direction: str, dtype: str, shape: Shape,
+                arrays: dict[str, np.ndarray], profile: str) -> tuple[Callable[[], Any], str, str, str]:
+    """Backends with explicit ``*_vjp`` functions, timed through their array bridge.
+
+    A backend whose only dtype is float64 promotes every input to it (the reference's contract,
+    spec/interface.md): it runs every case in float64, its inputs first rounded to the case's dtype
+    where NumPy has it.
+    """
+    caps = backend.capabilities
+    device = caps.devices[0]
+    if dtype in caps.dtypes:
+        compute = dtype
+        cast = {key: backend.from_numpy(value, dtype, device) for key, value in arrays.items()}
+    elif caps.dtypes == ("float64",):
+        compute = "float64"
+        rounded = {key: value.astype(dtype) if dtype in ("float32", "float64") else value
+                   for key, value in arrays.items()}
+        cast = {key: backend.from_numpy(value, None, device) for key, value in rounded.items()}
+    else:
+        raise Unsupported(f"backend {backend.name!r} does not support {dtype} (supports {', '.join(caps.dtypes)})")
+    device_name = measure.cpu_name() if framework == "numpy" else (backend.status or device)
+    if direction != "fwd" and not caps.gradients:
+        raise Unsupported(f"backend {backend.name!r} provides no gradients")
     q, k, v, dout = cast["q"], cast["k"], cast["v"], cast["dout"]
     if algorithm == "fsat":
-        ns = ns_backend.fsat
+        ns = backend.fsat
         forward = lambda: ns.attention(q, k, v, cast["w"], shape.top_k)  # noqa: E731
         backward = lambda: ns.attention_vjp(q, k, v, cast["w"], shape.top_k, dout)  # noqa: E731
     elif algorithm == "routing":
-        ns = ns_backend.routing
+        ns = backend.routing
         cent, window = cast["centroids"], shape.window_size
         forward = lambda: ns.attention(q, k, v, cent, window=window, profile=profile)  # noqa: E731
         backward = lambda: ns.attention_vjp(q, k, v, cent, dout, window=window, profile=profile)  # noqa: E731
     else:
-        if name != "numpy":
-            raise Unsupported(f"the dense baseline runs on torch (SDPA) and numpy only, not {name!r}")
+        if framework != "numpy":
+            raise Unsupported(f"the dense baseline runs on torch (SDPA) and NumPy arrays only, not {backend.name!r}")
         forward = lambda: _dense_numpy_forward(q, k, v)  # noqa: E731
         backward = lambda: _dense_numpy_vjp(q, k, v, dout)  # noqa: E731
 
@@ -243,14 +259,15 @@ def _array_case(name: str, ns_backend: Any, algorithm: str, direction: str, dtyp
             result = forward()
         if direction in ("bwd", "fwdbwd"):
             result = backward()
-        sync()
+        backend.synchronize()
         return result
 
-    return run, framework, device, device_name, compute
+    return run, device, device_name, compute
 
 
 def _torch_case(name: str, algorithm: str, direction: str, dtype: str, shape: Shape, arrays: dict[str, np.ndarray],
                 profile: str, device: str | None) -> tuple[Callable[[], Any], str, str, str]:
+    """Torch tensors with autograd: the registry's backends whose arrays are tensors, and the peer."""
     import torch
 
     dtypes = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -298,7 +315,10 @@ def _torch_case(name: str, algorithm: str, direction: str, dtype: str, shape: Sh
             sdpa = torch.nn.functional.scaled_dot_product_attention
             forward = lambda: sdpa(q, k, v)  # noqa: E731
 
-    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    if name == PEER:
+        sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    else:
+        sync = backend.synchronize
     leaves = [tensors[key] for key in grad_names]
 
     def reset() -> None:
@@ -341,23 +361,24 @@ def build_case(backend: str, algorithm: str, direction: str, dtype: str, shape: 
         raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
-    if algorithm == "dense":
-        _dense_fits(backend, direction, shape, dense_max_gflop, dense_max_bytes)
     if algorithm == "routing" and shape.window_size > shape.length:
         raise Unsupported(f"window {shape.window_size} > L {shape.length}")
-    arrays = _inputs(shape, seed)
     if backend == PEER:
         framework = "torch"
-        fn, dev, device_name, compute = _torch_case(backend, algorithm, direction, dtype, shape, arrays, profile, device)
     else:
         loaded = load_backend(backend)
-        if backend == "torch":
-            framework = "torch"
-            fn, dev, device_name, compute = _torch_case(backend, algorithm, direction, dtype, shape, arrays, profile, device)
-        else:
-            fn, framework, dev, device_name, compute = _array_case(backend, loaded, algorithm, direction, dtype, shape,
-                                                                    arrays, profile)
+        framework = array_library(loaded)
+    if algorithm == "dense":
+        _dense_fits(framework == "numpy", direction, shape, dense_max_gflop, dense_max_bytes)
+    arrays = _inputs(shape, seed)
+    if framework == "torch":
+        fn, dev, device_name, compute = _torch_case(backend, algorithm, direction, dtype, shape, arrays, profile,
+                                                    device)
+    else:
+        fn, dev, device_name, compute = _array_case(loaded, framework, algorithm, direction, dtype, shape, arrays,
+                                                    profile)
     info = _info(backend, algorithm, direction, dtype, dev, shape, compute, device_name)
-    if backend in ("numpy",) and direction == "bwd":
+    info["framework"] = framework
+    if framework != "torch" and direction == "bwd":
         info["note"] = "bwd = attention_vjp, which recomputes the forward"
     return Case(backend, algorithm, direction, dtype, dev, shape, fn, framework, info)

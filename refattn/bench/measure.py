@@ -24,10 +24,12 @@ import platform
 import statistics
 import time
 import tracemalloc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
-def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, max_seconds: float | None = None) -> list[float]:
+def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
+               max_seconds: float | None = None) -> list[float]:
     """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed ones.
 
     With ``max_seconds``, stops early (after at least one timed call) once the timed calls have used
@@ -84,7 +86,8 @@ def peak_torch_cpu(fn: Callable[[], Any]) -> int:
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type().name == "CPU"]
     events.sort(key=lambda e: e.start_ns())
     current = peak = 0
     for event in events:

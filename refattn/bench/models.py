@@ -41,7 +41,8 @@ def next_fast_len(target: int) -> int:
     return best
 
 
-def dense_flops(batch: int, heads: int, length: int, dim: int, dim_v: int | None = None, direction: str = "fwd") -> float:
+def dense_flops(batch: int, heads: int, length: int, dim: int, dim_v: int | None = None,
+                direction: str = "fwd") -> float:
     """2·B·H·L²·(D + Dv) forward (= 4·B·H·L²·D), times 2.5 backward, 3.5 forward+backward."""
     _check(direction)
     dim_v = dim if dim_v is None else dim_v

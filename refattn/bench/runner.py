@@ -13,8 +13,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from . import cases, measure
 
@@ -82,9 +83,14 @@ def _mib(value: Any) -> str:
     return "—" if value is None else f"{value / 2**20:.1f}"
 
 
+def _baseline(record: dict[str, Any]) -> str:
+    """Which dense baseline a result is compared with: NumPy's for NumPy arrays, else torch's SDPA."""
+    return "numpy" if record.get("framework") == "numpy" else "torch"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """A fixed-width table, one row per result; speedup vs the same framework's dense baseline."""
-    dense = {(r["direction"], r["dtype"], r["length"], r["batch"], "numpy" if r["backend"] == "numpy" else "torch"): r
+    dense = {(r["direction"], r["dtype"], r["length"], r["batch"], _baseline(r)): r
              for r in results if r["algorithm"] == "dense" and r.get("status") == "ok"}
     header = (f"{'backend':<11} {'algorithm':<8} {'dir':<6} {'dtype':<8} {'L':>6} {'B':>3} {'median ms':>10} "
               f"{'IQR ms':>8} {'GFLOP/s':>8} {'dense-eq':>9} {'peak MiB':>9} {'vs dense':>9}")
@@ -95,7 +101,7 @@ def table(results: list[dict[str, Any]]) -> str:
             key = (r["backend"], r["status"], r.get("reason", ""))
             skipped.setdefault(key, []).append(f"{r['algorithm']} {r['direction']} {r['dtype']} L={r['length']}")
             continue
-        base = dense.get((r["direction"], r["dtype"], r["length"], r["batch"], "numpy" if r["backend"] == "numpy" else "torch"))
+        base = dense.get((r["direction"], r["dtype"], r["length"], r["batch"], _baseline(r)))
         speedup = f"{base['median_s'] / r['median_s']:.1f}x" if base is not None and r["algorithm"] != "dense" else "—"
         lines.append(f"{r['backend']:<11} {r['algorithm']:<8} {r['direction']:<6} {r['dtype']:<8} {r['length']:>6} "
                      f"{r['batch']:>3} {r['median_s'] * 1e3:>10.2f} {r['iqr_s'] * 1e3:>8.2f} {r['gflops']:>8.2f} "
@@ -142,7 +148,8 @@ def plots(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                 ax.set_yscale("log")
                 ax.set_xlabel("sequence length L (B = " + ", ".join(f"{b}" for _, b in batches) + ")")
                 ax.set_ylabel(ylabel)
-                ax.set_title(f"{direction} {dtype}, H={rows[0]['heads']} D={rows[0]['dim']} ({rows[0].get('device', '')})")
+                ax.set_title(f"{direction} {dtype}, H={rows[0]['heads']} D={rows[0]['dim']} "
+                             f"({rows[0].get('device', '')})")
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=8)
                 fig.tight_layout()

@@ -1,4 +1,4 @@
-"""The performance targets of issue 6, measured with the same cases as the sweep.
+"""The performance targets (speed and memory ratios between two cases), measured with the same cases as the sweep.
 
 Each target times two cases (median of ``repeats`` after warm-up), measures their peak memory and
 states the ratio against its threshold. CPU figures only unless a device is asked for explicitly.
@@ -7,8 +7,9 @@ states the ratio against its threshold. CPU figures only unless a device is aske
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from . import cases, measure
 
@@ -108,7 +109,8 @@ def run(dtype: str = "float32", repeats: int = 3, device: str | None = "cpu", na
         if memory and slow.get("peak_bytes"):
             memory_ratio = fast["peak_bytes"] / slow["peak_bytes"]
             record["memory_ratio"] = memory_ratio
-            met &= memory_ratio < target.max_memory_ratio if target.strict_memory else memory_ratio <= target.max_memory_ratio
+            limit = target.max_memory_ratio
+            met &= memory_ratio < limit if target.strict_memory else memory_ratio <= limit
         record["verdict"] = "met" if met else "NOT met"
         log(format_record(record))
         records.append(record)
@@ -119,9 +121,10 @@ def format_record(record: dict[str, Any]) -> str:
     if "time_ratio" not in record:
         return f"  {record['target']}: {record['verdict']}"
     slow, fast = record["numerator"], record["denominator"]
-    text = (f"  {record['target']}: {slow['backend']}/{slow['algorithm']} L={slow['length']} {slow['median_s'] * 1e3:.1f} ms"
-            f" vs {fast['backend']}/{fast['algorithm']} L={fast['length']} {fast['median_s'] * 1e3:.1f} ms: ratio "
-            f"{record['time_ratio']:.2f} (range {record['time_ratio_range'][0]:.2f}-{record['time_ratio_range'][1]:.2f})")
+    low, high = record["time_ratio_range"]
+    text = (f"  {record['target']}: {slow['backend']}/{slow['algorithm']} L={slow['length']} "
+            f"{slow['median_s'] * 1e3:.1f} ms vs {fast['backend']}/{fast['algorithm']} L={fast['length']} "
+            f"{fast['median_s'] * 1e3:.1f} ms: ratio {record['time_ratio']:.2f} (range {low:.2f}-{high:.2f})")
     if "memory_ratio" in record:
         text += (f"; peak {fast['peak_bytes'] / 2**20:.1f} MiB vs {slow['peak_bytes'] / 2**20:.1f} MiB "
                  f"(ratio {record['memory_ratio']:.3f})")

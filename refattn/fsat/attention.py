@@ -8,69 +8,113 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask, sequence
+from refattn import checks
+from refattn.checks import as_float64
 
-from .cross import cross, cross_vjp
-from .estimate import estimate, estimate_vjp
-from .select import select
-from .sparse_attention import sparse_attention, sparse_attention_vjp
+from .cross import cross_core, cross_vjp_core
+from .estimate import estimate_core, estimate_vjp_core
+from .select import select_core
+from .sparse_attention import sparse_attention_core, sparse_attention_vjp_core
 
-__all__ = ["FSATGrads", "attention", "attention_vjp"]
+__all__ = [
+    "FSATGrads",
+    "Plan",
+    "attention",
+    "attention_vjp",
+    "check_attention",
+    "check_attention_vjp",
+    "attention_core",
+    "attention_vjp_core",
+    "plan_core",
+]
 
 
 class FSATGrads(NamedTuple):
-    """Gradients returned by :func:`attention_vjp`; ``cross_q``/``cross_k`` are None unless given."""
+    """Gradients returned by :func:`attention_vjp` (and every backend's); ``cross_q``/``cross_k`` are
+    None unless given. Arrays of the backend's kind (float64 NumPy arrays for the reference)."""
 
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    w: np.ndarray
-    cross_q: np.ndarray | None
-    cross_k: np.ndarray | None
-
-
-class _Plan(NamedTuple):
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    w: np.ndarray
-    a: np.ndarray  # cross inputs: cross_q or q
-    b: np.ndarray  # cross_k or k
-    separate: bool  # were cross_q/cross_k given?
-    mask: np.ndarray | None
-    c: np.ndarray  # (B, H, 2L-1, Dc)
-    s: np.ndarray  # (B, H, 2L-1)
-    offsets: np.ndarray  # (B, H, K_eff)
-    bias: np.ndarray  # (B, H, K_eff) = s at the offsets
+    q: Any
+    k: Any
+    v: Any
+    w: Any
+    cross_q: Any | None
+    cross_k: Any | None
 
 
-def _plan(q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k) -> _Plan:
-    """Validate every input, then run steps 1-2 (cross, estimate, select)."""
-    q = sequence(q, "q", "(B, H, L, D)")
+def check_attention(
+    q: Any, k: Any, v: Any, w: Any, top_k: Any, causal: Any = False, key_padding_mask: Any = None,
+    noise: Any = None, cross_q: Any = None, cross_k: Any = None,
+) -> tuple[Any, Any, Any, Any, int, bool, Any, Any, Any, Any]:
+    """Validate the arguments of :func:`attention`; returns them in that order."""
+    q, k, v, w, key_padding_mask, noise, cross_q, cross_k = checks.arrays(
+        q=q, k=k, v=v, w=w, key_padding_mask=key_padding_mask, noise=noise, cross_q=cross_q, cross_k=cross_k
+    )
+    q = checks.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
-    k = sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
-    v = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
+    k = checks.sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
+    v = checks.sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
     if (cross_q is None) != (cross_k is None):
         missing = "cross_k" if cross_k is None else "cross_q"
         raise ValueError(f"{missing}: cross_q and cross_k must be given together (both or neither), got only one")
-    separate = cross_q is not None
-    if separate:
-        a = sequence(cross_q, "cross_q", "(B, H, L, Dc)", (batch, heads, length))
-        b = sequence(cross_k, "cross_k", "(B, H, L, Dc)", (batch, heads, length), feature=a.shape[3])
-    else:
-        a, b = q, k
-    w = float_array(w, "w", rank=2, axes="(H, Dc)")
-    expect_shape(w, "w", (heads, a.shape[3]), "(H, Dc)")
-    top_k = integer_in_range(top_k, "top_k", low=1)
-    mask = padding_mask(key_padding_mask, batch, length)
+    if cross_q is not None:
+        cross_q = checks.sequence(cross_q, "cross_q", "(B, H, L, Dc)", (batch, heads, length))
+        cross_k = checks.sequence(cross_k, "cross_k", "(B, H, L, Dc)", (batch, heads, length), feature=cross_q.shape[3])
+    features = dim if cross_q is None else cross_q.shape[3]
+    w = checks.float_array(w, "w", rank=2, axes="(H, Dc)")
+    checks.expect_shape(w, "w", (heads, features), "(H, Dc)")
+    top_k = checks.integer_in_range(top_k, "top_k", low=1)
+    causal = checks.flag(causal, "causal")
+    mask = checks.padding_mask(key_padding_mask, batch, length)
     if noise is not None:
-        noise = float_array(noise, "noise", rank=3, axes="(B, H, 2L - 1)")
-        expect_shape(noise, "noise", (batch, heads, 2 * length - 1), "(B, H, 2L - 1)")
-    c = cross(a, b, key_padding_mask=mask)
-    s = estimate(c, w, key_padding_mask=mask)
-    offsets = select(s, top_k, causal=causal, noise=noise)
-    bias = np.take_along_axis(s, offsets + (length - 1), axis=2)
-    return _Plan(q, k, v, w, a, b, separate, mask, c, s, offsets, bias)
+        noise = checks.float_array(noise, "noise", rank=3, axes="(B, H, 2L - 1)")
+        checks.expect_shape(noise, "noise", (batch, heads, 2 * length - 1), "(B, H, 2L - 1)")
+    return q, k, v, w, top_k, causal, mask, noise, cross_q, cross_k
+
+
+class Plan(NamedTuple):
+    """Steps 1-2 of FSAT (:func:`plan_core`)."""
+
+    c: Any  # (B, H, 2L - 1, Dc) the cross
+    s: Any  # (B, H, 2L - 1) the estimate, -inf where n_tau = 0
+    offsets: Any  # (B, H, K_eff) int64, the selected offsets
+    bias: Any  # (B, H, K_eff) = s at the offsets
+
+
+def plan_core(
+    q: Any, k: Any, w: Any, top_k: int, *, causal: bool = False, key_padding_mask: Any = None, noise: Any = None,
+    cross_q: Any = None, cross_k: Any = None,
+) -> Plan:
+    """Steps 1-2 on validated arrays of one floating dtype: c = cross(a, b) with (a, b) = (cross_q,
+    cross_k) or (q, k), s = estimate(c, w), the offsets select(s, K, noise) and their bias s[offsets].
+
+    Raises ``ValueError`` (:func:`refattn.checks.check_overflow`) when the cross or the estimate
+    overflows the dtype, naming the arguments that did.
+    """
+    xp = checks.array_namespace(q, k, w)
+    a, b = (q, k) if cross_q is None else (cross_q, cross_k)
+    names = ("q", "k") if cross_q is None else ("cross_q", "cross_k")
+    c = cross_core(a, b, key_padding_mask=key_padding_mask)
+    checks.check_overflow(c, "the cross", **dict(zip(names, (a, b), strict=True)))
+    s = estimate_core(c, w, key_padding_mask=key_padding_mask)
+    checks.check_overflow(s, "the estimate", allow_neg_inf=True, **dict(zip(names, (a, b), strict=True)), w=w)
+    offsets = select_core(s, top_k, causal=causal, noise=noise)
+    bias = xp.take_along_axis(s, offsets + (q.shape[2] - 1), axis=2)
+    return Plan(c, s, offsets, bias)
+
+
+def attention_core(
+    q: Any, k: Any, v: Any, w: Any, top_k: int, *, causal: bool = False, key_padding_mask: Any = None,
+    noise: Any = None, cross_q: Any = None, cross_k: Any = None,
+) -> Any:
+    """:func:`attention` of validated arguments of one floating dtype, computed and returned in that
+    dtype; raises ``ValueError`` when a step overflows it (:func:`plan_core`, and the attention logits)."""
+    plan = plan_core(q, k, w, top_k, causal=causal, key_padding_mask=key_padding_mask, noise=noise,
+                     cross_q=cross_q, cross_k=cross_k)
+    offsets, bias = plan.offsets, plan.bias
+    del plan  # frees the (B, H, 2L - 1, Dc) cross before the attention runs
+    out, lse = sparse_attention_core(q, k, v, offsets, bias, causal=causal, key_padding_mask=key_padding_mask)
+    checks.check_overflow(lse, "the sparse attention", allow_neg_inf=True, q=q, k=k)
+    return out
 
 
 def attention(
@@ -111,11 +155,52 @@ def attention(
     Cost O(N log N * Dc + L * K * (D + Dv)) time, O(N * Dc + L * (K + D + Dv)) memory per
     (batch, head), N = next_fast_len(2L - 1); no L x L array.
     """
-    plan = _plan(q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k)
-    q, k, v, offsets, bias, mask = plan.q, plan.k, plan.v, plan.offsets, plan.bias, plan.mask
-    del plan  # frees the (B, H, 2L - 1, Dc) cross before the attention runs
-    out, _ = sparse_attention(q, k, v, offsets, bias, causal=causal, key_padding_mask=mask)
-    return out
+    q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k = check_attention(
+        q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k
+    )
+    q, k, v, w, noise, cross_q, cross_k = as_float64(q, k, v, w, noise, cross_q, cross_k)
+    return attention_core(q, k, v, w, top_k, causal=causal, key_padding_mask=key_padding_mask, noise=noise,
+                          cross_q=cross_q, cross_k=cross_k)
+
+
+def check_attention_vjp(
+    q: Any, k: Any, v: Any, w: Any, top_k: Any, dout: Any, causal: Any = False, key_padding_mask: Any = None,
+    noise: Any = None, cross_q: Any = None, cross_k: Any = None,
+) -> tuple[Any, Any, Any, Any, int, Any, bool, Any, Any, Any, Any]:
+    """Validate the arguments of :func:`attention_vjp`; returns them in that order."""
+    q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k = check_attention(
+        q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k
+    )
+    dout = checks.sequence(checks.as_array(dout, "dout"), "dout", "(B, H, L, Dv)", q.shape[:3], feature=v.shape[3])
+    return q, k, v, w, top_k, dout, causal, key_padding_mask, noise, cross_q, cross_k
+
+
+def attention_vjp_core(
+    q: Any, k: Any, v: Any, w: Any, top_k: int, dout: Any, *, causal: bool = False, key_padding_mask: Any = None,
+    noise: Any = None, cross_q: Any = None, cross_k: Any = None,
+) -> FSATGrads:
+    """:func:`attention_vjp` of validated arguments of one floating dtype, computed and returned in
+    that dtype; raises ``ValueError`` when the forward steps (:func:`plan_core`) or a gradient overflow it."""
+    xp = checks.array_namespace(q, k, v)
+    plan = plan_core(q, k, w, top_k, causal=causal, key_padding_mask=key_padding_mask, noise=noise,
+                     cross_q=cross_q, cross_k=cross_k)
+    dq, dk, dv, dbias = sparse_attention_vjp_core(
+        q, k, v, plan.offsets, plan.bias, dout, causal=causal, key_padding_mask=key_padding_mask
+    )
+    ds = xp.zeros_like(plan.s)
+    xp.put_along_axis(ds, plan.offsets + (q.shape[2] - 1), dbias, axis=2)
+    dc, dw = estimate_vjp_core(plan.c, w, ds, key_padding_mask=key_padding_mask)
+    where = "the gradient of the attention"
+    checks.check_overflow(dq, where, dout=dout, v=v, k=k)
+    checks.check_overflow(dk, where, dout=dout, v=v, q=q)
+    checks.check_overflow(dv, where, dout=dout)
+    checks.check_overflow(dw, where, dout=dout, v=v, q=q, k=k)
+    if cross_q is None:
+        return FSATGrads(dq, dk, dv, dw, None, None)
+    da, db = cross_vjp_core(cross_q, cross_k, dc, key_padding_mask=key_padding_mask)
+    checks.check_overflow(da, where, dout=dout, v=v, w=w, cross_k=cross_k)
+    checks.check_overflow(db, where, dout=dout, v=v, w=w, cross_q=cross_q)
+    return FSATGrads(dq, dk, dv, dw, da, db)
 
 
 def attention_vjp(
@@ -152,15 +237,9 @@ def attention_vjp(
     Returns:
         FSATGrads(q, k, v, w, cross_q, cross_k), float64; the cross fields are None unless given.
     """
-    plan = _plan(q, k, v, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k)
-    dq, dk, dv, dbias = sparse_attention_vjp(
-        plan.q, plan.k, plan.v, plan.offsets, plan.bias, dout, causal=causal, key_padding_mask=plan.mask
+    q, k, v, w, top_k, dout, causal, key_padding_mask, noise, cross_q, cross_k = check_attention_vjp(
+        q, k, v, w, top_k, dout, causal, key_padding_mask, noise, cross_q, cross_k
     )
-    length = plan.q.shape[2]
-    ds = np.zeros_like(plan.s)
-    np.put_along_axis(ds, plan.offsets + (length - 1), dbias, axis=2)
-    dc, dw = estimate_vjp(plan.c, plan.w, ds, key_padding_mask=plan.mask)
-    if not plan.separate:
-        return FSATGrads(dq, dk, dv, dw, None, None)
-    da, db = cross_vjp(plan.a, plan.b, dc, key_padding_mask=plan.mask)
-    return FSATGrads(dq, dk, dv, dw, da, db)
+    q, k, v, w, dout, noise, cross_q, cross_k = as_float64(q, k, v, w, dout, noise, cross_q, cross_k)
+    return attention_vjp_core(q, k, v, w, top_k, dout, causal=causal, key_padding_mask=key_padding_mask,
+                              noise=noise, cross_q=cross_q, cross_k=cross_k)

@@ -9,50 +9,89 @@ A pair (i, i + tau) is valid when both positions lie in [0, L) and neither is pa
 the valid pairs. All L**2 pairs are pooled without forming them: the numerator is a linear
 convolution of the reversed ``a`` with ``b`` along the sequence axis, computed with zero-padded real
 FFTs of length N = next_fast_len(2L - 1) (no wrap-around can reach the 2L - 1 outputs kept).
+
+Each public function ``f`` is ``check_f`` (validate the arguments), the promotion to float64, and
+``f_core`` (compute on validated arrays of any floating dtype, NumPy or CuPy); see :mod:`refattn.fsat`.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import numpy as np
-import scipy.fft
 
-from refattn._validation import integer_in_range, padding_mask, sequence
+from refattn import checks
+from refattn.checks import as_float64
+
+__all__ = [
+    "pair_counts",
+    "cross",
+    "cross_vjp",
+    "check_pair_counts",
+    "check_cross",
+    "check_cross_vjp",
+    "pair_counts_core",
+    "cross_core",
+    "cross_vjp_core",
+    "next_fast_len",
+]
+
+AXES = "(B, H, L, Dc)"
 
 
-__all__ = ["pair_counts", "cross", "cross_vjp"]
+def next_fast_len(target: int) -> int:
+    """The smallest 2**a * 3**b * 5**c >= target: ``scipy.fft.next_fast_len(target, real=True)``.
 
-_AXES = "(B, H, L, Dc)"
+    Pure Python, so that ``torch.compile`` traces it as a constant (SciPy's is a C extension) and the
+    CuPy and torch backends pick the FFT lengths the reference picks; a test checks it against SciPy.
+    """
+    if target <= 6:
+        return max(int(target), 1)
+    best = 1 << (target - 1).bit_length()  # a power of two is always a candidate
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            quotient = -(-target // p35)  # the smallest power of two with p35 * 2**a >= target
+            best = min(best, p35 * (1 << (quotient - 1).bit_length()))
+            p35 *= 3
+        p5 *= 5
+    return best
 
 
-def _fft_length(length: int) -> int:
-    """N >= 2L - 1, a fast size for real FFTs: the linear convolutions below never wrap around."""
-    return scipy.fft.next_fast_len(2 * length - 1, real=True)
-
-
-def _convolve(x: np.ndarray, y: np.ndarray, axis: int, size: int) -> np.ndarray:
+def _convolve(x: Any, y: Any, axis: int, size: int) -> Any:
     """Full linear convolution of ``x`` and ``y`` along ``axis`` (other axes broadcast), truncated to
     its first ``size`` entries, through zero-padded real FFTs of length ``next_fast_len(len(x) + len(y) - 1)``.
     """
-    n = scipy.fft.next_fast_len(x.shape[axis] + y.shape[axis] - 1, real=True)
-    spectrum = scipy.fft.rfft(x, n=n, axis=axis)
-    spectrum *= scipy.fft.rfft(y, n=n, axis=axis)  # the second spectrum is freed right after
-    full = scipy.fft.irfft(spectrum, n=n, axis=axis)
+    fft = checks.fft_namespace(checks.array_namespace(x, y))
+    n = next_fast_len(x.shape[axis] + y.shape[axis] - 1)
+    spectrum = fft.rfft(x, n=n, axis=axis)
+    spectrum *= fft.rfft(y, n=n, axis=axis)  # the second spectrum is freed right after
+    full = fft.irfft(spectrum, n=n, axis=axis)
     del spectrum
     index = [slice(None)] * full.ndim
     index[axis] = slice(0, size)
     return full[tuple(index)]
 
 
-def _mask_array(key_padding_mask: Any, length: int) -> np.ndarray:
-    """Validate a (B, L) bool mask whose batch size is not known from another argument."""
-    mask = np.asarray(key_padding_mask)
-    if mask.dtype != np.bool_:
-        raise TypeError(f"key_padding_mask: expected a bool array (True = padding), got dtype {mask.dtype}")
-    if mask.ndim != 2 or mask.shape[1] != length or mask.shape[0] < 1:
-        raise ValueError(f"key_padding_mask: expected shape (B, L) with L = {length}, got {mask.shape}")
-    return mask
+def check_pair_counts(length: Any, key_padding_mask: Any = None) -> tuple[int, Any]:
+    """Validate the arguments of :func:`pair_counts`; returns them in that order."""
+    length = checks.integer_in_range(length, "length", low=1)
+    mask = checks.padding_mask(checks.as_array(key_padding_mask, "key_padding_mask"), None, length)
+    return length, mask
+
+
+def pair_counts_core(length: int, key_padding_mask: Any = None, *, xp: ModuleType | None = None) -> Any:
+    """:func:`pair_counts` of validated arguments, in the namespace ``xp`` (default: the mask's,
+    NumPy without a mask). The counts are computed in float64 whatever the caller's dtype (exact)."""
+    xp = xp or checks.array_namespace(key_padding_mask)
+    if key_padding_mask is None:
+        tau = xp.arange(-(length - 1), length)
+        return (length - xp.abs(tau))[None, :].astype(np.int64)
+    valid = (~key_padding_mask).astype(np.float64)
+    counts = _convolve(valid[:, ::-1], valid, axis=1, size=2 * length - 1)
+    return xp.rint(counts).astype(np.int64)
 
 
 def pair_counts(length: int, key_padding_mask: Any = None) -> np.ndarray:
@@ -69,33 +108,40 @@ def pair_counts(length: int, key_padding_mask: Any = None) -> np.ndarray:
 
     Returns int64.
     """
-    length = integer_in_range(length, "length", low=1)
-    tau = np.arange(-(length - 1), length)
-    if key_padding_mask is None:
-        return (length - np.abs(tau))[None, :].astype(np.int64)
-    mask = _mask_array(key_padding_mask, length)
-    valid = (~mask).astype(np.float64)
-    counts = _convolve(valid[:, ::-1], valid, axis=1, size=2 * length - 1)
-    return np.rint(counts).astype(np.int64)
+    length, key_padding_mask = check_pair_counts(length, key_padding_mask)
+    return pair_counts_core(length, key_padding_mask)
 
 
-def _inputs(a: Any, b: Any, key_padding_mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Validate the cross inputs and zero their padded rows (new arrays; the caller's are untouched)."""
-    a = sequence(a, "a", _AXES)
-    b = sequence(b, "b", _AXES, a.shape[:3], feature=a.shape[3])
-    mask = padding_mask(key_padding_mask, a.shape[0], a.shape[2])
-    if mask is not None:
-        padded = mask[:, None, :, None]
-        a = np.where(padded, 0.0, a)
-        b = np.where(padded, 0.0, b)
+def _inverse_counts(length: int, mask: Any, like: Any) -> Any:
+    """1 / n_tau as a (B or 1, 1, 2L - 1, 1) array of ``like``'s namespace and dtype, 0 where n_tau = 0."""
+    xp = checks.array_namespace(like)
+    counts = pair_counts_core(length, mask, xp=xp).astype(np.float64)
+    inverse = xp.where(counts > 0, 1.0 / xp.maximum(counts, 1.0), 0.0)
+    return inverse[:, None, :, None].astype(like.dtype, copy=False)
+
+
+def _zero_padded(x: Any, mask: Any) -> Any:
+    """x (B, H, L, F) with the rows of padded positions replaced by zeros (a new array when masked)."""
+    if mask is None:
+        return x
+    return checks.array_namespace(x).where(mask[:, None, :, None], 0.0, x)
+
+
+def check_cross(a: Any, b: Any, key_padding_mask: Any = None) -> tuple[Any, Any, Any]:
+    """Validate the arguments of :func:`cross`; returns them in that order (arrays unchanged)."""
+    a, b, key_padding_mask = checks.arrays(a=a, b=b, key_padding_mask=key_padding_mask)
+    a = checks.sequence(a, "a", AXES)
+    b = checks.sequence(b, "b", AXES, a.shape[:3], feature=a.shape[3])
+    mask = checks.padding_mask(key_padding_mask, a.shape[0], a.shape[2])
     return a, b, mask
 
 
-def _inverse_counts(length: int, mask: np.ndarray | None) -> np.ndarray:
-    """1 / n_tau as a (B or 1, 1, 2L - 1, 1) array, 0 where n_tau = 0."""
-    counts = pair_counts(length, mask).astype(np.float64)
-    inverse = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
-    return inverse[:, None, :, None]
+def cross_core(a: Any, b: Any, *, key_padding_mask: Any = None) -> Any:
+    """:func:`cross` of validated arrays of one floating dtype, computed and returned in that dtype."""
+    length = a.shape[2]
+    a, b = _zero_padded(a, key_padding_mask), _zero_padded(b, key_padding_mask)
+    numerator = _convolve(a[:, :, ::-1], b, axis=2, size=2 * length - 1)
+    return numerator * _inverse_counts(length, key_padding_mask, numerator)
 
 
 def cross(a: Any, b: Any, *, key_padding_mask: Any = None) -> np.ndarray:
@@ -119,10 +165,32 @@ def cross(a: Any, b: Any, *, key_padding_mask: Any = None) -> np.ndarray:
     the FFT length is next_fast_len(2L - 1), never L itself. Cost O(N log N * Dc) time and
     O(N * Dc) memory per (batch, head), N < 2 * (2L - 1); no L x L array is formed.
     """
-    a, b, mask = _inputs(a, b, key_padding_mask)
+    a, b, key_padding_mask = check_cross(a, b, key_padding_mask)
+    a, b = as_float64(a, b)
+    c = cross_core(a, b, key_padding_mask=key_padding_mask)
+    checks.check_overflow(c, "the cross", a=a, b=b)
+    return c
+
+
+def check_cross_vjp(a: Any, b: Any, dc: Any, key_padding_mask: Any = None) -> tuple[Any, Any, Any, Any]:
+    """Validate the arguments of :func:`cross_vjp`; returns them in that order."""
+    a, b, key_padding_mask = check_cross(a, b, key_padding_mask)
+    dc = checks.as_array(dc, "dc")
+    batch, heads, length, features = a.shape
+    dc = checks.sequence(dc, "dc", "(B, H, 2L - 1, Dc)", (batch, heads, 2 * length - 1), feature=features)
+    return a, b, dc, key_padding_mask
+
+
+def cross_vjp_core(a: Any, b: Any, dc: Any, *, key_padding_mask: Any = None) -> tuple[Any, Any]:
+    """:func:`cross_vjp` of validated arrays of one floating dtype, computed and returned in that dtype."""
+    xp = checks.array_namespace(a, b, dc)
     length = a.shape[2]
-    numerator = _convolve(a[:, :, ::-1], b, axis=2, size=2 * length - 1)
-    return numerator * _inverse_counts(length, mask)
+    a, b = _zero_padded(a, key_padding_mask), _zero_padded(b, key_padding_mask)
+    g = dc * _inverse_counts(length, key_padding_mask, dc)
+    da = _convolve(b, g[:, :, ::-1], axis=2, size=2 * length - 1)[:, :, length - 1 :]
+    db = _convolve(a, g, axis=2, size=2 * length - 1)[:, :, length - 1 :]
+    da, db = _zero_padded(da, key_padding_mask), _zero_padded(db, key_padding_mask)
+    return xp.ascontiguousarray(da), xp.ascontiguousarray(db)
 
 
 def cross_vjp(a: Any, b: Any, dc: Any, *, key_padding_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -146,14 +214,9 @@ def cross_vjp(a: Any, b: Any, dc: Any, *, key_padding_mask: Any = None) -> tuple
     Returns:
         (da, db), each (B, H, L, Dc) float64.
     """
-    a, b, mask = _inputs(a, b, key_padding_mask)
-    batch, heads, length, features = a.shape
-    dc = sequence(dc, "dc", "(B, H, 2L - 1, Dc)", (batch, heads, 2 * length - 1), feature=features)
-    g = dc * _inverse_counts(length, mask)
-    da = _convolve(b, g[:, :, ::-1], axis=2, size=2 * length - 1)[:, :, length - 1 :]
-    db = _convolve(a, g, axis=2, size=2 * length - 1)[:, :, length - 1 :]
-    if mask is not None:
-        padded = mask[:, None, :, None]
-        da = np.where(padded, 0.0, da)
-        db = np.where(padded, 0.0, db)
-    return np.ascontiguousarray(da), np.ascontiguousarray(db)
+    a, b, dc, key_padding_mask = check_cross_vjp(a, b, dc, key_padding_mask)
+    a, b, dc = as_float64(a, b, dc)
+    da, db = cross_vjp_core(a, b, dc, key_padding_mask=key_padding_mask)
+    checks.check_overflow(da, "the gradient of the cross", b=b, dc=dc)
+    checks.check_overflow(db, "the gradient of the cross", a=a, dc=dc)
+    return da, db

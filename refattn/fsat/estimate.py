@@ -8,28 +8,44 @@ sqrt(D) on diagonal tau: the least-squares Toeplitz approximation of the logit m
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, padding_mask, sequence
+from refattn import checks
+from refattn.checks import as_float64
 
-from ._checks import length_from_offsets
-from .cross import pair_counts
+from .cross import pair_counts_core
 
-__all__ = ["estimate", "estimate_vjp"]
+__all__ = ["estimate", "estimate_vjp", "check_estimate", "check_estimate_vjp", "estimate_core", "estimate_vjp_core"]
+
+AXES = "(B, H, 2L - 1, Dc)"
 
 
-def _inputs(c: Any, w: Any, key_padding_mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate (c, w, mask); return c, w and a (B or 1, 1, 2L - 1) bool array "n_tau > 0"."""
-    c = sequence(c, "c", "(B, H, 2L - 1, Dc)")
+def _has_pairs(c: Any, mask: Any) -> Any:
+    """(B or 1, 1, 2L - 1) bool "n_tau > 0" for the cross c (B, H, 2L - 1, Dc)."""
+    length = (c.shape[2] + 1) // 2
+    return pair_counts_core(length, mask, xp=checks.array_namespace(c))[:, None, :] > 0
+
+
+def check_estimate(c: Any, w: Any, key_padding_mask: Any = None) -> tuple[Any, Any, Any]:
+    """Validate the arguments of :func:`estimate`; returns them in that order."""
+    c, w, key_padding_mask = checks.arrays(c=c, w=w, key_padding_mask=key_padding_mask)
+    c = checks.sequence(c, "c", AXES)
     batch, heads, count, features = c.shape
-    length = length_from_offsets(count, "c")
-    w = float_array(w, "w", rank=2, axes="(H, Dc)")
-    expect_shape(w, "w", (heads, features), "(H, Dc)")
-    mask = padding_mask(key_padding_mask, batch, length)
-    has_pairs = pair_counts(length, mask)[:, None, :] > 0
-    return c, w, has_pairs
+    length = checks.length_from_offsets(count, "c")
+    w = checks.float_array(w, "w", rank=2, axes="(H, Dc)")
+    checks.expect_shape(w, "w", (heads, features), "(H, Dc)")
+    mask = checks.padding_mask(key_padding_mask, batch, length)
+    return c, w, mask
+
+
+def estimate_core(c: Any, w: Any, *, key_padding_mask: Any = None) -> Any:
+    """:func:`estimate` of validated arrays of one floating dtype, computed and returned in that dtype."""
+    xp = checks.array_namespace(c, w)
+    scores = xp.matmul(c, w[None, :, :, None])[..., 0] / math.sqrt(c.shape[3])
+    return xp.where(_has_pairs(c, key_padding_mask), scores, -np.inf)
 
 
 def estimate(c: Any, w: Any, *, key_padding_mask: Any = None) -> np.ndarray:
@@ -47,9 +63,28 @@ def estimate(c: Any, w: Any, *, key_padding_mask: Any = None) -> np.ndarray:
 
     Cost O(L * Dc) per (batch, head).
     """
-    c, w, has_pairs = _inputs(c, w, key_padding_mask)
-    scores = np.matmul(c, w[None, :, :, None])[..., 0] / np.sqrt(c.shape[3])
-    return np.where(has_pairs, scores, -np.inf)
+    c, w, key_padding_mask = check_estimate(c, w, key_padding_mask)
+    c, w = as_float64(c, w)
+    s = estimate_core(c, w, key_padding_mask=key_padding_mask)
+    checks.check_overflow(s, "the estimate", allow_neg_inf=True, c=c, w=w)
+    return s
+
+
+def check_estimate_vjp(c: Any, w: Any, ds: Any, key_padding_mask: Any = None) -> tuple[Any, Any, Any, Any]:
+    """Validate the arguments of :func:`estimate_vjp`; returns them in that order."""
+    c, w, key_padding_mask = check_estimate(c, w, key_padding_mask)
+    ds = checks.float_array(checks.as_array(ds, "ds"), "ds", rank=3, axes="(B, H, 2L - 1)")
+    checks.expect_shape(ds, "ds", c.shape[:3], "(B, H, 2L - 1)")
+    return c, w, ds, key_padding_mask
+
+
+def estimate_vjp_core(c: Any, w: Any, ds: Any, *, key_padding_mask: Any = None) -> tuple[Any, Any]:
+    """:func:`estimate_vjp` of validated arrays of one floating dtype, computed and returned in that dtype."""
+    xp = checks.array_namespace(c, w, ds)
+    ds = xp.where(_has_pairs(c, key_padding_mask), ds, 0.0) / math.sqrt(c.shape[3])
+    dc = ds[..., None] * w[None, :, None, :]
+    dw = xp.einsum("bht,bhtd->hd", ds, c)
+    return dc, dw
 
 
 def estimate_vjp(c: Any, w: Any, ds: Any, *, key_padding_mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -67,10 +102,9 @@ def estimate_vjp(c: Any, w: Any, ds: Any, *, key_padding_mask: Any = None) -> tu
     Returns:
         (dc (B, H, 2L - 1, Dc), dw (H, Dc)), float64.
     """
-    c, w, has_pairs = _inputs(c, w, key_padding_mask)
-    ds = float_array(ds, "ds", rank=3, axes="(B, H, 2L - 1)")
-    expect_shape(ds, "ds", c.shape[:3], "(B, H, 2L - 1)")
-    ds = np.where(has_pairs, ds, 0.0) / np.sqrt(c.shape[3])
-    dc = ds[..., None] * w[None, :, None, :]
-    dw = np.einsum("bht,bhtd->hd", ds, c)
+    c, w, ds, key_padding_mask = check_estimate_vjp(c, w, ds, key_padding_mask)
+    c, w, ds = as_float64(c, w, ds)
+    dc, dw = estimate_vjp_core(c, w, ds, key_padding_mask=key_padding_mask)
+    checks.check_overflow(dc, "the gradient of the estimate", ds=ds, w=w)
+    checks.check_overflow(dw, "the gradient of the estimate", ds=ds, c=c)
     return dc, dw

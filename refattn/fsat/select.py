@@ -6,27 +6,58 @@ elements are its top diagonals. The offset set always holds tau = 0, plus the K 
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, integer_in_range, score_array
+from refattn import checks
 
-from ._checks import length_from_offsets
-
-__all__ = ["select", "candidate_order"]
+__all__ = ["select", "check_select", "select_core", "candidate_order"]
 
 
-def candidate_order(length: int, *, causal: bool = False) -> np.ndarray:
+def candidate_order(length: int, *, causal: bool = False, xp: ModuleType = np) -> Any:
     """The candidate offsets in tie-break priority: -1, 1, -2, 2, ..., -(L-1), L-1 (causal: -1, ..., -(L-1)).
 
     Smaller |tau| first, then the negative offset: a stable sort of the scores in this order breaks
     every tie by the rule of spec/interface.md. tau = 0 is not a candidate (it is always selected).
+    An int64 array of the namespace ``xp`` (NumPy by default).
     """
-    magnitude = np.arange(1, length, dtype=np.int64)
+    magnitude = xp.arange(1, length, dtype=np.int64)
     if causal:
         return -magnitude
-    return np.stack([-magnitude, magnitude], axis=1).reshape(-1)
+    return xp.stack([-magnitude, magnitude], axis=1).reshape(-1)
+
+
+def check_select(s: Any, top_k: Any, causal: Any = False, noise: Any = None) -> tuple[Any, int, bool, Any]:
+    """Validate the arguments of :func:`select`; returns them in that order."""
+    s, noise = checks.arrays(s=s, noise=noise)
+    s = checks.float_array(s, "s", rank=3, axes="(B, H, 2L - 1)", allow_neg_inf=True)
+    checks.length_from_offsets(s.shape[2], "s")
+    top_k = checks.integer_in_range(top_k, "top_k", low=1)
+    causal = checks.flag(causal, "causal")
+    if noise is not None:
+        noise = checks.float_array(noise, "noise", rank=3, axes="(B, H, 2L - 1)")
+        checks.expect_shape(noise, "noise", s.shape, "(B, H, 2L - 1)")
+    return s, top_k, causal, noise
+
+
+def select_core(s: Any, top_k: int, *, causal: bool = False, noise: Any = None) -> Any:
+    """:func:`select` of validated arguments; the scores are compared in their own dtype (the
+    reference's float64: a backend that wants the reference's choices passes float64 scores)."""
+    xp = checks.array_namespace(s, noise)
+    length = (s.shape[2] + 1) // 2
+    if noise is not None:
+        s = s + noise
+    candidates = candidate_order(length, causal=causal, xp=xp)
+    k_eff = min(top_k, candidates.size + 1)
+    scores = s[:, :, candidates + (length - 1)]
+    # Stable sort, descending score: equal scores keep the tie-break order of `candidates`.
+    # (-(-inf) = +inf sorts last; all -inf candidates then stay in tie-break order.)
+    best = xp.argsort(-scores, axis=-1, kind="stable")[:, :, : k_eff - 1]
+    chosen = candidates[best]
+    zero = xp.zeros(s.shape[:2] + (1,), dtype=np.int64)
+    return xp.sort(xp.concatenate([zero, chosen], axis=-1), axis=-1).astype(np.int64, copy=False)
 
 
 def select(s: Any, top_k: int, *, causal: bool = False, noise: Any = None) -> np.ndarray:
@@ -49,19 +80,5 @@ def select(s: Any, top_k: int, *, causal: bool = False, noise: Any = None) -> np
 
     Cost O(L log L) per (batch, head) (a stable sort of the candidates).
     """
-    s = score_array(s, "s", rank=3, axes="(B, H, 2L - 1)")
-    length = length_from_offsets(s.shape[2], "s")
-    top_k = integer_in_range(top_k, "top_k", low=1)
-    if noise is not None:
-        noise = float_array(noise, "noise", rank=3, axes="(B, H, 2L - 1)")
-        expect_shape(noise, "noise", s.shape, "(B, H, 2L - 1)")
-        s = s + noise
-    candidates = candidate_order(length, causal=bool(causal))
-    k_eff = min(top_k, candidates.size + 1)
-    scores = s[:, :, candidates + (length - 1)]
-    # Stable sort, descending score: equal scores keep the tie-break order of `candidates`.
-    # (-(-inf) = +inf sorts last; all -inf candidates then stay in tie-break order.)
-    best = np.argsort(-scores, axis=-1, kind="stable")[:, :, : k_eff - 1]
-    chosen = candidates[best]
-    zero = np.zeros(s.shape[:2] + (1,), dtype=np.int64)
-    return np.sort(np.concatenate([zero, chosen], axis=-1), axis=-1).astype(np.int64, copy=False)
+    s, top_k, causal, noise = check_select(s, top_k, causal, noise)
+    return select_core(checks.as_float64(s), top_k, causal=causal, noise=checks.as_float64(noise))

@@ -12,118 +12,126 @@ offsets only.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, index_array, padding_mask, score_array, sequence
+from refattn import checks
+from refattn.checks import as_float64
+
+__all__ = [
+    "sparse_attention",
+    "sparse_attention_vjp",
+    "check_sparse_attention",
+    "check_sparse_attention_vjp",
+    "sparse_attention_core",
+    "sparse_attention_vjp_core",
+]
 
 
-__all__ = ["sparse_attention", "sparse_attention_vjp"]
-
-
-class _Inputs(NamedTuple):
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    offsets: np.ndarray
-    bias: np.ndarray | None
-    causal: bool
-    mask: np.ndarray | None
-
-
-def _inputs(q: Any, k: Any, v: Any, offsets: Any, bias: Any, causal: bool, key_padding_mask: Any) -> _Inputs:
-    q = sequence(q, "q", "(B, H, L, D)")
+def check_sparse_attention(
+    q: Any, k: Any, v: Any, offsets: Any, bias: Any = None, causal: Any = False, key_padding_mask: Any = None
+) -> tuple[Any, Any, Any, Any, Any, bool, Any]:
+    """Validate the arguments of :func:`sparse_attention`; returns them in that order (offsets as int64)."""
+    q, k, v, offsets, bias, key_padding_mask = checks.arrays(
+        q=q, k=k, v=v, offsets=offsets, bias=bias, key_padding_mask=key_padding_mask
+    )
+    q = checks.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
-    k = sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
-    v = sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
-    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))  # the row gathers reshape without copying
-    offsets = index_array(offsets, "offsets", rank=3, axes="(B, H, K)")
-    expect_shape(offsets, "offsets", (batch, heads, None), "(B, H, K)")
-    if offsets.shape[2] < 1:
-        raise ValueError(f"offsets: expected at least one offset per (batch, head), got shape {offsets.shape}")
-    if np.any(np.abs(offsets) > length - 1):
-        raise ValueError(
-            f"offsets: expected offsets in [-(L-1), L-1] = [{-(length - 1)}, {length - 1}], "
-            f"got values in [{offsets.min()}, {offsets.max()}]"
-        )
-    if np.any(np.diff(np.sort(offsets, axis=-1), axis=-1) == 0):
-        raise ValueError("offsets: expected distinct offsets within each (batch, head), got a repeated offset")
+    k = checks.sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
+    v = checks.sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
+    offsets = checks.offsets_array(offsets, batch, heads, length)
     if bias is not None:
-        bias = score_array(bias, "bias", rank=3, axes="(B, H, K)")
-        expect_shape(bias, "bias", offsets.shape, "(B, H, K)")
-    mask = padding_mask(key_padding_mask, batch, length)
-    return _Inputs(q, k, v, offsets, bias, bool(causal), mask)
+        bias = checks.float_array(bias, "bias", rank=3, axes="(B, H, K)", allow_neg_inf=True)
+        checks.expect_shape(bias, "bias", offsets.shape, "(B, H, K)")
+    causal = checks.flag(causal, "causal")
+    mask = checks.padding_mask(key_padding_mask, batch, length)
+    return q, k, v, offsets, bias, causal, mask
 
 
-def _shifted(x: np.ndarray, shift: np.ndarray, *, fill: bool = True) -> np.ndarray:
+def _shifted(x: Any, shift: Any, *, fill: bool = True) -> Any:
     """y[b, h, i] = x[b, h, i + shift[b, h]] for x (B, H, L, F) or (B, H, L), shift (B, H) integers.
 
     Where i + shift falls outside [0, L) the row is 0 (False for bool x), or, with ``fill=False``,
     an arbitrary row of x (for callers that give those rows weight 0 anyway). A row gather on the
     flattened (B * H * L, F) array: no index array has more than B * H * L entries.
     """
+    xp = checks.array_namespace(x, shift)
     batch, heads, length = x.shape[:3]
-    target = np.arange(length)[None, None, :] + shift[:, :, None]
-    base = (np.arange(batch * heads) * length).reshape(batch, heads, 1)
-    rows = base + np.clip(target, 0, length - 1)
+    target = xp.arange(length)[None, None, :] + shift[:, :, None]
+    base = (xp.arange(batch * heads) * length).reshape(batch, heads, 1)
+    rows = base + xp.clip(target, 0, length - 1)
     gathered = x.reshape((batch * heads * length,) + x.shape[3:])[rows]
     if not fill:
         return gathered
     outside = (target < 0) | (target >= length)
     if x.ndim == 4:
         outside = outside[..., None]
-    gathered[np.broadcast_to(outside, gathered.shape)] = 0
+    gathered[xp.broadcast_to(outside, gathered.shape)] = 0
     return gathered
 
 
-def _valid_pairs(inputs: _Inputs, shift: np.ndarray) -> np.ndarray:
+def _valid_pairs(shape: tuple[int, ...], shift: Any, causal: bool, mask: Any) -> Any:
     """(B, H, L) bool: is (i, i + shift) a valid query/key pair (in range, causal, both unpadded)?"""
-    batch, heads, length, _ = inputs.q.shape
-    target = np.arange(length)[None, None, :] + shift[:, :, None]
+    xp = checks.array_namespace(shift)
+    batch, heads, length = shape[:3]
+    target = xp.arange(length)[None, None, :] + shift[:, :, None]
     valid = (target >= 0) & (target < length)
-    if inputs.causal:
+    if causal:
         valid &= (shift <= 0)[:, :, None]
-    if inputs.mask is not None:
-        unpadded = np.broadcast_to(~inputs.mask[:, None, :], (batch, heads, length))
+    if mask is not None:
+        unpadded = xp.broadcast_to(~mask[:, None, :], (batch, heads, length))
         valid &= unpadded & _shifted(unpadded, shift)
     return valid
 
 
 class _Forward(NamedTuple):
-    valid: np.ndarray  # (B, H, L, K) bool, valid query/key pairs
-    probs: np.ndarray  # (B, H, L, K) softmax weights, 0 at invalid pairs
-    lse: np.ndarray  # (B, H, L), -inf for rows without a valid key
-    out: np.ndarray  # (B, H, L, Dv)
+    valid: Any  # (B, H, L, K) bool, valid query/key pairs
+    probs: Any  # (B, H, L, K) softmax weights, 0 at invalid pairs
+    lse: Any  # (B, H, L), -inf for rows without a valid key
+    out: Any  # (B, H, L, Dv)
 
 
-def _forward(inputs: _Inputs) -> _Forward:
-    q, k, v, offsets = inputs.q, inputs.k, inputs.v, inputs.offsets
+def _forward(q: Any, k: Any, v: Any, offsets: Any, bias: Any, causal: bool, mask: Any) -> _Forward:
+    xp = checks.array_namespace(q, k, v)
     count = offsets.shape[2]
-    scale = 1.0 / np.sqrt(q.shape[3])
-    logits = np.full(q.shape[:3] + (count,), -np.inf)
-    valid = np.zeros(q.shape[:3] + (count,), dtype=bool)
+    scale = 1.0 / math.sqrt(q.shape[3])
+    logits = xp.full(q.shape[:3] + (count,), -np.inf, dtype=q.dtype)
+    valid = xp.zeros(q.shape[:3] + (count,), dtype=bool)
     for m in range(count):
         shift = offsets[:, :, m]
-        valid[..., m] = _valid_pairs(inputs, shift)
-        z = np.einsum("bhld,bhld->bhl", q, _shifted(k, shift, fill=False)) * scale
-        if inputs.bias is not None:
-            z = z + inputs.bias[:, :, m, None]
-        logits[..., m] = np.where(valid[..., m], z, -np.inf)
-    # A bias of -inf may mask a valid pair too: such a pair gets weight 0 like an invalid one.
-    valid &= np.isfinite(logits)
+        valid[..., m] = _valid_pairs(q.shape, shift, causal, mask)
+        z = xp.einsum("bhld,bhld->bhl", q, _shifted(k, shift, fill=False)) * scale
+        if bias is not None:
+            z = z + bias[:, :, m, None]
+        logits[..., m] = xp.where(valid[..., m], z, -np.inf)
+    # A bias of -inf may mask a valid pair too: such a pair gets weight 0 like an invalid one. (+inf
+    # and NaN, from an overflow of q . k, stay in and make lse NaN, which the callers report.)
+    valid &= logits != -np.inf
     peak = logits.max(axis=-1)
-    has_key = np.isfinite(peak)
-    peak = np.where(has_key, peak, 0.0)
-    weights = np.exp(logits - peak[..., None])  # exp(-inf) = 0 at invalid pairs
+    has_key = peak != -np.inf
+    peak = xp.where(has_key, peak, 0.0)
+    weights = xp.exp(logits - peak[..., None])  # exp(-inf) = 0 at invalid pairs
     total = weights.sum(axis=-1)
-    safe_total = np.where(has_key, total, 1.0)
+    safe_total = xp.where(has_key, total, 1.0)
     probs = weights / safe_total[..., None]
-    lse = np.where(has_key, peak + np.log(safe_total), -np.inf)
-    out = np.zeros(q.shape[:3] + (v.shape[3],))
+    lse = xp.where(has_key, peak + xp.log(safe_total), -np.inf)
+    out = xp.zeros(q.shape[:3] + (v.shape[3],), dtype=v.dtype)
     for m in range(count):
         out += probs[..., m, None] * _shifted(v, offsets[:, :, m], fill=False)
     return _Forward(valid, probs, lse, out)
+
+
+def sparse_attention_core(
+    q: Any, k: Any, v: Any, offsets: Any, bias: Any = None, *, causal: bool = False, key_padding_mask: Any = None
+) -> tuple[Any, Any]:
+    """:func:`sparse_attention` of validated arguments (q, k, v and bias of one floating dtype,
+    offsets int64), computed and returned in that dtype."""
+    xp = checks.array_namespace(q, k, v)
+    q, k, v = (xp.ascontiguousarray(x) for x in (q, k, v))  # the row gathers reshape without copying
+    result = _forward(q, k, v, offsets, bias, causal, key_padding_mask)
+    return result.out, result.lse
 
 
 def sparse_attention(
@@ -159,8 +167,62 @@ def sparse_attention(
 
     Cost O(L * K * (D + Dv)) time, O(L * (K + D + Dv)) memory per (batch, head).
     """
-    result = _forward(_inputs(q, k, v, offsets, bias, causal, key_padding_mask))
-    return result.out, result.lse
+    q, k, v, offsets, bias, causal, key_padding_mask = check_sparse_attention(
+        q, k, v, offsets, bias, causal, key_padding_mask
+    )
+    q, k, v, bias = as_float64(q, k, v, bias)
+    out, lse = sparse_attention_core(q, k, v, offsets, bias, causal=causal, key_padding_mask=key_padding_mask)
+    checks.check_overflow(lse, "the sparse attention", allow_neg_inf=True, q=q, k=k)
+    return out, lse
+
+
+def check_sparse_attention_vjp(
+    q: Any, k: Any, v: Any, offsets: Any, bias: Any, dout: Any, dlse: Any = None, causal: Any = False,
+    key_padding_mask: Any = None,
+) -> tuple[Any, Any, Any, Any, Any, Any, Any, bool, Any]:
+    """Validate the arguments of :func:`sparse_attention_vjp`; returns them in that order."""
+    q, k, v, offsets, bias, causal, key_padding_mask = check_sparse_attention(
+        q, k, v, offsets, bias, causal, key_padding_mask
+    )
+    dout, dlse = checks.arrays(dout=dout, dlse=dlse)
+    dout = checks.sequence(dout, "dout", "(B, H, L, Dv)", q.shape[:3], feature=v.shape[3])
+    if dlse is not None:
+        dlse = checks.float_array(dlse, "dlse", rank=3, axes="(B, H, L)")
+        checks.expect_shape(dlse, "dlse", q.shape[:3], "(B, H, L)")
+    return q, k, v, offsets, bias, dout, dlse, causal, key_padding_mask
+
+
+def sparse_attention_vjp_core(
+    q: Any, k: Any, v: Any, offsets: Any, bias: Any, dout: Any, *, dlse: Any = None, causal: bool = False,
+    key_padding_mask: Any = None,
+) -> tuple[Any, Any, Any, Any]:
+    """:func:`sparse_attention_vjp` of validated arguments of one floating dtype, computed and
+    returned in that dtype."""
+    xp = checks.array_namespace(q, k, v)
+    q, k, v = (xp.ascontiguousarray(x) for x in (q, k, v))
+    fwd = _forward(q, k, v, offsets, bias, causal, key_padding_mask)
+    count = offsets.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[3])
+    row_term = xp.einsum("bhlv,bhlv->bhl", dout, fwd.out)
+    if dlse is not None:
+        row_term = row_term - xp.where(xp.isfinite(fwd.lse), dlse, 0.0)
+    dz = xp.empty_like(fwd.probs)
+    for m in range(count):
+        dp = xp.einsum("bhlv,bhlv->bhl", dout, _shifted(v, offsets[:, :, m]))
+        dz[..., m] = xp.where(fwd.valid[..., m], fwd.probs[..., m] * (dp - row_term), 0.0)
+    dq = xp.zeros_like(q)
+    dk = xp.zeros_like(k)
+    dv = xp.zeros_like(v)
+    for m in range(count):
+        shift = offsets[:, :, m]
+        dq += dz[..., m, None] * _shifted(k, shift)
+        # Key j hears from query i = j - tau_m; dz and p are 0 wherever that pair is invalid.
+        dk += _shifted(dz[..., m, None] * q, -shift)
+        dv += _shifted(fwd.probs[..., m, None] * dout, -shift)
+    dq *= scale
+    dk *= scale
+    dbias = dz.sum(axis=2) if bias is not None else None
+    return dq, dk, dv, dbias
 
 
 def sparse_attention_vjp(
@@ -198,32 +260,17 @@ def sparse_attention_vjp(
     Returns:
         (dq, dk, dv, dbias) float64; dbias is None when bias is None. The offsets get no gradient.
     """
-    inputs = _inputs(q, k, v, offsets, bias, causal, key_padding_mask)
-    q, k, v, offsets = inputs.q, inputs.k, inputs.v, inputs.offsets
-    dout = sequence(dout, "dout", "(B, H, L, Dv)", q.shape[:3], feature=v.shape[3])
-    if dlse is not None:
-        dlse = float_array(dlse, "dlse", rank=3, axes="(B, H, L)")
-        expect_shape(dlse, "dlse", q.shape[:3], "(B, H, L)")
-    fwd = _forward(inputs)
-    count = offsets.shape[2]
-    scale = 1.0 / np.sqrt(q.shape[3])
-    row_term = np.einsum("bhlv,bhlv->bhl", dout, fwd.out)
-    if dlse is not None:
-        row_term = row_term - np.where(np.isfinite(fwd.lse), dlse, 0.0)
-    dz = np.empty_like(fwd.probs)
-    for m in range(count):
-        dp = np.einsum("bhlv,bhlv->bhl", dout, _shifted(v, offsets[:, :, m]))
-        dz[..., m] = np.where(fwd.valid[..., m], fwd.probs[..., m] * (dp - row_term), 0.0)
-    dq = np.zeros_like(q)
-    dk = np.zeros_like(k)
-    dv = np.zeros_like(v)
-    for m in range(count):
-        shift = offsets[:, :, m]
-        dq += dz[..., m, None] * _shifted(k, shift)
-        # Key j hears from query i = j - tau_m; dz and p are 0 wherever that pair is invalid.
-        dk += _shifted(dz[..., m, None] * q, -shift)
-        dv += _shifted(fwd.probs[..., m, None] * dout, -shift)
-    dq *= scale
-    dk *= scale
-    dbias = dz.sum(axis=2) if inputs.bias is not None else None
+    q, k, v, offsets, bias, dout, dlse, causal, key_padding_mask = check_sparse_attention_vjp(
+        q, k, v, offsets, bias, dout, dlse, causal, key_padding_mask
+    )
+    q, k, v, bias, dout, dlse = as_float64(q, k, v, bias, dout, dlse)
+    dq, dk, dv, dbias = sparse_attention_vjp_core(
+        q, k, v, offsets, bias, dout, dlse=dlse, causal=causal, key_padding_mask=key_padding_mask
+    )
+    where = "the gradient of the sparse attention"
+    checks.check_overflow(dq, where, dout=dout, v=v, k=k)
+    checks.check_overflow(dk, where, dout=dout, v=v, q=q)
+    checks.check_overflow(dv, where, dout=dout)
+    if dbias is not None:
+        checks.check_overflow(dbias, where, dout=dout, v=v)
     return dq, dk, dv, dbias

@@ -16,6 +16,13 @@ disagree, the spec wins and the code is the bug):
 - :mod:`.attention`: the pipeline, its gradient, and the default C and W.
 
 Everything is computed in float64 and returned as float64 (members and assignments as int64).
+
+**Checks and cores**, as in :mod:`refattn.fsat`: every public function ``f`` of a step module is
+``check_f`` (validate, returning the arguments in ``f``'s order, the profile as a
+:class:`~refattn.routing.profiles.Profile`), the promotion to float64, and ``f_core`` (compute on
+validated arrays of one floating dtype, NumPy or CuPy, with a ``Profile``), plus
+:func:`refattn.checks.check_overflow` on the results. :mod:`.indexing` holds the gathers and
+scatters through member arrays (``flat_rows``, ``gather``, ``scatter_add``, ``member_counts``).
 """
 
 from .attention import attention, attention_vjp, default_num_clusters, default_window

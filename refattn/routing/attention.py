@@ -17,15 +17,26 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, integer_in_range, padding_mask
+from refattn import checks
+from refattn.checks import as_float64
 
-from ._checks import centroid_array, routed_inputs
-from .cluster_attention import cluster_attention, cluster_attention_vjp
-from .combine import combine, combine_vjp
-from .normalize import _normalize
-from .route import route
+from .cluster_attention import cluster_attention_core, cluster_attention_vjp_core, routed_inputs
+from .combine import combine_core, combine_vjp_core
+from .normalize import normalize_core
+from .profiles import Profile
+from .route import route_core
+from .similarity import similarity_core
 
-__all__ = ["attention", "attention_vjp", "default_num_clusters", "default_window"]
+__all__ = [
+    "attention",
+    "attention_vjp",
+    "default_num_clusters",
+    "default_window",
+    "check_attention",
+    "check_attention_vjp",
+    "attention_core",
+    "attention_vjp_core",
+]
 
 
 def default_num_clusters(length: int) -> int:
@@ -34,36 +45,61 @@ def default_num_clusters(length: int) -> int:
 
     (sqrt(L) is never exactly halfway between integers for integer L, so the rounding is unambiguous.)
     """
-    length = integer_in_range(length, "length", low=1)
+    length = checks.integer_in_range(length, "length", low=1)
     return max(1, int(round(math.sqrt(length))))
 
 
 def default_window(length: int, num_clusters: int) -> int:
     """W = ceil(L / C): enough slots for every token on average (C W >= L); always in [1, L]."""
-    length = integer_in_range(length, "length", low=1)
-    clusters = integer_in_range(num_clusters, "num_clusters", low=1)
+    length = checks.integer_in_range(length, "length", low=1)
+    clusters = checks.integer_in_range(num_clusters, "num_clusters", low=1)
     return -(-length // clusters)
 
 
-def _inputs(q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask):
-    spec, causal, shared_qk, q, k, v = routed_inputs(q, k, v, profile, causal, shared_qk)
+def check_attention(
+    q: Any, k: Any, v: Any, centroids: Any, window: Any = None, causal: Any = False, shared_qk: Any = False,
+    profile: Any = "tacl", key_padding_mask: Any = None,
+) -> tuple[Any, Any, Any, Any, int, bool, bool, Profile, Any]:
+    """Validate the arguments of :func:`attention`; returns them in that order (``window`` resolved
+    to its default when None, the profile as a :class:`~refattn.routing.profiles.Profile`)."""
+    q, k, v, causal, shared_qk, profile = routed_inputs(q, k, v, causal, shared_qk, profile)
     batch, heads, length, dim = q.shape
-    centroids = centroid_array(centroids, heads, dim)
+    centroids, key_padding_mask = checks.arrays(centroids=centroids, key_padding_mask=key_padding_mask)
+    centroids = checks.centroid_array(centroids, heads, dim)
     if window is None:
         window = default_window(length, centroids.shape[1])
-    window = integer_in_range(window, "window", low=1, high=length)
-    mask = padding_mask(key_padding_mask, batch, length)
-    return q, k, v, centroids, window, causal, shared_qk, spec, mask
+    window = checks.integer_in_range(window, "window", low=1, high=length)
+    mask = checks.padding_mask(key_padding_mask, batch, length)
+    return q, k, v, centroids, window, causal, shared_qk, profile, mask
 
 
-def _members(q, k, centroids, window, spec, mask, shared_qk):
-    q_members = route(np.einsum("bhld,hcd->bhlc", _normalize(q, spec), centroids, optimize=True), window,
-                      key_padding_mask=mask)
-    if shared_qk:
-        return q_members, q_members
-    k_members = route(np.einsum("bhld,hcd->bhlc", _normalize(k, spec), centroids, optimize=True), window,
-                      key_padding_mask=mask)
-    return q_members, k_members
+def _members(q: Any, k: Any, centroids: Any, window: int, shared_qk: bool, profile: Profile,
+             mask: Any) -> tuple[Any, Any]:
+    """Steps 1-3: (q_members, k_members), routed by the similarities of the normalized q and k.
+
+    Raises ``ValueError`` if a similarity overflows (the normalized q and k are bounded, the centroids not).
+    """
+    def routed(x: Any, name: str) -> Any:
+        scores = similarity_core(normalize_core(x, profile=profile), centroids)
+        checks.check_overflow(scores, f"the similarity of the normalized {name} to the centroids", centroids=centroids)
+        return route_core(scores, window, key_padding_mask=mask)
+
+    q_members = routed(q, "q")
+    return (q_members, q_members) if shared_qk else (q_members, routed(k, "k"))
+
+
+def attention_core(
+    q: Any, k: Any, v: Any, centroids: Any, *, window: int, causal: bool = False, shared_qk: bool = False,
+    profile: Profile, key_padding_mask: Any = None,
+) -> Any:
+    """:func:`attention` of validated arguments of one floating dtype (``window`` an int), computed
+    and returned in that dtype; raises ``ValueError`` when a step overflows it."""
+    q_members, k_members = _members(q, k, centroids, window, shared_qk, profile, key_padding_mask)
+    o = cluster_attention_core(q, k, v, q_members, k_members, causal=causal, shared_qk=shared_qk, profile=profile)
+    checks.check_overflow(o, "the cluster attention", q=q, k=k)
+    out = combine_core(o, q_members, q.shape[2], profile=profile)
+    checks.check_overflow(out, "the combination of the cluster outputs", v=v)
+    return out
 
 
 def attention(
@@ -107,11 +143,41 @@ def attention(
         out (B, H, L, Dv) float64. Cost O(B H (L C D + C W² (D + Dv))) = O(L^1.5 D) with C = sqrt(L),
         W = L / C; memory O(B H (L C + C W D)) plus bounded (chunk, W, W) blocks.
     """
-    q, k, v, centroids, window, causal, shared_qk, spec, mask = _inputs(
-        q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask)
-    q_members, k_members = _members(q, k, centroids, window, spec, mask, shared_qk)
-    o = cluster_attention(q, k, v, q_members, k_members, causal=causal, shared_qk=shared_qk, profile=spec.name)
-    return combine(o, q_members, q.shape[2], profile=spec.name)
+    q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask = check_attention(
+        q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask
+    )
+    q, k, v, centroids = as_float64(q, k, v, centroids)
+    return attention_core(q, k, v, centroids, window=window, causal=causal, shared_qk=shared_qk, profile=profile,
+                          key_padding_mask=key_padding_mask)
+
+
+def check_attention_vjp(
+    q: Any, k: Any, v: Any, centroids: Any, dout: Any, window: Any = None, causal: Any = False,
+    shared_qk: Any = False, profile: Any = "tacl", key_padding_mask: Any = None,
+) -> tuple[Any, Any, Any, Any, Any, int, bool, bool, Profile, Any]:
+    """Validate the arguments of :func:`attention_vjp`; returns them in that order."""
+    q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask = check_attention(
+        q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask
+    )
+    dout = checks.float_array(checks.as_array(dout, "dout"), "dout", rank=4, axes="(B, H, L, Dv)")
+    checks.expect_shape(dout, "dout", v.shape, "(B, H, L, Dv)")
+    return q, k, v, centroids, dout, window, causal, shared_qk, profile, key_padding_mask
+
+
+def attention_vjp_core(
+    q: Any, k: Any, v: Any, centroids: Any, dout: Any, *, window: int, causal: bool = False,
+    shared_qk: bool = False, profile: Profile, key_padding_mask: Any = None,
+) -> tuple[Any, Any, Any]:
+    """:func:`attention_vjp` of validated arguments of one floating dtype, computed and returned in
+    that dtype; raises ``ValueError`` when the routing or a gradient overflows it."""
+    q_members, k_members = _members(q, k, centroids, window, shared_qk, profile, key_padding_mask)
+    do = combine_vjp_core(q_members, dout, profile=profile)
+    dq, dk, dv = cluster_attention_vjp_core(
+        q, k, v, q_members, k_members, do, causal=causal, shared_qk=shared_qk, profile=profile
+    )
+    checks.check_overflow((dq, dk), "the gradient of the routing attention", dout=dout, v=v, q=q, k=k)
+    checks.check_overflow(dv, "the gradient of the routing attention", dout=dout)
+    return dq, dk, dv
 
 
 def attention_vjp(
@@ -137,11 +203,9 @@ def attention_vjp(
     Returns:
         (dq, dk, dv) float64 of the shapes of q, k, v; dk is None with shared QK.
     """
-    q, k, v, centroids, window, causal, shared_qk, spec, mask = _inputs(
-        q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask)
-    dout = float_array(dout, "dout", rank=4, axes="(B, H, L, Dv)")
-    expect_shape(dout, "dout", v.shape, "(B, H, L, Dv)")
-    q_members, k_members = _members(q, k, centroids, window, spec, mask, shared_qk)
-    do = combine_vjp(q_members, dout, profile=spec.name)
-    return cluster_attention_vjp(q, k, v, q_members, k_members, do, causal=causal, shared_qk=shared_qk,
-                                 profile=spec.name)
+    q, k, v, centroids, dout, window, causal, shared_qk, profile, key_padding_mask = check_attention_vjp(
+        q, k, v, centroids, dout, window, causal, shared_qk, profile, key_padding_mask
+    )
+    q, k, v, centroids, dout = as_float64(q, k, v, centroids, dout)
+    return attention_vjp_core(q, k, v, centroids, dout, window=window, causal=causal, shared_qk=shared_qk,
+                              profile=profile, key_padding_mask=key_padding_mask)

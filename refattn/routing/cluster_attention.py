@@ -17,97 +17,138 @@ stay small; no L x L array is ever built.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+import math
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array
+from refattn import checks
+from refattn.checks import as_float64
 
-from ._checks import members_array, routed_inputs
-from ._indexing import gather, scatter_add
-from .normalize import _normalize, _normalize_vjp
-from .profiles import Profile
+from .indexing import gather, scatter_add
+from .normalize import normalize_core, normalize_vjp_core
+from .profiles import Profile, check_configuration, get_profile
 
-__all__ = ["cluster_attention", "cluster_attention_vjp"]
+__all__ = [
+    "cluster_attention",
+    "cluster_attention_vjp",
+    "check_cluster_attention",
+    "check_cluster_attention_vjp",
+    "cluster_attention_core",
+    "cluster_attention_vjp_core",
+    "routed_inputs",
+]
 
 _CHUNK_ELEMENTS = 1 << 22  # logits entries (B * H * chunk * Wq * Wk) per chunk of clusters
 
 
-class _Inputs(NamedTuple):
-    q: np.ndarray
-    k: np.ndarray | None
-    v: np.ndarray
-    q_members: np.ndarray
-    k_members: np.ndarray
-    causal: bool
-    shared_qk: bool
-    profile: Profile
+def routed_inputs(
+    q: Any, k: Any, v: Any, causal: Any, shared_qk: Any, profile: Any
+) -> tuple[Any, Any, Any, bool, bool, Profile]:
+    """The checks shared by the routed-attention entry points: q (B, H, L, D), k (B, H, L, D) or None
+    as ``shared_qk`` asks, v (B, H, L, Dv), the flags, and the profile and its configuration.
 
-
-def _inputs(q, k, v, q_members, k_members, causal, shared_qk, profile) -> _Inputs:
-    spec, causal, shared_qk, q, k, v = routed_inputs(q, k, v, profile, causal, shared_qk)
+    Returns (q, k, v, causal, shared_qk, profile), the order of its arguments: the arrays unchanged
+    (NumPy or CuPy), the profile as a :class:`~refattn.routing.profiles.Profile`.
+    """
+    profile = get_profile(profile)
+    causal, shared_qk = checks.flag(causal, "causal"), checks.flag(shared_qk, "shared_qk")
+    checks.shared_keys(k, shared_qk)
+    check_configuration(profile, causal, shared_qk)
+    q, k, v = checks.arrays(q=q, k=k, v=v)
+    q = checks.sequence(q, "q", "(B, H, L, D)")
     batch, heads, length, dim = q.shape
-    q_members = members_array(q_members, "q_members", batch, heads, length)
-    k_members = members_array(k_members, "k_members", batch, heads, length)
+    if k is not None:
+        k = checks.sequence(k, "k", "(B, H, L, D)", (batch, heads, length), feature=dim)
+    v = checks.sequence(v, "v", "(B, H, L, Dv)", (batch, heads, length))
+    return q, k, v, causal, shared_qk, profile
+
+
+def check_cluster_attention(
+    q: Any, k: Any, v: Any, q_members: Any, k_members: Any, causal: Any = False, shared_qk: Any = False,
+    profile: Any = "tacl",
+) -> tuple[Any, Any, Any, Any, Any, bool, bool, Profile]:
+    """Validate the arguments of :func:`cluster_attention`; returns them in that order (members as int64)."""
+    q, k, v, causal, shared_qk, profile = routed_inputs(q, k, v, causal, shared_qk, profile)
+    batch, heads, length, _ = q.shape
+    q_members, k_members = checks.arrays(q_members=q_members, k_members=k_members)
+    q_members = checks.members_array(q_members, "q_members", batch, heads, length)
+    k_members = checks.members_array(k_members, "k_members", batch, heads, length)
     if k_members.shape[2] != q_members.shape[2]:
         raise ValueError(
             f"k_members: expected the same number of clusters C = {q_members.shape[2]} as q_members, "
             f"got shape {k_members.shape}"
         )
-    return _Inputs(q, k, v, q_members, k_members, causal, shared_qk, spec)
+    return q, k, v, q_members, k_members, causal, shared_qk, profile
 
 
-def _features(inputs: _Inputs) -> tuple[np.ndarray, np.ndarray]:
+def _features(q: Any, k: Any, shared_qk: bool, profile: Profile) -> tuple[Any, Any]:
     """(f_q, f_k), the (B, H, L, D) vectors whose dot products are the logits."""
-    spec, q, k = inputs.profile, inputs.q, inputs.k
-    if spec.logits_use_normalized:
-        f_q = _normalize(q, spec)
-        f_k = f_q if inputs.shared_qk else _normalize(k, spec)
+    if profile.logits_use_normalized:
+        f_q = normalize_core(q, profile=profile)
+        f_k = f_q if shared_qk else normalize_core(k, profile=profile)
     else:
         f_q = q
-        f_k = _normalize(q, spec) if inputs.shared_qk else k
+        f_k = normalize_core(q, profile=profile) if shared_qk else k
     return f_q, f_k
 
 
-def _chunks(inputs: _Inputs) -> Iterator[slice]:
-    batch, heads, clusters, wq = inputs.q_members.shape
-    wk = inputs.k_members.shape[3]
+def _chunks(q_members: Any, k_members: Any) -> Iterator[slice]:
+    batch, heads, clusters, wq = q_members.shape
+    wk = k_members.shape[3]
     size = max(1, _CHUNK_ELEMENTS // (batch * heads * wq * wk))
     for c0 in range(0, clusters, size):
         yield slice(c0, min(clusters, c0 + size))
 
 
 class _Block(NamedTuple):
-    fq: np.ndarray  # (B, H, c, Wq, D) gathered query features
-    fk: np.ndarray  # (B, H, c, Wk, D) gathered key features
-    vg: np.ndarray  # (B, H, c, Wk, Dv) gathered values
-    probs: np.ndarray  # (B, H, c, Wq, Wk), 0 at invalid pairs and in rows without a valid key
-    fixed: np.ndarray | None  # (B, H, c, Wq, Wk) bool: logits replaced by the self-logit constant
+    fq: Any  # (B, H, c, Wq, D) gathered query features
+    fk: Any  # (B, H, c, Wk, D) gathered key features
+    vg: Any  # (B, H, c, Wk, Dv) gathered values
+    probs: Any  # (B, H, c, Wq, Wk), 0 at invalid pairs and in rows without a valid key
+    fixed: Any  # (B, H, c, Wq, Wk) bool: logits replaced by the self-logit constant, or None
 
 
-def _block(inputs: _Inputs, f_q: np.ndarray, f_k: np.ndarray, part: slice) -> _Block:
-    qm = inputs.q_members[:, :, part]
-    km = inputs.k_members[:, :, part]
-    fq, fk, vg = gather(f_q, qm), gather(f_k, km), gather(inputs.v, km)
-    logits = np.einsum("bhcid,bhcjd->bhcij", fq, fk, optimize=True)
-    if inputs.profile.scaled_logits:
-        logits *= 1.0 / np.sqrt(inputs.q.shape[3])
+def _block(f_q: Any, f_k: Any, v: Any, qm: Any, km: Any, causal: bool, shared_qk: bool, profile: Profile) -> _Block:
+    """Features, values and softmax weights of the clusters whose members are qm, km (a chunk)."""
+    xp = checks.array_namespace(f_q, f_k, v)
+    fq, fk, vg = gather(f_q, qm), gather(f_k, km), gather(v, km)
+    logits = xp.einsum("bhcid,bhcjd->bhcij", fq, fk, optimize=True)
+    if profile.scaled_logits:
+        logits *= 1.0 / math.sqrt(f_q.shape[3])
     qpos, kpos = qm[..., :, None], km[..., None, :]
     valid = (qpos >= 0) & (kpos >= 0)
-    if inputs.causal:
+    if causal:
         valid &= kpos <= qpos
     fixed = None
-    if inputs.shared_qk and inputs.profile.self_logit is not None:
+    if shared_qk and profile.self_logit is not None:
         fixed = valid & (kpos == qpos)
-        logits[fixed] = inputs.profile.self_logit
+        logits[fixed] = profile.self_logit
     logits[~valid] = -np.inf
     peak = logits.max(axis=-1, keepdims=True)
-    peak[~np.isfinite(peak)] = 0.0  # rows without a valid key: all weights exp(-inf) = 0
-    weights = np.exp(logits - peak, out=logits)
+    peak[~xp.isfinite(peak)] = 0.0  # rows without a valid key: all weights exp(-inf) = 0
+    weights = xp.exp(logits - peak, out=logits)
     total = weights.sum(axis=-1, keepdims=True)
     total[total == 0] = 1.0
     weights /= total
     return _Block(fq, fk, vg, weights, fixed)
+
+
+def cluster_attention_core(
+    q: Any, k: Any, v: Any, q_members: Any, k_members: Any, *, causal: bool = False, shared_qk: bool = False,
+    profile: Profile,
+) -> Any:
+    """:func:`cluster_attention` of validated arguments (q, k, v of one floating dtype, members int64,
+    ``profile`` a :class:`~refattn.routing.profiles.Profile`), computed and returned in that dtype."""
+    xp = checks.array_namespace(q, v)
+    f_q, f_k = _features(q, k, shared_qk, profile)
+    batch, heads, clusters, wq = q_members.shape
+    out = xp.empty((batch, heads, clusters, wq, v.shape[3]), dtype=v.dtype)
+    for part in _chunks(q_members, k_members):
+        block = _block(f_q, f_k, v, q_members[:, :, part], k_members[:, :, part], causal, shared_qk, profile)
+        out[:, :, part] = xp.einsum("bhcij,bhcjd->bhcid", block.probs, block.vg, optimize=True)
+    return out
 
 
 def cluster_attention(
@@ -151,14 +192,59 @@ def cluster_attention(
     Returns:
         o (B, H, C, Wq, Dv) float64. Cost O(B H C Wq Wk (D + Dv)).
     """
-    inputs = _inputs(q, k, v, q_members, k_members, causal, shared_qk, profile)
-    f_q, f_k = _features(inputs)
-    batch, heads, clusters, wq = inputs.q_members.shape
-    out = np.empty((batch, heads, clusters, wq, inputs.v.shape[3]))
-    for part in _chunks(inputs):
-        block = _block(inputs, f_q, f_k, part)
-        out[:, :, part] = np.einsum("bhcij,bhcjd->bhcid", block.probs, block.vg, optimize=True)
-    return out
+    q, k, v, q_members, k_members, causal, shared_qk, profile = check_cluster_attention(
+        q, k, v, q_members, k_members, causal, shared_qk, profile
+    )
+    q, k, v = as_float64(q, k, v)
+    o = cluster_attention_core(q, k, v, q_members, k_members, causal=causal, shared_qk=shared_qk, profile=profile)
+    checks.check_overflow(o, "the cluster attention", q=q, k=k)
+    return o
+
+
+def check_cluster_attention_vjp(
+    q: Any, k: Any, v: Any, q_members: Any, k_members: Any, do: Any, causal: Any = False, shared_qk: Any = False,
+    profile: Any = "tacl",
+) -> tuple[Any, Any, Any, Any, Any, Any, bool, bool, Profile]:
+    """Validate the arguments of :func:`cluster_attention_vjp`; returns them in that order."""
+    q, k, v, q_members, k_members, causal, shared_qk, profile = check_cluster_attention(
+        q, k, v, q_members, k_members, causal, shared_qk, profile
+    )
+    do = checks.float_array(checks.as_array(do, "do"), "do", rank=5, axes="(B, H, C, W, Dv)")
+    checks.expect_shape(do, "do", q_members.shape + (v.shape[3],), "(B, H, C, W, Dv)")
+    return q, k, v, q_members, k_members, do, causal, shared_qk, profile
+
+
+def cluster_attention_vjp_core(
+    q: Any, k: Any, v: Any, q_members: Any, k_members: Any, do: Any, *, causal: bool = False,
+    shared_qk: bool = False, profile: Profile,
+) -> tuple[Any, Any, Any]:
+    """:func:`cluster_attention_vjp` of validated arguments of one floating dtype, computed and
+    returned in that dtype."""
+    xp = checks.array_namespace(q, v, do)
+    length, dim = q.shape[2], q.shape[3]
+    f_q, f_k = _features(q, k, shared_qk, profile)
+    scale = 1.0 / math.sqrt(dim) if profile.scaled_logits else 1.0
+    dfq = xp.zeros_like(f_q)
+    dfk = xp.zeros_like(f_k)
+    dv = xp.zeros_like(v)
+    for part in _chunks(q_members, k_members):
+        qm, km = q_members[:, :, part], k_members[:, :, part]
+        block = _block(f_q, f_k, v, qm, km, causal, shared_qk, profile)
+        dob = do[:, :, part]
+        dp = xp.einsum("bhcid,bhcjd->bhcij", dob, block.vg, optimize=True)
+        dz = block.probs * (dp - xp.sum(block.probs * dp, axis=-1, keepdims=True))
+        if block.fixed is not None:
+            dz[block.fixed] = 0.0
+        dfq += scatter_add(scale * xp.einsum("bhcij,bhcjd->bhcid", dz, block.fk, optimize=True), qm, length)
+        dfk += scatter_add(scale * xp.einsum("bhcij,bhcid->bhcjd", dz, block.fq, optimize=True), km, length)
+        dv += scatter_add(xp.einsum("bhcij,bhcid->bhcjd", block.probs, dob, optimize=True), km, length)
+    if profile.logits_use_normalized:
+        if shared_qk:
+            return normalize_vjp_core(q, dfq + dfk, profile=profile), None, dv
+        return normalize_vjp_core(q, dfq, profile=profile), normalize_vjp_core(k, dfk, profile=profile), dv
+    if shared_qk:
+        return dfq + normalize_vjp_core(q, dfk, profile=profile), None, dv
+    return dfq, dfk, dv
 
 
 def cluster_attention_vjp(
@@ -189,31 +275,13 @@ def cluster_attention_vjp(
         (dq, dk, dv), each of its input's (B, H, L, ·) shape, float64; dk is None with shared QK.
         Positions in no cluster get zero gradient.
     """
-    inputs = _inputs(q, k, v, q_members, k_members, causal, shared_qk, profile)
-    batch, heads, length, dim = inputs.q.shape
-    do = float_array(do, "do", rank=5, axes="(B, H, C, W, Dv)")
-    expect_shape(do, "do", inputs.q_members.shape + (inputs.v.shape[3],), "(B, H, C, W, Dv)")
-    f_q, f_k = _features(inputs)
-    scale = 1.0 / np.sqrt(dim) if inputs.profile.scaled_logits else 1.0
-    dfq = np.zeros_like(f_q)
-    dfk = np.zeros_like(f_k)
-    dv = np.zeros_like(inputs.v)
-    for part in _chunks(inputs):
-        block = _block(inputs, f_q, f_k, part)
-        dob = do[:, :, part]
-        dp = np.einsum("bhcid,bhcjd->bhcij", dob, block.vg, optimize=True)
-        dz = block.probs * (dp - np.sum(block.probs * dp, axis=-1, keepdims=True))
-        if block.fixed is not None:
-            dz[block.fixed] = 0.0
-        qm, km = inputs.q_members[:, :, part], inputs.k_members[:, :, part]
-        dfq += scatter_add(scale * np.einsum("bhcij,bhcjd->bhcid", dz, block.fk, optimize=True), qm, length)
-        dfk += scatter_add(scale * np.einsum("bhcij,bhcid->bhcjd", dz, block.fq, optimize=True), km, length)
-        dv += scatter_add(np.einsum("bhcij,bhcid->bhcjd", block.probs, dob, optimize=True), km, length)
-    spec = inputs.profile
-    if spec.logits_use_normalized:
-        if inputs.shared_qk:
-            return _normalize_vjp(inputs.q, dfq + dfk, spec), None, dv
-        return _normalize_vjp(inputs.q, dfq, spec), _normalize_vjp(inputs.k, dfk, spec), dv
-    if inputs.shared_qk:
-        return dfq + _normalize_vjp(inputs.q, dfk, spec), None, dv
-    return dfq, dfk, dv
+    q, k, v, q_members, k_members, do, causal, shared_qk, profile = check_cluster_attention_vjp(
+        q, k, v, q_members, k_members, do, causal, shared_qk, profile
+    )
+    q, k, v, do = as_float64(q, k, v, do)
+    dq, dk, dv = cluster_attention_vjp_core(
+        q, k, v, q_members, k_members, do, causal=causal, shared_qk=shared_qk, profile=profile
+    )
+    checks.check_overflow((dq, dk), "the gradient of the cluster attention", do=do, v=v, q=q, k=k)
+    checks.check_overflow(dv, "the gradient of the cluster attention", do=do)
+    return dq, dk, dv

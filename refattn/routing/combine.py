@@ -15,13 +15,31 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import float_array, integer_in_range
+from refattn import checks
+from refattn.checks import as_float64
 
-from ._checks import members_array
-from ._indexing import flat_rows, member_counts, scatter_add
-from .profiles import get_profile
+from .indexing import flat_rows, member_counts, scatter_add
+from .profiles import Profile, get_profile
 
-__all__ = ["combine", "combine_vjp"]
+__all__ = ["combine", "combine_vjp", "check_combine", "check_combine_vjp", "combine_core", "combine_vjp_core"]
+
+
+def check_combine(o: Any, q_members: Any, length: Any, profile: Any = "tacl") -> tuple[Any, Any, int, Profile]:
+    """Validate the arguments of :func:`combine`; returns them in that order (members as int64)."""
+    profile = get_profile(profile)
+    length = checks.integer_in_range(length, "length", low=1)
+    o, q_members = checks.arrays(o=o, q_members=q_members)
+    o = checks.float_array(o, "o", rank=5, axes="(B, H, C, W, Dv)")
+    q_members = checks.members_array(q_members, "q_members", o.shape[0], o.shape[1], length)
+    if q_members.shape != o.shape[:4]:
+        raise ValueError(f"q_members: expected shape (B, H, C, W) = {o.shape[:4]} (that of o), got {q_members.shape}")
+    return o, q_members, length, profile
+
+
+def combine_core(o: Any, q_members: Any, length: int, *, profile: Profile) -> Any:
+    """:func:`combine` of validated arguments, computed and returned in the dtype of ``o``."""
+    total = scatter_add(o, q_members, length)
+    return total / (member_counts(q_members, length, o.dtype) + profile.combine_eps)[..., None]
 
 
 def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> np.ndarray:
@@ -42,14 +60,30 @@ def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> np
     Returns:
         out (B, H, L, Dv) float64; rows of tokens in no cluster (and of padding) are 0.
     """
-    spec = get_profile(profile)
-    length = integer_in_range(length, "length", low=1)
-    o = float_array(o, "o", rank=5, axes="(B, H, C, W, Dv)")
-    members = members_array(q_members, "q_members", o.shape[0], o.shape[1], length)
-    if members.shape != o.shape[:4]:
-        raise ValueError(f"q_members: expected shape (B, H, C, W) = {o.shape[:4]} (that of o), got {members.shape}")
-    total = scatter_add(o, members, length)
-    return total / (member_counts(members, length) + spec.combine_eps)[..., None]
+    o, q_members, length, profile = check_combine(o, q_members, length, profile)
+    o = as_float64(o)
+    out = combine_core(o, q_members, length, profile=profile)
+    checks.check_overflow(out, "the combination of the cluster outputs", o=o)
+    return out
+
+
+def check_combine_vjp(q_members: Any, dout: Any, profile: Any = "tacl") -> tuple[Any, Any, Profile]:
+    """Validate the arguments of :func:`combine_vjp`; returns them in that order."""
+    profile = get_profile(profile)
+    q_members, dout = checks.arrays(q_members=q_members, dout=dout)
+    dout = checks.float_array(dout, "dout", rank=4, axes="(B, H, L, Dv)")
+    batch, heads, length, _ = dout.shape
+    q_members = checks.members_array(q_members, "q_members", batch, heads, length)
+    return q_members, dout, profile
+
+
+def combine_vjp_core(q_members: Any, dout: Any, *, profile: Profile) -> Any:
+    """:func:`combine_vjp` of validated arguments, computed and returned in the dtype of ``dout``."""
+    batch, heads, length, features = dout.shape
+    scaled = dout / (member_counts(q_members, length, dout.dtype) + profile.combine_eps)[..., None]
+    do = scaled.reshape(batch * heads * length, features)[flat_rows(q_members, length)]
+    do[q_members < 0] = 0.0
+    return do
 
 
 def combine_vjp(q_members: Any, dout: Any, *, profile: str = "tacl") -> np.ndarray:
@@ -64,11 +98,5 @@ def combine_vjp(q_members: Any, dout: Any, *, profile: str = "tacl") -> np.ndarr
     Returns:
         do (B, H, C, W, Dv) float64.
     """
-    spec = get_profile(profile)
-    dout = float_array(dout, "dout", rank=4, axes="(B, H, L, Dv)")
-    batch, heads, length, features = dout.shape
-    members = members_array(q_members, "q_members", batch, heads, length)
-    scaled = dout / (member_counts(members, length) + spec.combine_eps)[..., None]
-    do = scaled.reshape(batch * heads * length, features)[flat_rows(members, length)]
-    do[members < 0] = 0.0
-    return do
+    q_members, dout, profile = check_combine_vjp(q_members, dout, profile)
+    return combine_vjp_core(q_members, as_float64(dout), profile=profile)

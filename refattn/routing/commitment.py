@@ -13,30 +13,49 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import padding_mask, sequence
+from refattn import checks
+from refattn.checks import as_float64
 
-from ._checks import centroid_array
-from .centroids import _assign
+from .centroids import assign_core
 
-__all__ = ["commitment_loss", "commitment_loss_vjp"]
+__all__ = [
+    "commitment_loss",
+    "commitment_loss_vjp",
+    "check_commitment_loss",
+    "check_commitment_loss_vjp",
+    "commitment_loss_core",
+    "commitment_loss_vjp_core",
+]
 
 
-def _residual(x_hat, centroids, key_padding_mask):
-    x_hat = sequence(x_hat, "x_hat", "(B, H, L, D)")
-    centroids = centroid_array(centroids, x_hat.shape[1], x_hat.shape[3])
-    mask = padding_mask(key_padding_mask, x_hat.shape[0], x_hat.shape[2])
-    labels = _assign(x_hat, centroids, mask)
+def check_commitment_loss(
+    x_hat: Any, centroids: Any, beta: Any = 1e-4, key_padding_mask: Any = None
+) -> tuple[Any, Any, float, Any]:
+    """Validate the arguments of :func:`commitment_loss`; returns them in that order (β >= 0)."""
+    beta = checks.real_number(beta, "beta", low=0.0)
+    x_hat, centroids, key_padding_mask = checks.arrays(x_hat=x_hat, centroids=centroids,
+                                                       key_padding_mask=key_padding_mask)
+    x_hat = checks.sequence(x_hat, "x_hat", "(B, H, L, D)")
+    centroids = checks.centroid_array(centroids, x_hat.shape[1], x_hat.shape[3])
+    mask = checks.padding_mask(key_padding_mask, x_hat.shape[0], x_hat.shape[2])
+    return x_hat, centroids, beta, mask
+
+
+def _residual(x_hat: Any, centroids: Any, mask: Any) -> tuple[Any, Any]:
+    """(x̂ - μ_a(x̂), 0 at padding; N D, the number of unpadded elements, a 0-d array)."""
+    xp = checks.array_namespace(x_hat, centroids)
+    labels = assign_core(x_hat, centroids, key_padding_mask=mask)
     keep = labels >= 0
-    heads = np.broadcast_to(np.arange(x_hat.shape[1])[None, :, None], labels.shape)
-    residual = np.where(keep[..., None], x_hat - centroids[heads, np.maximum(labels, 0)], 0.0)
-    return residual, int(keep.sum()) * x_hat.shape[3]
+    heads = xp.broadcast_to(xp.arange(x_hat.shape[1])[None, :, None], labels.shape)
+    residual = xp.where(keep[..., None], x_hat - centroids[heads, xp.maximum(labels, 0)], 0.0)
+    return residual, keep.sum() * x_hat.shape[3]
 
 
-def _beta(beta: Any) -> float:
-    beta = float(beta)
-    if not np.isfinite(beta):
-        raise ValueError(f"beta: expected a finite number, got {beta}")
-    return beta
+def commitment_loss_core(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_padding_mask: Any = None) -> Any:
+    """:func:`commitment_loss` of validated arguments: a 0-d array of their dtype (not read back)."""
+    xp = checks.array_namespace(x_hat, centroids)
+    residual, count = _residual(x_hat, centroids, key_padding_mask)
+    return beta * xp.sum(residual * residual) / xp.maximum(count, 1)  # no unpadded token: the sum is 0
 
 
 def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_padding_mask: Any = None) -> float:
@@ -56,9 +75,29 @@ def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_paddi
     Returns:
         The loss, a Python float.
     """
-    beta = _beta(beta)
+    x_hat, centroids, beta, key_padding_mask = check_commitment_loss(x_hat, centroids, beta, key_padding_mask)
+    x_hat, centroids = as_float64(x_hat, centroids)
+    loss = commitment_loss_core(x_hat, centroids, beta=beta, key_padding_mask=key_padding_mask)
+    checks.check_overflow(loss, "the commitment loss", x_hat=x_hat, centroids=centroids)
+    return float(loss)
+
+
+def check_commitment_loss_vjp(
+    x_hat: Any, centroids: Any, dloss: Any = 1.0, beta: Any = 1e-4, key_padding_mask: Any = None
+) -> tuple[Any, Any, float, float, Any]:
+    """Validate the arguments of :func:`commitment_loss_vjp`; returns them in that order."""
+    x_hat, centroids, beta, key_padding_mask = check_commitment_loss(x_hat, centroids, beta, key_padding_mask)
+    dloss = checks.real_number(dloss, "dloss")
+    return x_hat, centroids, dloss, beta, key_padding_mask
+
+
+def commitment_loss_vjp_core(
+    x_hat: Any, centroids: Any, dloss: float = 1.0, *, beta: float = 1e-4, key_padding_mask: Any = None
+) -> Any:
+    """:func:`commitment_loss_vjp` of validated arguments, computed and returned in their dtype."""
+    xp = checks.array_namespace(x_hat, centroids)
     residual, count = _residual(x_hat, centroids, key_padding_mask)
-    return 0.0 if count == 0 else beta * float(np.sum(residual * residual)) / count
+    return residual * (2.0 * beta * dloss / xp.maximum(count, 1))
 
 
 def commitment_loss_vjp(
@@ -73,7 +112,10 @@ def commitment_loss_vjp(
     Returns:
         dx_hat (B, H, L, D) float64.
     """
-    beta = _beta(beta)
-    dloss = float(dloss)
-    residual, count = _residual(x_hat, centroids, key_padding_mask)
-    return residual * 0.0 if count == 0 else residual * (2.0 * beta * dloss / count)
+    x_hat, centroids, dloss, beta, key_padding_mask = check_commitment_loss_vjp(
+        x_hat, centroids, dloss, beta, key_padding_mask
+    )
+    x_hat, centroids = as_float64(x_hat, centroids)
+    dx_hat = commitment_loss_vjp_core(x_hat, centroids, dloss, beta=beta, key_padding_mask=key_padding_mask)
+    checks.check_overflow(dx_hat, "the gradient of the commitment loss", x_hat=x_hat, centroids=centroids)
+    return dx_hat

@@ -11,36 +11,40 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array
+from refattn import checks
+from refattn.checks import as_float64
 
 from .profiles import Profile, get_profile
 
-__all__ = ["normalize", "normalize_vjp"]
+__all__ = ["normalize", "normalize_vjp", "check_normalize", "check_normalize_vjp", "normalize_core",
+           "normalize_vjp_core"]
 
 
-def _normalize(x: np.ndarray, profile: Profile) -> np.ndarray:
-    """The profile's normalization over the last axis of a float64 array of any rank (no checks)."""
+def _any_rank(x: Any, name: str) -> Any:
+    """A float array of any rank >= 1 whose last axis (D) is non-empty."""
+    x = checks.float_array(checks.as_array(x, name), name)
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name}: expected an array whose last axis (D) has at least 1 entry, got shape {x.shape}")
+    return x
+
+
+def check_normalize(x: Any, profile: Any = "tacl") -> tuple[Any, Profile]:
+    """Validate the arguments of :func:`normalize`; returns them in that order (the profile as a
+    :class:`~refattn.routing.profiles.Profile`)."""
+    profile = get_profile(profile)
+    return _any_rank(x, "x"), profile
+
+
+def normalize_core(x: Any, *, profile: Profile) -> Any:
+    """The profile's normalization over the last axis of a floating array of any rank, computed and
+    returned in its dtype (no checks)."""
+    xp = checks.array_namespace(x)
     if profile.norm == "layernorm":
         centered = x - x.mean(axis=-1, keepdims=True)
-        variance = np.mean(centered * centered, axis=-1, keepdims=True)
-        return centered / np.sqrt(variance + profile.norm_eps)
-    norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
-    return x / np.maximum(norm, profile.norm_eps)
-
-
-def _normalize_vjp(x: np.ndarray, dy: np.ndarray, profile: Profile) -> np.ndarray:
-    """The VJP of :func:`_normalize` over the last axis (no checks)."""
-    if profile.norm == "layernorm":
-        centered = x - x.mean(axis=-1, keepdims=True)
-        sigma = np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + profile.norm_eps)
-        y = centered / sigma
-        return (dy - dy.mean(axis=-1, keepdims=True) - y * np.mean(dy * y, axis=-1, keepdims=True)) / sigma
-    norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
-    clamped = norm <= profile.norm_eps
-    safe = np.where(clamped, 1.0, norm)
-    y = x / safe
-    unit = (dy - y * np.sum(y * dy, axis=-1, keepdims=True)) / safe
-    return np.where(clamped, dy / profile.norm_eps, unit)
+        variance = xp.mean(centered * centered, axis=-1, keepdims=True)
+        return centered / xp.sqrt(variance + profile.norm_eps)
+    norm = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))
+    return x / xp.maximum(norm, profile.norm_eps)
 
 
 def normalize(x: Any, *, profile: str = "tacl") -> np.ndarray:
@@ -66,11 +70,34 @@ def normalize(x: Any, *, profile: str = "tacl") -> np.ndarray:
     Returns:
         x̂, float64, same shape as x.
     """
-    spec = get_profile(profile)
-    x = float_array(x, "x")
-    if x.ndim < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x: expected an array whose last axis (D) has at least 1 entry, got shape {x.shape}")
-    return _normalize(x, spec)
+    x, profile = check_normalize(x, profile)
+    return normalize_core(as_float64(x), profile=profile)
+
+
+def check_normalize_vjp(x: Any, dx_hat: Any, profile: Any = "tacl") -> tuple[Any, Any, Profile]:
+    """Validate the arguments of :func:`normalize_vjp`; returns them in that order."""
+    profile = get_profile(profile)
+    x = _any_rank(x, "x")
+    dx_hat = checks.float_array(checks.as_array(dx_hat, "dx_hat"), "dx_hat")
+    checks.expect_shape(dx_hat, "dx_hat", x.shape, "like x")
+    return x, dx_hat, profile
+
+
+def normalize_vjp_core(x: Any, dx_hat: Any, *, profile: Profile) -> Any:
+    """The VJP of :func:`normalize_core` over the last axis (no checks), in the inputs' dtype."""
+    xp = checks.array_namespace(x, dx_hat)
+    dy = dx_hat
+    if profile.norm == "layernorm":
+        centered = x - x.mean(axis=-1, keepdims=True)
+        sigma = xp.sqrt(xp.mean(centered * centered, axis=-1, keepdims=True) + profile.norm_eps)
+        y = centered / sigma
+        return (dy - dy.mean(axis=-1, keepdims=True) - y * xp.mean(dy * y, axis=-1, keepdims=True)) / sigma
+    norm = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))
+    clamped = norm <= profile.norm_eps
+    safe = xp.where(clamped, 1.0, norm)
+    y = x / safe
+    unit = (dy - y * xp.sum(y * dy, axis=-1, keepdims=True)) / safe
+    return xp.where(clamped, dy / profile.norm_eps, unit)
 
 
 def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> np.ndarray:
@@ -90,10 +117,8 @@ def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> np.ndarray:
     Returns:
         dx, float64, same shape as x.
     """
-    spec = get_profile(profile)
-    x = float_array(x, "x")
-    if x.ndim < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x: expected an array whose last axis (D) has at least 1 entry, got shape {x.shape}")
-    dy = float_array(dx_hat, "dx_hat")
-    expect_shape(dy, "dx_hat", x.shape, "like x")
-    return _normalize_vjp(x, dy, spec)
+    x, dx_hat, profile = check_normalize_vjp(x, dx_hat, profile)
+    x, dx_hat = as_float64(x, dx_hat)
+    dx = normalize_vjp_core(x, dx_hat, profile=profile)
+    checks.check_overflow(dx, "the gradient of the normalization", dx_hat=dx_hat)
+    return dx

@@ -12,10 +12,11 @@ module spells one of these numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from refattn._validation import one_of
+from refattn.checks import one_of
 
-__all__ = ["Profile", "PROFILES", "PROFILE_NAMES", "get_profile"]
+__all__ = ["Profile", "PROFILES", "PROFILE_NAMES", "get_profile", "check_configuration"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,19 @@ PROFILES: dict[str, Profile] = {
 PROFILE_NAMES: tuple[str, ...] = tuple(PROFILES)
 
 
-def get_profile(profile: str) -> Profile:
-    """The :class:`Profile` named ``profile``; ``ValueError`` naming ``profile`` if unknown."""
+def get_profile(profile: str | Profile) -> Profile:
+    """The :class:`Profile` named ``profile`` (a :class:`Profile` is returned as it is); ``ValueError``
+    naming ``profile`` if unknown."""
+    if isinstance(profile, Profile):
+        return profile
     return PROFILES[one_of(profile, "profile", PROFILE_NAMES)]
+
+
+def check_configuration(profile: Profile, causal: Any, shared_qk: Any) -> None:
+    """Reject the configurations a profile does not model (lucidrains: causal with unshared QK)."""
+    if causal and not shared_qk and not profile.causal_unshared:
+        raise ValueError(
+            f"profile: {profile.name!r} does not support causal=True with shared_qk=False: "
+            "lucidrains/routing-transformer adds learned memory key/values to every cluster in that "
+            "configuration, which refattn does not model; use shared_qk=True, causal=False or profile='tacl'"
+        )

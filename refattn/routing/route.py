@@ -18,31 +18,63 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import float_array, integer_in_range, padding_mask
+from refattn import checks
 
-__all__ = ["route"]
+__all__ = ["route", "check_route", "route_core"]
 
 _CHUNK_ELEMENTS = 1 << 22  # (rows x L) entries per chunk of centroid rows
 
 
-def _route_rows(scores: np.ndarray, window: int, padded: np.ndarray | None) -> np.ndarray:
+def _route_rows(scores: Any, window: int, padded: Any) -> Any:
     """Members (R, W) of R rows of scores (R, L); ``padded`` (R, L) bool or None. No checks."""
+    xp = checks.array_namespace(scores)
     rows, length = scores.shape
     if padded is not None:
-        scores = np.where(padded, -np.inf, scores)
-    threshold = np.partition(scores, length - window, axis=-1)[:, length - window, None]
+        scores = xp.where(padded, -np.inf, scores)
+    threshold = xp.partition(scores, length - window, axis=-1)[:, length - window, None]
     above = scores > threshold
     tied = scores == threshold
     still_needed = window - above.sum(axis=-1, keepdims=True)
-    take = above | (tied & (np.cumsum(tied, axis=-1) <= still_needed))
+    take = above | (tied & (xp.cumsum(tied, axis=-1) <= still_needed))
     if padded is not None:
         take &= ~padded  # rows with fewer than W unpadded tokens: threshold -inf took padding
-    row, position = np.nonzero(take)  # row-major: each row's positions ascending
+    row, position = xp.nonzero(take)  # row-major: each row's positions ascending
     taken = take.sum(axis=-1)
-    first = np.cumsum(taken) - taken
-    slot = np.arange(row.size) - first[row]
-    members = np.full((rows, window), -1, dtype=np.int64)
+    first = xp.cumsum(taken) - taken
+    slot = xp.arange(row.size) - first[row]
+    members = xp.full((rows, window), -1, dtype=np.int64)
     members[row, slot] = position
+    return members
+
+
+def check_route(similarities: Any, window: Any, key_padding_mask: Any = None) -> tuple[Any, int, Any]:
+    """Validate the arguments of :func:`route`; returns them in that order."""
+    scores, key_padding_mask = checks.arrays(similarities=similarities, key_padding_mask=key_padding_mask)
+    scores = checks.float_array(scores, "similarities", rank=4, axes="(B, H, L, C)")
+    batch, heads, length, clusters = scores.shape
+    if 0 in scores.shape:
+        raise ValueError(
+            f"similarities: expected every axis of (B, H, L, C) to be at least 1, got shape {scores.shape}")
+    window = checks.integer_in_range(window, "window", low=1, high=length)
+    mask = checks.padding_mask(key_padding_mask, batch, length)
+    return scores, window, mask
+
+
+def route_core(similarities: Any, window: int, *, key_padding_mask: Any = None) -> Any:
+    """:func:`route` of validated arguments; the similarities are compared in their own dtype."""
+    xp = checks.array_namespace(similarities)
+    batch, heads, length, clusters = similarities.shape
+    members = xp.empty((batch, heads, clusters, window), dtype=np.int64)
+    chunk = max(1, _CHUNK_ELEMENTS // length)
+    for b in range(batch):
+        mask_row = None if key_padding_mask is None else key_padding_mask[b]
+        padded_row = None if mask_row is None or not bool(mask_row.any()) else mask_row
+        for h in range(heads):
+            for c0 in range(0, clusters, chunk):
+                c1 = min(clusters, c0 + chunk)
+                rows = xp.ascontiguousarray(similarities[b, h, :, c0:c1].T)  # (chunk, L)
+                padded = None if padded_row is None else xp.broadcast_to(padded_row, rows.shape)
+                members[b, h, c0:c1] = _route_rows(rows, window, padded)
     return members
 
 
@@ -67,20 +99,5 @@ def route(similarities: Any, window: int, *, key_padding_mask: Any = None) -> np
         members (B, H, C, W) int64, positions in [0, L), -1 for an empty slot. Cost O(B H C L)
         (a partition per centroid), memory O(B H C W) plus a bounded chunk.
     """
-    scores = float_array(similarities, "similarities", rank=4, axes="(B, H, L, C)")
-    batch, heads, length, clusters = scores.shape
-    if 0 in scores.shape:
-        raise ValueError(f"similarities: expected every axis of (B, H, L, C) to be at least 1, got shape {scores.shape}")
-    window = integer_in_range(window, "window", low=1, high=length)
-    mask = padding_mask(key_padding_mask, batch, length)
-    members = np.empty((batch, heads, clusters, window), dtype=np.int64)
-    chunk = max(1, _CHUNK_ELEMENTS // length)
-    for b in range(batch):
-        padded_row = None if mask is None or not mask[b].any() else mask[b]
-        for h in range(heads):
-            for c0 in range(0, clusters, chunk):
-                c1 = min(clusters, c0 + chunk)
-                rows = np.ascontiguousarray(scores[b, h, :, c0:c1].T)  # (chunk, L)
-                padded = None if padded_row is None else np.broadcast_to(padded_row, rows.shape)
-                members[b, h, c0:c1] = _route_rows(rows, window, padded)
-    return members
+    similarities, window, key_padding_mask = check_route(similarities, window, key_padding_mask)
+    return route_core(checks.as_float64(similarities), window, key_padding_mask=key_padding_mask)

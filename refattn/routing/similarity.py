@@ -12,11 +12,24 @@ from typing import Any
 
 import numpy as np
 
-from refattn._validation import expect_shape, float_array, sequence
+from refattn import checks
+from refattn.checks import as_float64
 
-from ._checks import centroid_array
+__all__ = ["similarity", "similarity_vjp", "check_similarity", "check_similarity_vjp", "similarity_core",
+           "similarity_vjp_core"]
 
-__all__ = ["similarity", "similarity_vjp"]
+
+def check_similarity(x_hat: Any, centroids: Any) -> tuple[Any, Any]:
+    """Validate the arguments of :func:`similarity`; returns them in that order."""
+    x_hat, centroids = checks.arrays(x_hat=x_hat, centroids=centroids)
+    x_hat = checks.sequence(x_hat, "x_hat", "(B, H, L, D)")
+    centroids = checks.centroid_array(centroids, x_hat.shape[1], x_hat.shape[3])
+    return x_hat, centroids
+
+
+def similarity_core(x_hat: Any, centroids: Any) -> Any:
+    """:func:`similarity` of validated arrays of one floating dtype, computed and returned in that dtype."""
+    return checks.array_namespace(x_hat, centroids).einsum("bhld,hcd->bhlc", x_hat, centroids, optimize=True)
 
 
 def similarity(x_hat: Any, centroids: Any) -> np.ndarray:
@@ -31,9 +44,26 @@ def similarity(x_hat: Any, centroids: Any) -> np.ndarray:
     Returns:
         S, (B, H, L, C) float64. Cost O(B H L C D).
     """
-    x_hat = sequence(x_hat, "x_hat", "(B, H, L, D)")
-    centroids = centroid_array(centroids, x_hat.shape[1], x_hat.shape[3])
-    return np.einsum("bhld,hcd->bhlc", x_hat, centroids, optimize=True)
+    x_hat, centroids = as_float64(*check_similarity(x_hat, centroids))
+    scores = similarity_core(x_hat, centroids)
+    checks.check_overflow(scores, "the similarity", x_hat=x_hat, centroids=centroids)
+    return scores
+
+
+def check_similarity_vjp(x_hat: Any, centroids: Any, ds: Any) -> tuple[Any, Any, Any]:
+    """Validate the arguments of :func:`similarity_vjp`; returns them in that order."""
+    x_hat, centroids = check_similarity(x_hat, centroids)
+    ds = checks.float_array(checks.as_array(ds, "ds"), "ds", rank=4, axes="(B, H, L, C)")
+    checks.expect_shape(ds, "ds", x_hat.shape[:3] + (centroids.shape[1],), "(B, H, L, C)")
+    return x_hat, centroids, ds
+
+
+def similarity_vjp_core(x_hat: Any, centroids: Any, ds: Any) -> tuple[Any, Any]:
+    """:func:`similarity_vjp` of validated arrays of one floating dtype, computed and returned in that dtype."""
+    xp = checks.array_namespace(x_hat, centroids, ds)
+    dx_hat = xp.einsum("bhlc,hcd->bhld", ds, centroids, optimize=True)
+    dcentroids = xp.einsum("bhlc,bhld->hcd", ds, x_hat, optimize=True)
+    return dx_hat, dcentroids
 
 
 def similarity_vjp(x_hat: Any, centroids: Any, ds: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -47,10 +77,8 @@ def similarity_vjp(x_hat: Any, centroids: Any, ds: Any) -> tuple[np.ndarray, np.
     Returns:
         (dx_hat (B, H, L, D), dcentroids (H, C, D)), float64.
     """
-    x_hat = sequence(x_hat, "x_hat", "(B, H, L, D)")
-    centroids = centroid_array(centroids, x_hat.shape[1], x_hat.shape[3])
-    ds = float_array(ds, "ds", rank=4, axes="(B, H, L, C)")
-    expect_shape(ds, "ds", x_hat.shape[:3] + (centroids.shape[1],), "(B, H, L, C)")
-    dx_hat = np.einsum("bhlc,hcd->bhld", ds, centroids, optimize=True)
-    dcentroids = np.einsum("bhlc,bhld->hcd", ds, x_hat, optimize=True)
+    x_hat, centroids, ds = as_float64(*check_similarity_vjp(x_hat, centroids, ds))
+    dx_hat, dcentroids = similarity_vjp_core(x_hat, centroids, ds)
+    checks.check_overflow(dx_hat, "the gradient of the similarity", ds=ds, centroids=centroids)
+    checks.check_overflow(dcentroids, "the gradient of the similarity", ds=ds, x_hat=x_hat)
     return dx_hat, dcentroids

@@ -71,8 +71,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
     info = measure.machine_info()
-    machine_info["refattn"] = {key: info[key] for key in ("cpu", "cpu_count", "memory_gib", "torch", "torch_threads",
-                                                           "cuda_device", "cuda_version", "load_average") if key in info}
+    keys = ("cpu", "cpu_count", "memory_gib", "torch", "torch_threads", "cuda_device", "cuda_version", "load_average")
+    machine_info["refattn"] = {key: info[key] for key in keys if key in info}
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@
 //
 // Control flow inside a warp depends only on (row, m), never on the lane, so every __shfl_xor_sync
 // runs with the full warp. Half inputs are stored as unsigned short (IEEE binary16 bits) and
-// converted with the PTX cvt instructions, so this file needs no header.
+// converted with the PTX cvt instructions, so this file needs no header (in the CPU emulation of
+// backends/cupy/emulation, which defines REFATTN_CUDA_EMULATION, with g++'s _Float16).
 
 #define REFATTN_VPL 4
 #define REFATTN_CHUNK (32 * REFATTN_VPL)
@@ -46,6 +47,10 @@ template <> struct Traits<float> {
 
 template <> struct Traits<refattn_half> {
     typedef float Acc;
+#ifdef REFATTN_CUDA_EMULATION  // CUDA C emulated on the CPU (backends/cupy/emulation): g++'s _Float16
+    static float load(refattn_half h) { return float(std::bit_cast<_Float16>(h)); }
+    static refattn_half store(float f) { return std::bit_cast<refattn_half>(_Float16(f)); }
+#else
     static __device__ __forceinline__ float load(refattn_half h) {
         float f;
         asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -56,6 +61,7 @@ template <> struct Traits<refattn_half> {
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
         return h;
     }
+#endif
 };
 
 __device__ __forceinline__ float acc_exp(float x) { return expf(x); }

@@ -25,6 +25,9 @@ per-head cross inputs of Dc features; it learns only through the estimator path 
 s[offsets]), never sending gradient into the backbone. spec/fsat.md, "Exploration", gives the
 evidence for the defaults (a separate projection, temperature 0.1, constant).
 
+Input: ``x`` (B, L, dim) must have the layer's parameter dtype (``TypeError`` otherwise, naming both:
+convert one or the other); under ``torch.autocast`` any floating dtype, which autocast casts.
+
 Dropout (``dropout > 0``, training mode only) is applied to the attention output, i.e. the
 concatenated per-head outputs before the output projection, not to the attention weights (the
 sparse attention never materialises its weights for backward).
@@ -37,7 +40,10 @@ import math
 import torch
 from torch import nn
 
-from . import fsat as _fsat
+from refattn import checks
+
+from ..fsat.attention import attention_with_offsets
+from ..tensors import layer_input
 
 __all__ = ["FSATAttention"]
 
@@ -86,40 +92,35 @@ class FSATAttention(nn.Module):
         noise_steps: int = 1,
     ) -> None:
         super().__init__()
-        if dim < 1 or heads < 1 or dim % heads:
-            raise ValueError(f"dim, heads: expected dim >= 1 divisible by heads >= 1, got dim={dim}, heads={heads}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
-        if cross_dim == "head":
-            cross_dim = dim // heads
-        if cross_dim is not None and (isinstance(cross_dim, bool) or not isinstance(cross_dim, int) or cross_dim < 1):
-            raise ValueError(f"cross_dim: expected 'head', None or an integer >= 1, got {cross_dim!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
-        for name, value in (("noise_scale", noise_scale), ("noise_final", noise_final)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
-                raise ValueError(f"{name}: expected a finite number >= 0 (a Gumbel temperature), got {value!r}")
-        if noise_schedule not in self.NOISE_SCHEDULES:
-            choices = ", ".join(self.NOISE_SCHEDULES)
-            raise ValueError(f"noise_schedule: expected one of {choices}, got {noise_schedule!r}")
-        if isinstance(noise_steps, bool) or not isinstance(noise_steps, int) or noise_steps < 1:
-            raise ValueError(f"noise_steps: expected an integer >= 1 (training forwards), got {noise_steps!r}")
+        dim = checks.integer_in_range(dim, "dim", low=1)
+        heads = checks.integer_in_range(heads, "heads", low=1)
+        if dim % heads:
+            raise ValueError(f"dim, heads: expected dim divisible by heads, got dim={dim}, heads={heads}")
         self.dim = dim
         self.heads = heads
         self.head_dim = dim // heads
-        self.top_k = top_k
-        self.causal = bool(causal)
-        self.cross_dim = cross_dim
-        self.noise_scale = float(noise_scale)
-        self.noise_schedule = noise_schedule
-        self.noise_final = float(noise_final)
-        self.noise_steps = noise_steps
+        self.top_k = checks.integer_in_range(top_k, "top_k", low=1)
+        self.causal = checks.flag(causal, "causal")
+        if isinstance(cross_dim, str):  # the one width with a name
+            if cross_dim != "head":
+                raise ValueError(f"cross_dim: expected 'head', None or an integer >= 1, got {cross_dim!r}")
+            cross_dim = self.head_dim
+        self.cross_dim = None if cross_dim is None else checks.integer_in_range(cross_dim, "cross_dim", low=1)
+        dropout = checks.real_number(dropout, "dropout", low=0.0, high=1.0)
+        if dropout == 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        self.noise_scale = checks.real_number(noise_scale, "noise_scale", low=0.0)
+        self.noise_schedule = checks.one_of(noise_schedule, "noise_schedule", self.NOISE_SCHEDULES)
+        self.noise_final = checks.real_number(noise_final, "noise_final", low=0.0)
+        self.noise_steps = checks.integer_in_range(noise_steps, "noise_steps", low=1)
         self.register_buffer("noise_step", torch.zeros((), dtype=torch.int64))
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
-        features = self.head_dim if cross_dim is None else cross_dim
+        features = self.head_dim if self.cross_dim is None else self.cross_dim
         self.w = nn.Parameter(torch.ones(heads, features))
-        self.cross = nn.Linear(dim, 2 * heads * cross_dim) if cross_dim is not None else None
+        self.cross = nn.Linear(dim, 2 * heads * self.cross_dim) if self.cross_dim is not None else None
         self.dropout = nn.Dropout(dropout)
         if generator is None:
             generator = torch.Generator()
@@ -129,7 +130,7 @@ class FSATAttention(nn.Module):
 
     def manual_seed(self, seed: int) -> FSATAttention:
         """Reseed the layer's noise generator; returns the layer."""
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(checks.integer_in_range(seed, "seed", low=-(2**63), high=2**64 - 1))
         return self
 
     def extra_repr(self) -> str:
@@ -162,9 +163,7 @@ class FSATAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, dim), optional bool key_padding_mask (B, L) (True = padding) -> (B, L, dim)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected a tensor of shape (B, L, dim) with dim = {self.dim}, got {shape}")
+        x = layer_input(x, self.dim, self.qkv.weight.dtype)
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = (self._split(t, self.head_dim) for t in (q, k, v))
@@ -179,7 +178,7 @@ class FSATAttention(nn.Module):
             if temperature > 0.0:
                 dtype = torch.float32 if x.dtype != torch.float64 else x.dtype
                 noise = self.gumbel_noise(batch, length, x.device, dtype) * temperature
-        out, offsets = _fsat.attention_with_offsets(
+        out, offsets = attention_with_offsets(
             q, k, v, self.w, self.top_k, causal=self.causal, key_padding_mask=key_padding_mask,
             noise=noise, cross_q=cross_q, cross_k=cross_k,
         )

@@ -23,16 +23,20 @@ dropout and lucidrains' learned memory key/values are not part of this layer (sp
 Centroids. One (R, C, D) set of means per layer (R routing heads), shared by queries and keys, held
 with the moving-average statistics as buffers ``means``, ``counts`` and ``sums`` (in
 ``state_dict``; ``.to()`` moves them and converts them to float64/float32, but a float16/bfloat16
-conversion of the layer leaves them in float32, where the moving averages do not stall). They are initialised by ``routing.init_centroids`` from the
-layer's generator (``generator``, or one seeded from the global torch RNG, so ``torch.manual_seed``
-makes construction reproducible). After each forward in training mode (never in eval mode) they
-are updated with the profile's rule, from the forward's normalized queries (and keys) and under the
-means that routed it: ``routing.centroid_statistics`` gives the batch's counts and sums; under an
-initialized ``torch.distributed`` process group they are summed across ranks (one ``all_reduce``),
-and ``routing.apply_centroid_statistics`` applies the update, identical on every rank and equal to
+conversion of the layer leaves them in float32, where the moving averages do not stall). They are
+initialised by ``routing.init_centroids`` from the layer's generator (``generator``, or one seeded
+from the global torch RNG, so ``torch.manual_seed`` makes construction reproducible). After each
+forward in training mode (never in eval mode) they are updated with the profile's rule, from the
+forward's normalized queries (and keys) and under the means that routed it:
+``routing.centroid_statistics`` gives the batch's counts and sums; under an initialized
+``torch.distributed`` process group they are summed across ranks (one ``all_reduce``), and
+``routing.apply_centroid_statistics`` applies the update, identical on every rank and equal to
 the update of the concatenated global batch. (lucidrains averages its batch means across forward
 calls and applies them from a backward hook; here every training forward is one update.) Padded
 tokens are excluded from the statistics.
+
+Input. ``x`` (B, L, dim) must have the layer's parameter dtype (``TypeError`` otherwise, naming both:
+convert one or the other); under ``torch.autocast`` any floating dtype, which autocast casts.
 
 Commitment loss. ``layer.commitment_loss`` (a 0-d tensor, differentiable in the layer's parameters
 through the normalized queries and keys) is set by every forward; the training loop adds it. Per
@@ -49,21 +53,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from refattn.routing._checks import check_configuration
+from refattn import checks
+from refattn.routing import CentroidState, default_num_clusters, default_window
+from refattn.routing.profiles import check_configuration, get_profile
 
-from . import routing as _routing
-from .routing import CentroidState
+from ..routing.attention import attention
+from ..routing.centroids import apply_centroid_statistics, centroid_statistics, check_state, init_centroids
+from ..routing.commitment import commitment_loss
+from ..routing.local_attention import local_attention
+from ..routing.normalize import normalize
+from ..tensors import layer_input
 
 __all__ = ["RoutingAttention"]
 
 
-def _positive_int(value: Any, name: str, *, allow_none: bool = False, low: int = 1) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        wanted = f"an integer >= {low}" + (" or None" if allow_none else "")
-        raise ValueError(f"{name}: expected {wanted}, got {value!r}")
-    return value
+def _optional_integer(value: Any, name: str) -> int | None:
+    return None if value is None else checks.integer_in_range(value, name, low=1)
 
 
 class RoutingAttention(nn.Module):
@@ -118,42 +123,41 @@ class RoutingAttention(nn.Module):
         sync_centroids: bool = True,
     ) -> None:
         super().__init__()
-        dim = _positive_int(dim, "dim")
-        heads = _positive_int(heads, "heads")
-        local_heads = _positive_int(local_heads, "local_heads", low=0)
-        if local_heads >= heads:
-            raise ValueError(f"local_heads: expected an integer in [0, heads - 1] = [0, {heads - 1}] "
-                             f"(at least one routing head), got {local_heads}")
+        dim = checks.integer_in_range(dim, "dim", low=1)
+        heads = checks.integer_in_range(heads, "heads", low=1)
+        local_heads = checks.integer_in_range(local_heads, "local_heads", low=0, high=heads - 1)
         if dim_head is None:
             if dim % heads:
-                raise ValueError(f"dim, heads: expected dim divisible by heads (or give dim_head), got dim={dim}, heads={heads}")
+                raise ValueError(
+                    f"dim, heads: expected dim divisible by heads (or give dim_head), got dim={dim}, heads={heads}")
             dim_head = dim // heads
-        dim_head = _positive_int(dim_head, "dim_head")
-        max_seq_len = _positive_int(max_seq_len, "max_seq_len", allow_none=True)
-        num_clusters = _positive_int(num_clusters, "num_clusters", allow_none=True)
+        dim_head = checks.integer_in_range(dim_head, "dim_head", low=1)
+        max_seq_len = _optional_integer(max_seq_len, "max_seq_len")
+        num_clusters = _optional_integer(num_clusters, "num_clusters")
         if num_clusters is None:
             if max_seq_len is None:
-                raise ValueError("num_clusters: expected an integer >= 1, or max_seq_len to derive it from; got neither")
-            num_clusters = _routing.default_num_clusters(max_seq_len)
-        self.window = _positive_int(window, "window", allow_none=True)
-        self.local_block = _positive_int(local_block, "local_block")
-        self.spec = _routing.get_profile(profile)
-        self.profile = self.spec.name
-        self.causal = bool(causal)
-        self.shared_qk = bool(shared_qk)
-        check_configuration(self.spec, self.causal, self.shared_qk)
-        decay = float(decay)
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay: expected a number in [0, 1], got {decay}")
-        self.decay = decay
-        self.commitment = _routing._beta(commitment)
+                raise ValueError(
+                    "num_clusters: expected an integer >= 1, or max_seq_len to derive it from; got neither")
+            num_clusters = default_num_clusters(max_seq_len)
+        self.window = _optional_integer(window, "window")
+        self.local_block = checks.integer_in_range(local_block, "local_block", low=1)
+        profile = get_profile(profile)
+        self.profile = profile.name
+        self.causal = checks.flag(causal, "causal")
+        self.shared_qk = checks.flag(shared_qk, "shared_qk")
+        check_configuration(profile, self.causal, self.shared_qk)
+        self.decay = checks.real_number(decay, "decay", low=0.0, high=1.0)
+        self.commitment = checks.real_number(commitment, "commitment", low=0.0)
+        bias = checks.flag(bias, "bias")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
         self.local_heads = local_heads
         self.routing_heads = heads - local_heads
         self.num_clusters = num_clusters
         self.max_seq_len = max_seq_len
         self.process_group = process_group
-        self.sync_centroids = bool(sync_centroids)
+        self.sync_centroids = checks.flag(sync_centroids, "sync_centroids")
 
         key_heads = local_heads + (0 if self.shared_qk else self.routing_heads)
         self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
@@ -164,8 +168,8 @@ class RoutingAttention(nn.Module):
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(int(torch.randint(0, 2**62, ())))
-        state = _routing.init_centroids(self.routing_heads, num_clusters, dim_head, rng=generator, profile=self.profile,
-                                        dtype=torch.get_default_dtype(), device="cpu")
+        state = init_centroids(self.routing_heads, num_clusters, dim_head, rng=generator, profile=self.profile,
+                               dtype=torch.get_default_dtype(), device="cpu")
         self.register_buffer("means", state.means)
         self.register_buffer("counts", state.counts)
         self.register_buffer("sums", state.sums)
@@ -198,13 +202,13 @@ class RoutingAttention(nn.Module):
     def load_centroid_state(self, state: CentroidState) -> None:
         """Copy a ``CentroidState`` (for example ``routing.init_centroids`` or a lucidrains model's
         ``kmeans.means`` with zero counts) into the buffers."""
-        state = _routing._state(state)
-        for buffer, value in zip((self.means, self.counts, self.sums), state):
+        state = check_state(state)
+        for buffer, value in zip((self.means, self.counts, self.sums), state, strict=True):
             if tuple(buffer.shape) != tuple(value.shape):
                 raise ValueError(f"state: expected shapes {tuple(self.means.shape)}, {tuple(self.counts.shape)}, "
                                  f"{tuple(self.sums.shape)}, got {[tuple(x.shape) for x in state]}")
         with torch.no_grad():
-            for buffer, value in zip((self.means, self.counts, self.sums), state):
+            for buffer, value in zip((self.means, self.counts, self.sums), state, strict=True):
                 buffer.copy_(value)
 
     def _syncing(self) -> bool:
@@ -217,7 +221,7 @@ class RoutingAttention(nn.Module):
     def _update_centroids(self, q_hat: torch.Tensor, k_hat: torch.Tensor | None, mask: torch.Tensor | None) -> None:
         """One update from this forward's statistics, summed over the ranks when distributed."""
         state = self.centroid_state
-        statistics = _routing.centroid_statistics(state, q_hat, k_hat, key_padding_mask=mask)
+        statistics = centroid_statistics(state, q_hat, k_hat, key_padding_mask=mask)
         if self._syncing():
             flat = torch.cat([t.reshape(-1) for pair in statistics for t in pair])
             torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=self.process_group)
@@ -228,15 +232,15 @@ class RoutingAttention(nn.Module):
                                flat[offset + n_counts:offset + n_counts + n_sums].view_as(sums)))
                 offset += n_counts + n_sums
             statistics = tuple(pieces)
-        new = _routing.apply_centroid_statistics(state, statistics, profile=self.profile, decay=self.decay)
+        new = apply_centroid_statistics(state, statistics, profile=self.profile, decay=self.decay)
         self.means.copy_(new.means)
         self.counts.copy_(new.counts)
         self.sums.copy_(new.sums)
 
     def _loss(self, q_hat: torch.Tensor, k_hat: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         means = self.means.detach()
-        loss = _routing.commitment_loss
-        if self.spec.name == "lucidrains":
+        loss = commitment_loss
+        if self.profile == "lucidrains":
             if k_hat is None:
                 return loss(q_hat, means, beta=self.commitment, key_padding_mask=mask)
             both = None if mask is None else torch.cat([mask, mask], dim=1)
@@ -255,34 +259,33 @@ class RoutingAttention(nn.Module):
         ``key_padding_mask`` (B, L) bool, True = padding: padded positions are neither attended to,
         nor routed, nor counted in the centroid statistics, and their output is the projection of 0.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected a (B, L, dim) tensor with dim = {self.dim}, got {shape}")
+        x = layer_input(x, self.dim, self.to_q.weight.dtype)
+        return_loss = checks.flag(return_loss, "return_loss")
         batch, length, _ = x.shape
         routing, local = self.routing_heads, self.local_heads
         q = self._heads(self.to_q(x), self.heads)
         v = self._heads(self.to_v(x), self.heads)
         k = None if self.to_k is None else self._heads(self.to_k(x), self.to_k.out_features // self.dim_head)
-        local_first = self.spec.name == "lucidrains"
+        local_first = self.profile == "lucidrains"
         # head slices: tacl [routing | local], lucidrains [local | routing]; keys: [local | routing]
         r_slice = slice(local, None) if local_first else slice(0, routing)
         l_slice = slice(0, local) if local_first else slice(routing, None)
         qr, vr = q[:, r_slice], v[:, r_slice]
         kr = None if self.shared_qk else k[:, local:]
-        window = min(self.window or _routing.default_window(length, self.num_clusters), length)
-        routed = _routing.attention(qr, kr, vr, self.means, window=window, causal=self.causal,
-                                    shared_qk=self.shared_qk, profile=self.profile, key_padding_mask=key_padding_mask)
+        window = min(self.window or default_window(length, self.num_clusters), length)
+        routed = attention(qr, kr, vr, self.means, window=window, causal=self.causal, shared_qk=self.shared_qk,
+                           profile=self.profile, key_padding_mask=key_padding_mask)
         outputs = [routed]
         if local:
             ql, vl, kl = q[:, l_slice], v[:, l_slice], k[:, :local]
-            local_out = _routing.local_attention(ql, kl, vl, min(self.local_block, length), causal=self.causal,
-                                                 key_padding_mask=key_padding_mask)
+            local_out = local_attention(ql, kl, vl, min(self.local_block, length), causal=self.causal,
+                                        key_padding_mask=key_padding_mask)
             outputs = [local_out, routed] if local_first else [routed, local_out]
         out = torch.cat(outputs, dim=1) if len(outputs) > 1 else routed
         out = self.to_out(out.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head))
 
-        q_hat = _routing.normalize(qr, profile=self.profile)
-        k_hat = None if kr is None else _routing.normalize(kr, profile=self.profile)
+        q_hat = normalize(qr, profile=self.profile)
+        k_hat = None if kr is None else normalize(kr, profile=self.profile)
         self.commitment_loss = self._loss(q_hat, k_hat, key_padding_mask)
         if self.training:
             self._update_centroids(q_hat.detach(), None if k_hat is None else k_hat.detach(), key_padding_mask)

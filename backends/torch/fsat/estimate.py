@@ -1,0 +1,113 @@
+"""FSAT step 2a on tensors (reference: :mod:`refattn.fsat.estimate`).
+
+Differs from the reference: besides ``estimate`` of a given cross, :func:`estimate_of_cross` scores
+the cross of a and b without forming it: the inverse FFT is linear, so the w-weighted sum of the Dc
+spectra needs one inverse transform per (batch, head) instead of Dc. ``attention`` plans with it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from refattn import checks
+
+from ..tensors import check_overflow, checked, compute_dtype, tensors
+from .cross import fft_length, has_pairs, inverse_counts, spectrum, unmasked, zero_padded
+
+__all__ = [
+    "estimate",
+    "estimate_vjp",
+    "check_estimate",
+    "check_estimate_vjp",
+    "estimate_core",
+    "estimate_vjp_core",
+    "estimate_of_cross",
+    "scores",
+]
+
+AXES = "(B, H, 2L - 1, Dc)"
+
+
+def scores(dots: torch.Tensor, features: int, pairs: torch.Tensor | None) -> torch.Tensor:
+    """The scores from the dot products <w, c_tau> (B, H, 2L - 1): scaled, -inf where ``pairs`` is False."""
+    s = dots * (1.0 / math.sqrt(features))
+    if pairs is None:
+        return s
+    return torch.where(pairs, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+
+
+def estimate_core(c: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
+    """s (B, H, 2L - 1) of c and w of one compute dtype; ``pairs`` from :func:`.cross.has_pairs`."""
+    return scores(torch.einsum("bhtd,hd->bht", c, w), c.shape[3], pairs)
+
+
+def estimate_of_cross(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
+                      unpadded: torch.Tensor | None) -> torch.Tensor:
+    """estimate(cross(a, b), w) without forming the cross: one inverse FFT of the w-weighted spectrum.
+
+    a and b are constants (step 4 cuts the estimator path from q and k); s is differentiable in w,
+    and autograd keeps the (B, H, Dc, N // 2 + 1) spectrum, the size of c, for dw.
+    """
+    length, features = a.shape[2], a.shape[3]
+    with torch.no_grad():
+        product = spectrum(zero_padded(a, unpadded), zero_padded(b, unpadded), length)
+    mixed = torch.matmul(w.to(product.dtype)[:, None, :], product)[:, :, 0]  # (B, H, N // 2 + 1)
+    numerator = torch.fft.irfft(mixed, n=fft_length(length), dim=-1)[..., : 2 * length - 1]
+    inverse = inverse_counts(length, unpadded, a.device, a.dtype)[..., 0]  # (B or 1, 1, 2L - 1)
+    return scores(numerator * inverse, features, has_pairs(length, unpadded, a.device))
+
+
+@checked
+def check_estimate(c: Any, w: Any, key_padding_mask: Any = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Validate the arguments of :func:`estimate`; returns them in that order."""
+    c, w, key_padding_mask = tensors(c=c, w=w, key_padding_mask=key_padding_mask)
+    checks.sequence(c, "c", AXES)
+    batch, heads, count, features = c.shape
+    length = checks.length_from_offsets(count, "c")
+    checks.float_array(w, "w", rank=2, axes="(H, Dc)")
+    checks.expect_shape(w, "w", (heads, features), "(H, Dc)")
+    return c, w, checks.padding_mask(key_padding_mask, batch, length)
+
+
+def estimate(c: Any, w: Any, *, key_padding_mask: Any = None) -> torch.Tensor:
+    """The scores s (B, H, 2L - 1) of c's dtype (w is cast to c's compute dtype), differentiable in c and w."""
+    c, w, mask = check_estimate(c, w, key_padding_mask)
+    cd = compute_dtype(c.dtype)
+    cc, wc = c.to(cd), w.to(cd)
+    s = estimate_core(cc, wc, has_pairs((c.shape[2] + 1) // 2, unmasked(mask), c.device))
+    check_overflow(s, "the estimate", allow_neg_inf=True, c=cc, w=wc)
+    return s.to(c.dtype)
+
+
+@checked
+def check_estimate_vjp(c: Any, w: Any, ds: Any, key_padding_mask: Any = None) -> tuple[Any, ...]:
+    """Validate the arguments of :func:`estimate_vjp`; returns them in that order."""
+    c, w, ds, key_padding_mask = tensors(c=c, w=w, ds=ds, key_padding_mask=key_padding_mask)
+    c, w, mask = check_estimate(c, w, key_padding_mask)
+    checks.float_array(ds, "ds", rank=3, axes="(B, H, 2L - 1)")
+    checks.expect_shape(ds, "ds", tuple(c.shape[:3]), "(B, H, 2L - 1)")
+    return c, w, ds, mask
+
+
+def estimate_vjp_core(c: torch.Tensor, w: torch.Tensor, ds: torch.Tensor,
+                      pairs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dc, dw) of tensors of one compute dtype; ``ds`` where ``pairs`` is False is ignored."""
+    if pairs is not None:
+        ds = torch.where(pairs, ds, torch.zeros((), dtype=ds.dtype, device=ds.device))
+    ds = ds * (1.0 / math.sqrt(c.shape[3]))
+    return ds[..., None] * w[None, :, None, :], torch.einsum("bht,bhtd->hd", ds, c)
+
+
+def estimate_vjp(c: Any, w: Any, ds: Any, *, key_padding_mask: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dc (B, H, 2L - 1, Dc), dw (H, Dc)) of c's and w's dtypes."""
+    c, w, ds, mask = check_estimate_vjp(c, w, ds, key_padding_mask)
+    cd = compute_dtype(c.dtype)
+    cc, wc, dsc = c.to(cd), w.to(cd), ds.to(cd)
+    with torch.no_grad():
+        dc, dw = estimate_vjp_core(cc, wc, dsc, has_pairs((c.shape[2] + 1) // 2, unmasked(mask), c.device))
+    check_overflow(dc, "the gradient of the estimate", ds=dsc, w=wc)
+    check_overflow(dw, "the gradient of the estimate", ds=dsc, c=cc)
+    return dc.to(c.dtype), dw.to(w.dtype)

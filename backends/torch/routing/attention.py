@@ -1,0 +1,124 @@
+"""Routing attention end to end on tensors (reference: :mod:`refattn.routing.attention`).
+
+Differs from the reference: ``attention`` is differentiable with ``torch.autograd`` and works under
+``torch.compile``; the routing runs on detached tensors (membership is discrete: no gradient reaches
+the similarities or the centroids); the normalized q̂ (and k̂) are formed once, for the routing and,
+where the profile uses them, for the logits; the similarities are formed as (B, H, C, L), the
+layout the per-centroid top-W reads. ``attention_vjp`` is autograd's VJP of the same pipeline.
+``default_num_clusters`` and ``default_window`` are the reference's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from refattn import checks
+from refattn.routing.attention import default_num_clusters, default_window
+from refattn.routing.profiles import Profile
+
+from ..tensors import check_overflow, checked, compute_dtype, tensors, vjp
+from .cluster_attention import attend, routed_inputs
+from .combine import combine_core
+from .normalize import normalize_core
+from .route import route_by_centroid
+
+__all__ = [
+    "attention",
+    "attention_vjp",
+    "check_attention",
+    "check_attention_vjp",
+    "attention_core",
+    "default_num_clusters",
+    "default_window",
+]
+
+
+@checked
+def check_attention(q: Any, k: Any, v: Any, centroids: Any, window: Any = None, causal: Any = False,
+                    shared_qk: Any = False, profile: Any = "tacl", key_padding_mask: Any = None) -> tuple[Any, ...]:
+    """Validate the arguments of :func:`attention`; returns them in that order (``window`` resolved)."""
+    tensors(q=q, k=k, v=v, centroids=centroids, key_padding_mask=key_padding_mask)
+    q, k, v, causal, shared_qk, profile = routed_inputs(q, k, v, causal, shared_qk, profile)
+    batch, heads, length, dim = q.shape
+    checks.centroid_array(centroids, heads, dim)
+    if window is None:
+        window = default_window(length, centroids.shape[1])
+    window = checks.integer_in_range(window, "window", low=1, high=length)
+    mask = checks.padding_mask(key_padding_mask, batch, length)
+    return q, k, v, centroids, window, causal, shared_qk, profile, mask
+
+
+def routed(x_hat: torch.Tensor, centroids: torch.Tensor, window: int, mask: torch.Tensor | None,
+           name: str) -> torch.Tensor:
+    """Members (B, H, C, W) of normalized tokens (detached); ``ValueError`` if a similarity overflows."""
+    with torch.no_grad():
+        scores = torch.matmul(centroids.detach().unsqueeze(0), x_hat.detach().transpose(-1, -2))
+        check_overflow(scores, f"the similarity of the normalized {name} to the centroids", centroids=centroids)
+        return route_by_centroid(scores, window, mask)
+
+
+def attention_core(q, k, v, centroids, window: int, causal: bool, shared_qk: bool, profile: Profile,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+    """The pipeline on compute-dtype tensors (no checks); differentiable in q, k, v; ``ValueError`` when
+    a similarity, the cluster attention or the combination overflows."""
+    q_hat = normalize_core(q, profile)
+    k_hat = None if shared_qk else normalize_core(k, profile)
+    q_members = routed(q_hat, centroids, window, mask, "q")
+    k_members = q_members if shared_qk else routed(k_hat, centroids, window, mask, "k")
+    if profile.logits_use_normalized:
+        f_q, f_k = q_hat, (q_hat if shared_qk else k_hat)
+    else:
+        f_q, f_k = q, (q_hat if shared_qk else k)
+    o = attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
+    check_overflow(o, "the cluster attention", q=q, k=k)
+    out = combine_core(o, q_members, q.shape[2], profile)
+    check_overflow(out, "the combination of the cluster outputs", v=v)
+    return out
+
+
+def attention(q: Any, k: Any, v: Any, centroids: Any, *, window: int | None = None, causal: bool = False,
+              shared_qk: bool = False, profile: str = "tacl", key_padding_mask: Any = None) -> torch.Tensor:
+    """out (B, H, L, Dv) of q's dtype, differentiable in q, k, v (k None with shared QK); centroids of
+    any float dtype, cast to q's compute dtype."""
+    q, k, v, centroids, window, causal, shared_qk, profile, mask = check_attention(
+        q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask)
+    cd = compute_dtype(q.dtype)
+    out = attention_core(q.to(cd), None if k is None else k.to(cd), v.to(cd), centroids.to(cd), window, causal,
+                         shared_qk, profile, mask)
+    return out.to(q.dtype)
+
+
+@checked
+def check_attention_vjp(q: Any, k: Any, v: Any, centroids: Any, dout: Any, window: Any = None, causal: Any = False,
+                        shared_qk: Any = False, profile: Any = "tacl", key_padding_mask: Any = None) -> tuple[Any, ...]:
+    """Validate the arguments of :func:`attention_vjp`; returns them in that order."""
+    q, dout = tensors(q=q, dout=dout)
+    q, k, v, centroids, window, causal, shared_qk, profile, mask = check_attention(
+        q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask)
+    checks.float_array(dout, "dout", rank=4, axes="(B, H, L, Dv)")
+    checks.expect_shape(dout, "dout", tuple(v.shape), "(B, H, L, Dv)")
+    return q, k, v, centroids, dout, window, causal, shared_qk, profile, mask
+
+
+def attention_vjp(q: Any, k: Any, v: Any, centroids: Any, dout: Any, *, window: int | None = None,
+                  causal: bool = False, shared_qk: bool = False, profile: str = "tacl",
+                  key_padding_mask: Any = None) -> tuple[Any, Any, Any]:
+    """(dq, dk, dv) of the inputs' dtypes with the membership fixed; dk None with shared QK."""
+    q, k, v, centroids, dout, window, causal, shared_qk, profile, mask = check_attention_vjp(
+        q, k, v, centroids, dout, window, causal, shared_qk, profile, key_padding_mask)
+    cd = compute_dtype(q.dtype)
+    means = centroids.to(cd)
+    qc, kc, vc, doutc = q.to(cd), None if k is None else k.to(cd), v.to(cd), dout.to(cd)
+    if shared_qk:
+        dq, dv = vjp(lambda a, c: attention_core(a, None, c, means, window, causal, True, profile, mask), [qc, vc],
+                     [doutc])
+        dk = None
+    else:
+        dq, dk, dv = vjp(lambda a, b, c: attention_core(a, b, c, means, window, causal, False, profile, mask),
+                         [qc, kc, vc], [doutc])
+    where = "the gradient of the routing attention"
+    check_overflow((dq, dk), where, dout=doutc, v=vc, q=qc, k=kc)
+    check_overflow(dv, where, dout=doutc)
+    return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,89 @@
+"""Routing step 3 on tensors (reference: :mod:`refattn.routing.route`).
+
+Differs from the reference: vectorised over batch, heads and centroids, in chunks of centroids that
+bound the (chunk, L) temporaries. Per centroid the W-th largest similarity θ comes from
+``torch.topk``; when no row has a token equal to θ left out of its top W (continuous data), the
+top-W indices sorted by position are the members. Otherwise the exact tie rule decides
+(:func:`route_rows_with_ties`): every token above θ and, in position order, as many equal to θ as
+are still needed, located by one ``searchsorted`` on the running count. Under ``torch.compile`` the
+tie rule always decides (the test would read tensor values, a graph break).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from refattn import checks
+
+from ..tensors import checked, compute_dtype, tensors
+
+__all__ = ["route", "check_route", "route_core", "route_by_centroid", "route_rows", "route_rows_with_ties"]
+
+CHUNK_ELEMENTS = 1 << 24  # (B * H * clusters * L) entries per chunk of centroids
+
+
+def route_rows(scores: torch.Tensor, window: int, padded: torch.Tensor | None) -> torch.Tensor:
+    """Members (..., W) of rows of scores (..., L); ``padded`` broadcastable bool or None."""
+    if padded is not None:
+        scores = scores.masked_fill(padded, float("-inf"))
+    top = torch.topk(scores, window, dim=-1, sorted=True)
+    threshold = top.values[..., window - 1 :]
+    if not torch.compiler.is_compiling():
+        unique = ((scores >= threshold).sum(dim=-1) == window).all() & torch.isfinite(threshold).all()
+        if bool(unique):
+            return torch.sort(top.indices, dim=-1).values
+    return route_rows_with_ties(scores, window, threshold, padded)
+
+
+def route_rows_with_ties(scores: torch.Tensor, window: int, threshold: torch.Tensor,
+                         padded: torch.Tensor | None) -> torch.Tensor:
+    """The exact tie rule. ``taken``, the running count of taken tokens along a row, never decreases,
+    so the j-th taken token is where it first reaches j + 1: one ``searchsorted``, no scatter."""
+    length = scores.shape[-1]
+    above = scores > threshold
+    tied = scores == threshold
+    if padded is not None:
+        tied = tied & ~padded  # fewer than W unpadded tokens: the threshold is -inf, as are the padded
+    still_needed = window - above.sum(dim=-1, keepdim=True)
+    taken = torch.cumsum(above, dim=-1) + torch.minimum(torch.cumsum(tied, dim=-1), still_needed)
+    wanted = torch.arange(1, window + 1, device=scores.device).expand(scores.shape[:-1] + (window,))
+    members = torch.searchsorted(taken.contiguous(), wanted.contiguous())
+    return torch.where(members < length, members, -1)
+
+
+def route_by_centroid(scores: torch.Tensor, window: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """members (B, H, C, W) int64 from the similarities laid out (B, H, C, L) (no checks, no gradient)."""
+    batch, heads, clusters, length = scores.shape
+    scores = scores.detach().contiguous()
+    padded = None if mask is None else mask[:, None, None, :]
+    chunk = max(1, CHUNK_ELEMENTS // max(1, batch * heads * length))
+    if chunk >= clusters:
+        return route_rows(scores, window, padded)
+    parts = [route_rows(scores[:, :, c0 : c0 + chunk], window, padded) for c0 in range(0, clusters, chunk)]
+    return torch.cat(parts, dim=2)
+
+
+def route_core(similarities: torch.Tensor, window: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """members (B, H, C, W) int64 from S (B, H, L, C) (no checks, no gradient)."""
+    return route_by_centroid(similarities.detach().transpose(-1, -2), window, mask)
+
+
+@checked
+def check_route(similarities: Any, window: Any, key_padding_mask: Any = None) -> tuple[torch.Tensor, int, Any]:
+    """Validate the arguments of :func:`route`; returns them in that order."""
+    scores, key_padding_mask = tensors(similarities=similarities, key_padding_mask=key_padding_mask)
+    checks.float_array(scores, "similarities", rank=4, axes="(B, H, L, C)")
+    batch, heads, length, clusters = scores.shape
+    if 0 in scores.shape:
+        raise ValueError(
+            f"similarities: expected every axis of (B, H, L, C) to be at least 1, got shape {tuple(scores.shape)}")
+    window = checks.integer_in_range(window, "window", low=1, high=length)
+    return scores, window, checks.padding_mask(key_padding_mask, batch, length)
+
+
+def route(similarities: Any, window: int, *, key_padding_mask: Any = None) -> torch.Tensor:
+    """members (B, H, C, W) int64 on the similarities' device; no gradient."""
+    scores, window, mask = check_route(similarities, window, key_padding_mask)
+    return route_core(scores.to(compute_dtype(scores.dtype)), window, mask)
