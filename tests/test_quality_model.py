@@ -208,17 +208,20 @@ def test_dense_diagonal_profile_against_loops():
     assert profile[:, 6:].abs().max() == 0  # ... and no causal row sees the future
 
 
-def test_fsat_scores_equal_the_reference_estimate():
+@pytest.mark.parametrize("cross_dim", [None, "head"], ids=["cross=qk", "cross=head"])
+def test_fsat_scores_equal_the_reference_estimate(cross_dim):
+    """The scores from the layer's cross inputs: q and k, or its own cross projection (the default)."""
     task = make_task("copy", 24)
-    model = Transformer(task, "fsat", ModelConfig(dim=16, heads=2, depth=1), seed=1).double().eval()
+    config = AttentionConfig(fsat_options=(("cross_dim", cross_dim),))
+    model = Transformer(task, "fsat", ModelConfig(dim=16, heads=2, depth=1), config, seed=1).double().eval()
     batch = task.sample(2, np.random.default_rng(0))
     tokens = torch.from_numpy(batch.tokens)
     (x,) = analysis.attention_inputs(model, tokens, None)
     layer = model.attention_layers[0]
     scores = analysis.fsat_scores(layer, x, None)
-    q, k, _ = layer.qkv(x).chunk(3, dim=-1)
-    split = lambda t: t.view(2, 24, 2, 8).transpose(1, 2).detach().numpy()  # noqa: E731
-    expected = ref.estimate(ref.cross(split(q), split(k)), layer.w.detach().numpy())
+    a, b = layer.qkv(x).chunk(3, dim=-1)[:2] if cross_dim is None else layer.cross(x).chunk(2, dim=-1)
+    split = lambda t: t.view(2, 24, 2, 8).transpose(1, 2).detach().numpy()  # noqa: E731  (head width 8 = Dc)
+    expected = ref.estimate(ref.cross(split(a), split(b)), layer.w.detach().numpy())
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-10, atol=1e-12)
     model(tokens)  # eval-mode selection is the reference top-K of these scores
     assert torch.equal(layer.last_offsets, torch.from_numpy(ref.select(expected, layer.top_k, causal=True)))

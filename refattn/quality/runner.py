@@ -207,7 +207,7 @@ def run(arguments: argparse.Namespace) -> int:
     payload: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "settings": settings, "preset": arguments.preset,
-        "command": "refattn quality " + " ".join(getattr(arguments, "command_line", [])), "runs": previous,
+        "command": " ".join(["refattn", *getattr(arguments, "command_line", ["quality"])]), "runs": previous,
     }
     base = TrainConfig(steps=settings["steps"], seconds=settings["seconds"], batch=settings["batch"], lr=arguments.lr,
                        eval_every=settings["eval_every"], eval_size=settings["eval_size"], threads=arguments.threads)
