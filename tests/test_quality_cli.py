@@ -72,6 +72,7 @@ def test_smoke_mode(tmp_path, capsys):
     runs = payload["runs"]
     assert len(runs) == 4 * attentions
     assert payload["settings"]["steps"] == 2 and payload["machine"]["cpu_count"] >= 1
+    assert payload["command"] == "refattn " + " ".join(argv)  # the regeneration command, as typed
     for run in runs:
         assert run["steps"] == 2 and run["stopped_by"] == "steps" and run["task"]["length"] == 32
         assert [p["step"] for p in run["curve"]] == [0, 1, 2]

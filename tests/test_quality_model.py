@@ -49,7 +49,7 @@ def projections(dim: int, out: int) -> int:
 @pytest.mark.parametrize("task_name", ["copy", "listops", "recall", "planted"])
 def test_parameter_parity(task_name):
     """Everything but the attention is identical; the attention's own count is its projections (plus
-    FSAT's w, H x D per layer), by hand: dim 64, 4 heads of 16, 2 layers."""
+    FSAT's estimator), by hand: dim 64, 4 heads of 16, 2 layers."""
     task = make_task(task_name, 64)
     counts = {name: parameter_counts(Transformer(task, name)) for name in attentions()}
     rest = {c["rest"] for c in counts.values()}
@@ -58,7 +58,8 @@ def test_parameter_parity(task_name):
     qkvo = projections(dim, 3 * dim) + projections(dim, dim)
     assert counts["dense"]["attention"] == layers * qkvo == 33_280
     assert counts["local"]["attention"] == layers * qkvo
-    assert counts["fsat"]["attention"] == layers * (qkvo + 4 * 16)
+    # FSAT: w (H x Dc) and the cross projection to 2 x H x Dc, Dc = the head width (the layer's default)
+    assert counts["fsat"]["attention"] == layers * (qkvo + 4 * 16 + projections(dim, 2 * 4 * 16)) == 50_048
     # ours: separate q, k, v, out projections; with shared QK (causal tasks) keys only for the 2 local heads
     keys = projections(dim, 32) if task.causal else projections(dim, dim)
     assert counts["routing"]["attention"] == layers * (3 * projections(dim, dim) + keys)
@@ -193,7 +194,8 @@ def test_dense_diagonal_profile_against_loops():
     layer = DenseAttention(8, 2, causal=True).double()
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     profile = analysis.dense_diagonal_profile(layer, x, None)
-    q, k, _ = layer.split(x)
+    with torch.no_grad():
+        q, k, _ = layer.split(x)
     allowed = torch.ones(6, 6, dtype=torch.bool).tril()
     logits = (q @ k.transpose(-1, -2) / math.sqrt(4)).masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -206,17 +208,20 @@ def test_dense_diagonal_profile_against_loops():
     assert profile[:, 6:].abs().max() == 0  # ... and no causal row sees the future
 
 
-def test_fsat_scores_equal_the_reference_estimate():
+@pytest.mark.parametrize("cross_dim", [None, "head"], ids=["cross=qk", "cross=head"])
+def test_fsat_scores_equal_the_reference_estimate(cross_dim):
+    """The scores from the layer's cross inputs: q and k, or its own cross projection (the default)."""
     task = make_task("copy", 24)
-    model = Transformer(task, "fsat", ModelConfig(dim=16, heads=2, depth=1), seed=1).double().eval()
+    config = AttentionConfig(fsat_options=(("cross_dim", cross_dim),))
+    model = Transformer(task, "fsat", ModelConfig(dim=16, heads=2, depth=1), config, seed=1).double().eval()
     batch = task.sample(2, np.random.default_rng(0))
     tokens = torch.from_numpy(batch.tokens)
     (x,) = analysis.attention_inputs(model, tokens, None)
     layer = model.attention_layers[0]
     scores = analysis.fsat_scores(layer, x, None)
-    q, k, _ = layer.qkv(x).chunk(3, dim=-1)
-    split = lambda t: t.view(2, 24, 2, 8).transpose(1, 2).detach().numpy()  # noqa: E731
-    expected = ref.estimate(ref.cross(split(q), split(k)), layer.w.detach().numpy())
+    a, b = layer.qkv(x).chunk(3, dim=-1)[:2] if cross_dim is None else layer.cross(x).chunk(2, dim=-1)
+    split = lambda t: t.view(2, 24, 2, 8).transpose(1, 2).detach().numpy()  # noqa: E731  (head width 8 = Dc)
+    expected = ref.estimate(ref.cross(split(a), split(b)), layer.w.detach().numpy())
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-10, atol=1e-12)
     model(tokens)  # eval-mode selection is the reference top-K of these scores
     assert torch.equal(layer.last_offsets, torch.from_numpy(ref.select(expected, layer.top_k, causal=True)))
@@ -234,7 +239,7 @@ def test_routing_coverage_extremes():
     model = Transformer(task, "routing", ModelConfig(dim=16, heads=2, depth=1), config, seed=0).double().eval()
     batch = task.sample(2, np.random.default_rng(0))
     (x,) = analysis.attention_inputs(model, torch.from_numpy(batch.tokens), None)
-    assert analysis.routing_coverage(model.attention_layers[0], x, None, task.true_offsets) == [[1.0, 1.0]]
+    assert analysis.routing_coverage(model.attention_layers[0], x, None, task.true_offsets) == [[1.0] * 8]
     config = AttentionConfig(clusters=4, window=4, local_heads=1)
     model = Transformer(task, "routing", ModelConfig(dim=16, heads=2, depth=1), config, seed=0).double().eval()
     (x,) = analysis.attention_inputs(model, torch.from_numpy(batch.tokens), None)

@@ -33,28 +33,36 @@ def test_copy_defaults_reach_beyond_a_quarter():
             assert np.array_equal(batch.targets[:, i, t], expected)
 
 
-def test_planted_targets_by_hand():
-    task = Planted(8, offsets=(-2, 1), vocab=5)
-    tokens = np.array([[4, 3, 2, 1, 0, 4, 3, 2]])
-    # y_i = (x_{i-2} + x_{i+1}) mod 5 for i in [2, 6]
-    expected = [X, X, (4 + 1) % 5, (3 + 0) % 5, (2 + 4) % 5, (1 + 3) % 5, (0 + 2) % 5, X]
-    assert task.targets(tokens)[0, :, 0].tolist() == expected
-    assert Planted.default_offsets(512) == (-160, 64) and not task.causal and task.true_offsets == (-2, 1)
+def test_planted_band_by_hand_and_by_loop():
+    task = Planted(8, offset=2, width=3)
+    tokens = np.array([[1, 0, 1, 1, 0, 1, 1, 0]])
+    # y_i = x_{i+2} + x_{i+3} + x_{i+4} for i in [0, 3]
+    assert task.targets(tokens)[0, :, 0].tolist() == [2, 2, 2, 2, X, X, X, X]
+    assert task.true_offsets == (2, 3, 4) and task.num_classes == 4 and not task.causal
+    behind = Planted(8, offset=-4, width=2)  # y_i = x_{i-4} + x_{i-3} for i in [4, 7]
+    assert behind.targets(tokens)[0, :, 0].tolist() == [X, X, X, X, 1, 1, 2, 1]
+    task = Planted(512)
+    assert task.offset == 160 and task.true_offsets == tuple(range(160, 168)) and 160 >= 512 / 4
+    batch = task.sample(2, np.random.default_rng(0))
+    for i in range(512):
+        expected = batch.tokens[:, i + 160:i + 168].sum(axis=1) if i + 167 < 512 else np.full(2, X)
+        assert np.array_equal(batch.targets[:, i, 0], expected)
 
 
 def test_recall_targets_by_hand_and_by_loop():
-    task = Recall(12, pairs=3, keys=5, values=4)
-    # pairs (key 2 -> value 1), (key 0 -> value 3), (key 4 -> value 0); value tokens are 5 + value
-    tokens = np.array([[2, 6, 0, 8, 4, 5, 4, 2, 2, 0, 4, 0]])
-    assert task.targets(tokens)[0, :, 0].tolist() == [X] * 6 + [0, 1, 1, 3, 0, 3]
+    task = Recall(9, pairs=3, keys=5, values=4)
+    # pairs (key 2, value 1) -> token 9, (key 0, value 3) -> 3, (key 4, value 0) -> 16; queries 20 + key
+    tokens = np.array([[9, 3, 16, 24, 22, 22, 20, 24]])
+    assert task.vocab_size == 25 and task.num_classes == 4
+    assert Recall(8, pairs=3, keys=5, values=4).targets(tokens)[0, :, 0].tolist() == [X, X, X, 0, 1, 1, 3, 0]
     batch = task.sample(50, np.random.default_rng(1))
     for row, target in zip(batch.tokens, batch.targets[:, :, 0], strict=True):
-        keys, values = row[0:6:2], row[1:6:2]
-        assert len(set(keys.tolist())) == 3 and keys.max() < 5 and values.min() >= 5 and values.max() < 9
-        for i in range(6, 12):
-            (where,) = np.nonzero(keys == row[i])
-            assert len(where) == 1 and target[i] == values[where[0]] - 5
-        assert (target[:6] == X).all()
+        keys, values = row[:3] // 4, row[:3] % 4
+        assert len(set(keys.tolist())) == 3 and row[:3].max() < 20 and row[3:].min() >= 20
+        for i in range(3, 9):
+            (where,) = np.nonzero(keys == row[i] - 20)
+            assert len(where) == 1 and target[i] == values[where[0]]
+        assert (target[:3] == X).all()
 
 
 def test_sampling_is_reproducible_from_the_generator():
@@ -165,9 +173,9 @@ def test_lra_length_rule_defaults():
 @pytest.mark.parametrize("make, message", [
     (lambda: Copy(64, lags=(0, 3)), "lags: expected distinct integers in"),
     (lambda: Copy(64, lags=(3, 3)), "lags: expected distinct integers in"),
-    (lambda: Planted(64, offsets=(-5, -5)), "offsets: expected two distinct"),
-    (lambda: Planted(64, offsets=(-40, 30)), "offsets: expected two distinct"),
-    (lambda: Recall(16, pairs=8), "pairs: expected an integer in"),
+    (lambda: Planted(64, offset=-2, width=4), "offset: expected an integer t with the band"),
+    (lambda: Planted(64, offset=60, width=8), "offset: expected an integer t with the band"),
+    (lambda: Recall(16, pairs=16), "pairs: expected an integer in"),
     (lambda: Recall(64, pairs=10, keys=5), "keys: expected at least pairs"),
     (lambda: ListOps(64, max_length=100), "max_length: expected at most length"),
     (lambda: ListOps(64, min_length=63), "min_length: expected min_length"),

@@ -16,8 +16,9 @@ from refattn.backends.torch import fsat as F  # noqa: E402
 
 
 def layer(**kw):
+    """A small layer; cross inputs q and k unless the test asks otherwise."""
     torch.manual_seed(0)
-    args = dict(dim=12, heads=3, top_k=4)
+    args = dict(dim=12, heads=3, top_k=4, cross_dim=None)
     args.update(kw)
     return FSATAttention(**args).double()
 
@@ -49,6 +50,17 @@ def test_forward_equals_functional_reference_in_eval_mode():
     torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-11)
     # padded rows: the attention output is zero, so the layer outputs the output projection's bias
     torch.testing.assert_close(y[1, 6:], attn.out.bias.expand(3, 12))
+
+
+def test_defaults_are_the_quality_benchmark_choices():
+    """spec/fsat.md, "Exploration": a separate cross projection of the head width, Gumbel temperature 0.1,
+    constant."""
+    torch.manual_seed(0)
+    attn = FSATAttention(dim=12, heads=3, top_k=4)
+    assert attn.cross_dim == 4 and attn.cross.in_features == 12 and attn.cross.out_features == 2 * 3 * 4
+    assert attn.w.shape == (3, 4)
+    assert (attn.noise_scale, attn.noise_schedule) == (0.1, "constant") and attn.noise_temperature() == 0.1
+    assert FSATAttention(dim=12, heads=3, top_k=4, cross_dim=7).w.shape == (3, 7)
 
 
 def test_eval_is_deterministic_and_training_noise_is_seedable():
@@ -134,6 +146,7 @@ def test_dropout_on_attention_output():
     (dict(causal="yes"), TypeError, r"^causal: expected a bool \(True or False\), got str 'yes'$"),
     (dict(cross_dim=0), ValueError, r"^cross_dim: expected an integer .*, got 0$"),
     (dict(cross_dim=2.5), TypeError, r"^cross_dim: expected an integer, got float 2.5$"),
+    (dict(cross_dim="auto"), ValueError, r"^cross_dim: expected 'head', None or an integer >= 1, got 'auto'$"),
     (dict(dropout=1.0), ValueError, r"^dropout: expected a probability in \[0, 1\), got 1.0$"),
     (dict(dropout=-0.1), ValueError, r"^dropout: expected a number in \[0, 1\], got -0.1$"),
     (dict(dropout="0.1"), TypeError, r"^dropout: expected a real number, got str '0.1'$"),

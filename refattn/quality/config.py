@@ -52,7 +52,7 @@ class TrainConfig:
     steps: int = 1000
     seconds: float | None = None
     batch: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.01
     clip: float = 1.0

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsat_plot", "curve_plots", "summarize", "table"]
+__all__ = ["cost_table", "fsat_plot", "curve_plots", "summarize", "table"]
 
 ORDER = ("dense", "fsat", "routing", "lucidrains", "local")
 COLORS = {"dense": "black", "fsat": "tab:red", "routing": "tab:blue", "lucidrains": "tab:cyan", "local": "tab:green"}
@@ -74,6 +74,21 @@ def table(runs: Iterable[dict[str, Any]]) -> str:
             f"| {_spread(row['train_seconds'], '.0f')} "
             f"| {_spread(row['peak_mib'], '.0f') if row['peak_mib'] else '—'} "
             f"| {row['attention_parameters']:,} | {row['other_parameters']:,} |")
+    return "\n".join(lines)
+
+
+def cost_table(runs: Iterable[dict[str, Any]], top: int = 5) -> str:
+    """Where a training step's time goes, per run: the median forward, backward and update seconds,
+    and (runs with a profile) the operators with the largest self CPU time, with their share."""
+    lines = ["| task | L | attention | seed | forward s | backward s | update s | top operators (self CPU share) |",
+             "|" + "---|" * 8]
+    for run in sorted(runs, key=lambda r: (*_key(r)[:2], ORDER.index(r["attention"]) if r["attention"] in ORDER
+                                           else 99, r["seed"])):
+        split = run.get("step_split", {})
+        ops = ", ".join(f"{op['name']} {op['share']:.0%} ({op['calls']})" for op in run.get("profile", [])[:top])
+        lines.append(f"| {run['task']['task']} | {run['task']['length']} | {run['attention']} | {run['seed']} "
+                     f"| {split.get('forward', float('nan')):.3f} | {split.get('backward', float('nan')):.3f} "
+                     f"| {split.get('update', float('nan')):.3f} | {ops or '—'} |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ Every task draws batches from a ``numpy.random.Generator`` passed in (never a gl
 - :class:`Copy`: multi-target copy. Random tokens; at position i one target per lag l, x_{i-l}.
 - :class:`ListOps`: LRA-style nested MAX/MIN/MED/SUM_MOD expressions over digits; 10 classes.
 - :class:`Recall`: multi-query associative recall: key-value pairs, then queries for their keys.
-- :class:`Planted`: y_i = (x_{i+t1} + x_{i+t2}) mod V for two planted offsets, one before i, one after.
+- :class:`Planted`: a planted band: y_i counts the ones among x_{i+t}, ..., x_{i+t+w-1}.
 
 A :class:`Batch` holds int64 ``tokens`` (B, L), ``targets`` and an optional bool ``padding`` (B, L)
 (True = padding). Per-position tasks have targets (B, L, T) with :data:`IGNORE` where a position has
@@ -109,69 +109,76 @@ class Copy(Task):
 
 
 class Planted(Task):
-    """Planted offsets: tokens uniform in [0, vocab); the target at i is (x_{i + t1} + x_{i + t2}) mod
-    vocab, IGNORE where i + t1 or i + t2 is outside the sequence. Not causal. Default offsets for L:
-    t1 = -(L/4 + L/16), t2 = +L/8 (the attention pattern a solution needs is these two diagonals)."""
+    """A planted band: tokens uniform in {0, 1}; the target at i is the number of ones among
+    x_{i + t}, ..., x_{i + t + width - 1} (a class in [0, width]), IGNORE where the band leaves the
+    sequence. Not causal. Default t = L/4 + L/16 (ahead of i, beyond L/4) and width 8: the attention
+    pattern a solution needs is exactly these ``width`` diagonals, attended evenly."""
 
     name = "planted"
 
-    def __init__(self, length: int, offsets: tuple[int, int] | None = None, vocab: int = 8) -> None:
+    def __init__(self, length: int, offset: int | None = None, width: int = 8) -> None:
         self.length = _integer(length, "length", 8)
-        offsets = self.default_offsets(self.length) if offsets is None else tuple(offsets)
-        if (len(offsets) != 2 or offsets[0] == offsets[1]
-                or any(not 1 <= abs(int(t)) < self.length for t in offsets)
-                or max(offsets) - min(offsets) >= self.length):
-            raise ValueError(f"offsets: expected two distinct non-zero integers t1, t2 with |t| < length and "
-                             f"max - min < length = {self.length}, got {offsets}")
-        self.offsets = (int(offsets[0]), int(offsets[1]))
-        self.vocab_size = self.num_classes = _integer(vocab, "vocab", 2)
+        self.width = _integer(width, "width", 1)
+        offset = self.default_offset(self.length) if offset is None else offset
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or not (
+                -self.length < offset and offset + self.width - 1 < self.length
+                and (offset > 0 or offset + self.width - 1 < 0)):
+            raise ValueError(f"offset: expected an integer t with the band t, ..., t + width - 1 = t + "
+                             f"{self.width - 1} inside (-length, length) = (-{self.length}, {self.length}) and "
+                             f"not containing 0, got {offset!r}")
+        self.offset = int(offset)
+        self.vocab_size = 2
+        self.num_classes = self.width + 1
         self.num_targets = 1
         self.causal = False
-        self.true_offsets = self.offsets
+        self.true_offsets = tuple(range(self.offset, self.offset + self.width))
 
     @staticmethod
-    def default_offsets(length: int) -> tuple[int, int]:
-        return (-(length // 4 + length // 16), length // 8)
+    def default_offset(length: int) -> int:
+        return length // 4 + length // 16
 
     def sample(self, batch: int, rng: np.random.Generator) -> Batch:
-        tokens = rng.integers(0, self.vocab_size, size=(batch, self.length), dtype=np.int64)
+        tokens = rng.integers(0, 2, size=(batch, self.length), dtype=np.int64)
         return Batch(tokens, self.targets(tokens))
 
     def targets(self, tokens: np.ndarray) -> np.ndarray:
         """(B, L, 1) targets of tokens (B, L)."""
-        first = max(0, -min(self.offsets))
-        stop = tokens.shape[1] - max(0, max(self.offsets))
-        positions = np.arange(first, stop)
-        t1, t2 = self.offsets
+        length = tokens.shape[1]
+        first = max(0, -self.offset)
+        stop = length - max(0, self.offset + self.width - 1)
         targets = np.full((*tokens.shape, 1), IGNORE, dtype=np.int64)
-        targets[:, positions, 0] = (tokens[:, positions + t1] + tokens[:, positions + t2]) % self.vocab_size
+        if stop > first:
+            window = np.cumsum(np.pad(tokens, ((0, 0), (1, 0))), axis=1)  # window[:, j] = sum of x_0 .. x_{j-1}
+            positions = np.arange(first, stop)
+            targets[:, positions, 0] = (window[:, positions + self.offset + self.width]
+                                        - window[:, positions + self.offset])
         return targets
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "offsets": list(self.offsets)}
+        return {**super().describe(), "offset": self.offset, "width": self.width}
 
 
 class Recall(Task):
-    """Multi-query associative recall. The first 2N tokens are N pairs (key, value) with distinct keys
-    drawn from ``keys`` key tokens [0, keys) and values from ``values`` value tokens [keys, keys +
-    values); each of the remaining L - 2N positions holds a query, one of the N keys drawn uniformly;
-    its target is the value paired with that key (a class in [0, values)). Causal. Which position
-    holds the answer depends on the content only: no diagonal pattern solves it. Default N = L/16,
-    keys = max(64, 2N), values = 16."""
+    """Multi-query associative recall. The first N tokens are N pairs, one token each: pair (key k,
+    value v) is token k * values + v, with N distinct keys from ``keys`` and values uniform in
+    [0, values); each of the remaining L - N positions holds a query for one of the N keys (uniform),
+    token keys * values + k, whose target is the value paired with k. Causal. Where the answer is
+    depends on the content only (the pairs are in a random order): no diagonal pattern solves it.
+    Defaults: N = keys = 16, values = 16 (vocabulary 272)."""
 
     name = "recall"
 
-    def __init__(self, length: int, pairs: int | None = None, keys: int | None = None, values: int = 16) -> None:
+    def __init__(self, length: int, pairs: int = 16, keys: int | None = None, values: int = 16) -> None:
         self.length = _integer(length, "length", 8)
-        pairs = max(1, self.length // 16) if pairs is None else _integer(pairs, "pairs", 1)
-        if 2 * pairs >= self.length:
-            raise ValueError(f"pairs: expected an integer in [1, (length - 1) // 2] = [1, {(self.length - 1) // 2}] "
+        pairs = _integer(pairs, "pairs", 1)
+        if pairs >= self.length:
+            raise ValueError(f"pairs: expected an integer in [1, length - 1] = [1, {self.length - 1}] "
                              f"(room for at least one query), got {pairs}")
-        keys = max(64, 2 * pairs) if keys is None else _integer(keys, "keys", 1)
+        keys = pairs if keys is None else _integer(keys, "keys", 1)
         if keys < pairs:
-            raise ValueError(f"keys: expected at least pairs = {pairs} distinct key tokens, got {keys}")
+            raise ValueError(f"keys: expected at least pairs = {pairs} distinct keys, got {keys}")
         self.pairs, self.keys, self.values = pairs, keys, _integer(values, "values", 2)
-        self.vocab_size = self.keys + self.values
+        self.vocab_size = self.keys * self.values + self.keys
         self.num_classes = self.values
         self.num_targets = 1
         self.causal = True
@@ -180,20 +187,20 @@ class Recall(Task):
         n, length = self.pairs, self.length
         keys = np.argsort(rng.random((batch, self.keys)), axis=1)[:, :n]  # n distinct keys per sequence
         values = rng.integers(0, self.values, size=(batch, n))
-        chosen = rng.integers(0, n, size=(batch, length - 2 * n))
+        chosen = rng.integers(0, n, size=(batch, length - n))
         tokens = np.empty((batch, length), dtype=np.int64)
-        tokens[:, 0:2 * n:2] = keys
-        tokens[:, 1:2 * n:2] = self.keys + values
-        tokens[:, 2 * n:] = np.take_along_axis(keys, chosen, axis=1)
+        tokens[:, :n] = keys * self.values + values
+        tokens[:, n:] = self.keys * self.values + np.take_along_axis(keys, chosen, axis=1)
         return Batch(tokens, self.targets(tokens))
 
     def targets(self, tokens: np.ndarray) -> np.ndarray:
-        """(B, L, 1) targets of tokens (B, L): at each query, the value class paired with its key."""
+        """(B, L, 1) targets of tokens (B, L): at each query, the value paired with its key."""
         n = self.pairs
-        value_of = np.zeros((tokens.shape[0], self.keys), dtype=np.int64)  # key -> value class, per sequence
-        np.put_along_axis(value_of, tokens[:, 0:2 * n:2], tokens[:, 1:2 * n:2] - self.keys, axis=1)
+        value_of = np.zeros((tokens.shape[0], self.keys), dtype=np.int64)  # key -> value, per sequence
+        np.put_along_axis(value_of, tokens[:, :n] // self.values, tokens[:, :n] % self.values, axis=1)
         targets = np.full((*tokens.shape, 1), IGNORE, dtype=np.int64)
-        targets[:, 2 * n:, 0] = np.take_along_axis(value_of, tokens[:, 2 * n:], axis=1)
+        queried = tokens[:, n:] - self.keys * self.values
+        targets[:, n:, 0] = np.take_along_axis(value_of, queried, axis=1)
         return targets
 
     def describe(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -53,15 +54,24 @@ def _loss_and_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list[Batch]) -> dict[str, Any]:
-    """Held-out loss (mean over targets) and accuracy (overall and per target column) in eval mode."""
+def evaluate(model: Transformer, batches: list[Batch], true_offsets: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Held-out loss (mean over targets) and accuracy (overall and per target column) in eval mode.
+
+    With FSAT layers also ``fsat``: ``offsets`` [layer][head], the offsets selected for the first
+    held-out sequence, and (given ``true_offsets``) ``hits`` [layer][head][t], the fraction of held-out
+    sequences for which the head selected true_offsets[t].
+    """
     was_training = model.training
     model.eval()
     total_loss = total_count = 0.0
     correct = counted = None
+    fsat_layers = [layer for layer in model.attention_layers if hasattr(layer, "last_offsets")]
+    selected: list[list[torch.Tensor]] = [[] for _ in fsat_layers]
     for batch in batches:
         tokens, targets, padding = _tensors(batch)
         logits, _ = model(tokens, padding)
+        for offsets, layer in zip(selected, fsat_layers, strict=True):
+            offsets.append(layer.last_offsets)
         loss, hits, count = _loss_and_hits(logits, targets)
         total_loss += float(loss) * float(count.sum())
         total_count += float(count.sum())
@@ -69,29 +79,15 @@ def evaluate(model: Transformer, batches: list[Batch]) -> dict[str, Any]:
         counted = count if counted is None else counted + count
     model.train(was_training)
     per_target = (correct.double() / counted.clamp_min(1).double()).tolist()
-    return {"eval_loss": total_loss / max(total_count, 1.0),
-            "eval_accuracy": float(correct.sum()) / max(float(counted.sum()), 1.0),
-            "eval_target_accuracy": per_target}
-
-
-def _fsat_layers(model: Transformer) -> list[torch.nn.Module]:
-    return [layer for layer in model.attention_layers if hasattr(layer, "last_offsets")]
-
-
-def _fsat_snapshot(model: Transformer, task: Task, batch: Batch) -> dict[str, Any]:
-    """Eval-mode offsets of the first held-out sequence per layer and head, and per head how often
-    each true offset is selected over the held-out batch."""
-    tokens, _, padding = _tensors(batch)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        model(tokens, padding)
-    model.train(was_training)
-    layers = _fsat_layers(model)
-    snapshot: dict[str, Any] = {"offsets": [layer.last_offsets[0].tolist() for layer in layers]}
-    if task.true_offsets:
-        snapshot["hits"] = [analysis.offset_hits(layer.last_offsets, task.true_offsets) for layer in layers]
-    return snapshot
+    result: dict[str, Any] = {"eval_loss": total_loss / max(total_count, 1.0),
+                              "eval_accuracy": float(correct.sum()) / max(float(counted.sum()), 1.0),
+                              "eval_target_accuracy": per_target}
+    if fsat_layers:
+        offsets = [torch.cat(parts) for parts in selected]
+        result["fsat"] = {"offsets": [layer_offsets[0].tolist() for layer_offsets in offsets]}
+        if true_offsets:
+            result["fsat"]["hits"] = [analysis.offset_hits(layer_offsets, true_offsets) for layer_offsets in offsets]
+    return result
 
 
 def _learned_pattern(model: Transformer, task: Task, batch: Batch) -> dict[str, Any]:
@@ -143,11 +139,13 @@ def _bar(total: int, enabled: bool, label: str) -> Any:
 
 def train(task: Task, attention: str, model_config: ModelConfig | None = None,
           attention_config: AttentionConfig | None = None, config: TrainConfig | None = None,
-          *, progress: bool = False, analyse: bool = True, profile: bool = False) -> dict[str, Any]:
+          *, progress: bool = False, analyse: bool = True, profile: bool = False,
+          until: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Train and evaluate one model; returns the run's record (see the module docstring).
 
     ``analyse``: also record what the attention learned and the peak memory of a step; ``profile``:
-    also the top operators of a profiled step (about two seconds of the profiler's own bookkeeping).
+    also the top operators of a profiled step (about two seconds of the profiler's own bookkeeping);
+    ``until``: stop early at the first evaluation point for which ``until(point)`` is true.
     """
     model_config = model_config or ModelConfig()
     attention_config = attention_config or AttentionConfig()
@@ -188,9 +186,8 @@ def train(task: Task, attention: str, model_config: ModelConfig | None = None,
         nonlocal eval_seconds
         start = time.perf_counter()
         point = {"step": steps_done, "seconds": train_seconds,
-                 "train_loss": statistics.fmean(losses) if losses else None, **evaluate(model, eval_batches)}
-        if attention == "fsat":
-            point["fsat"] = _fsat_snapshot(model, task, eval_batches[0])
+                 "train_loss": statistics.fmean(losses) if losses else None,
+                 **evaluate(model, eval_batches, task.true_offsets)}
         curve.append(point)
         losses.clear()
         eval_seconds += time.perf_counter() - start
@@ -215,6 +212,9 @@ def train(task: Task, attention: str, model_config: ModelConfig | None = None,
             record(steps_done)
             if bar is not None:
                 bar.set_postfix(loss=f"{curve[-1]['eval_loss']:.3f}", acc=f"{curve[-1]['eval_accuracy']:.3f}")
+            if until is not None and until(curve[-1]):
+                stopped_by = "until"
+                break
         if bar is not None:
             bar.update(1)
     if curve[-1]["step"] != steps_done:
@@ -225,7 +225,8 @@ def train(task: Task, attention: str, model_config: ModelConfig | None = None,
     result: dict[str, Any] = {
         "task": task.describe(), "attention": attention, "seed": config.seed, "model": asdict(model_config),
         "attention_config": {**asdict(attention_config), "fsat_options": dict(attention_config.fsat_options)},
-        "train": asdict(config), "parameters": counts, "curve": curve, "final": curve[-1], "steps": steps_done,
+        "train": asdict(config), "layer": model.attention_layers[0].extra_repr(), "parameters": counts,
+        "curve": curve, "final": curve[-1], "steps": steps_done,
         "stopped_by": stopped_by, "train_seconds": train_seconds, "data_seconds": data_seconds,
         "eval_seconds": eval_seconds,
     }

@@ -19,9 +19,11 @@ continues its schedule); "constant" keeps T = ``noise_scale``. :meth:`noise_temp
 the next training forward uses.
 
 Cross inputs: with ``cross_dim=None`` the estimator uses q and k themselves (detached inside
-``attention``: they learn only through the sparse attention). With ``cross_dim=Dc`` a separate
-projection of the *detached* layer input gives per-head cross inputs of Dc features; it learns only
-through the estimator path (the bias s[offsets]), never sending gradient into the backbone.
+``attention``: they learn only through the sparse attention). With ``cross_dim=Dc`` (the default,
+``"head"``, is Dc = the head dimension) a separate projection of the *detached* layer input gives
+per-head cross inputs of Dc features; it learns only through the estimator path (the bias
+s[offsets]), never sending gradient into the backbone. spec/fsat.md, "Exploration", gives the
+evidence for the defaults (a separate projection, temperature 0.1, constant).
 
 Input: ``x`` (B, L, dim) must have the layer's parameter dtype (``TypeError`` otherwise, naming both:
 convert one or the other); under ``torch.autocast`` any floating dtype, which autocast casts.
@@ -54,13 +56,13 @@ class FSATAttention(nn.Module):
         heads: number of heads H (head dimension D = dim // heads).
         top_k: K, offsets per head (tau = 0 always among them); K_eff = min(K, 2L - 1), causal min(K, L).
         causal: restrict to keys j <= i (candidate offsets tau < 0).
-        cross_dim: None (cross inputs = q, k) or Dc >= 1, the per-head width of a separate cross
-            projection of the detached input.
+        cross_dim: Dc >= 1, the per-head width of a separate cross projection of the detached input;
+            ``"head"`` (default): Dc = dim // heads; None: the cross inputs are q and k.
         dropout: dropout probability on the attention output (before the output projection).
         generator: optional ``torch.Generator`` for the Gumbel noise; by default the layer makes its
             own CPU generator (seeded from the global torch RNG at construction; ``manual_seed``
             reseeds it). Noise is drawn on the generator's device and moved to the input's.
-        noise_scale: the Gumbel temperature T >= 0 at the start of training (0: no noise).
+        noise_scale: the Gumbel temperature T >= 0 at the start of training (0: no noise); default 0.1.
         noise_schedule: "constant", "linear" or "cosine": how T moves from ``noise_scale`` to
             ``noise_final`` over ``noise_steps`` training forwards.
         noise_final: T >= 0 after the schedule (ignored by "constant").
@@ -80,11 +82,11 @@ class FSATAttention(nn.Module):
         heads: int,
         top_k: int,
         causal: bool = False,
-        cross_dim: int | None = None,
+        cross_dim: int | str | None = "head",
         dropout: float = 0.0,
         generator: torch.Generator | None = None,
         *,
-        noise_scale: float = 1.0,
+        noise_scale: float = 0.1,
         noise_schedule: str = "constant",
         noise_final: float = 0.0,
         noise_steps: int = 1,
@@ -99,6 +101,10 @@ class FSATAttention(nn.Module):
         self.head_dim = dim // heads
         self.top_k = checks.integer_in_range(top_k, "top_k", low=1)
         self.causal = checks.flag(causal, "causal")
+        if isinstance(cross_dim, str):  # the one width with a name
+            if cross_dim != "head":
+                raise ValueError(f"cross_dim: expected 'head', None or an integer >= 1, got {cross_dim!r}")
+            cross_dim = self.head_dim
         self.cross_dim = None if cross_dim is None else checks.integer_in_range(cross_dim, "cross_dim", low=1)
         dropout = checks.real_number(dropout, "dropout", low=0.0, high=1.0)
         if dropout == 1.0:
