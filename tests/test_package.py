@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -180,8 +181,13 @@ def test_cli_rejects_an_unknown_command() -> None:
 
 @pytest.mark.slow
 def test_wheel_installs_the_same_import_surface_as_the_editable_install(tmp_path: Path) -> None:
+    # Built from a copy without build/: setuptools reuses build/lib, so modules a checkout has since moved or
+    # deleted would still land in the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                                "__pycache__", ".pytest_cache", ".hypothesis"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                            "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=300)
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "dist").glob("refattn-*.whl"))
     environment = tmp_path / "venv"
