@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import os
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -130,14 +131,64 @@ class _Builtin:
     module: str
     requires: tuple[str, ...]
     pip_extra: str | None
+    without_device: tuple[str, str] | None = None  # (environment variable, how it lets the backend run without a GPU)
 
 
 _BUILTINS: dict[str, _Builtin] = {
     "numpy": _Builtin("refattn.backends.numpy", (), None),
     "torch": _Builtin("refattn.backends.torch", ("torch",), "torch"),
-    "cupy": _Builtin("refattn.backends.cupy", ("cupy",), "cupy"),
-    "numba_cuda": _Builtin("refattn.backends.numba_cuda", ("numba", "numba.cuda"), "numba"),
+    "cupy": _Builtin("refattn.backends.cupy", ("cupy",), "cupy", (
+        "REFATTN_CUDA_EMULATION", "without a GPU its CUDA kernels run only as CUDA C emulated on the CPU, for tests "
+        "(REFATTN_CUDA_EMULATION=1; README, 'What is verified where')")),
+    "numba_cuda": _Builtin("refattn.backends.numba_cuda", ("numba", "numba.cuda"), "numba", (
+        "NUMBA_ENABLE_CUDASIM", "set NUMBA_ENABLE_CUDASIM=1 before starting Python to run it in Numba's CUDA "
+        "simulator (slow: tiny shapes only)")),
 }
+
+
+class _NoDevice:
+    """A namespace of a backend with no device here: its functions raise :class:`BackendUnavailableError`
+    with the reason when called (classes and constants pass through), instead of failing deep in the
+    backend's library (Numba's CudaSupportError, CuPy's CUDA driver errors)."""
+
+    def __init__(self, namespace: Any, message: str) -> None:
+        self._namespace = namespace
+        self._message = message
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._namespace, name)
+        if not callable(attribute) or isinstance(attribute, type):
+            return attribute
+        message = self._message
+
+        @functools.wraps(attribute)
+        def unavailable(*args: Any, **kwargs: Any) -> Any:
+            raise BackendUnavailableError(message)
+
+        return unavailable
+
+    def __dir__(self) -> list[str]:
+        return dir(self._namespace)
+
+
+def _without_device(backend: Backend, builtin: _Builtin | None) -> Backend:
+    """``backend`` itself when it has a device here, or when the variable that runs it without one is set
+    to 1; else the same backend whose functions raise :class:`BackendUnavailableError` with the reason
+    (capabilities, bridge and plans stay usable: ``refattn info``, the conformance suite and
+    ``refattn audit`` read them)."""
+    if backend.capabilities.devices:
+        return backend
+    if builtin is not None and builtin.without_device is not None:
+        if os.environ.get(builtin.without_device[0], "").strip() == "1":
+            return backend  # asked to run without a device (e.g. CuPy's kernels as CUDA C emulated on the CPU)
+    reason = backend.capabilities.unavailable or "no device"
+    message = f"backend {backend.name!r} cannot compute on this machine: {reason}"
+    if builtin is not None and builtin.without_device is not None:
+        variable, hint = builtin.without_device
+        if variable not in reason:
+            message += f"; {hint}"
+    message += "; 'refattn info' shows what every backend can use here"
+    return replace(backend, fsat=_NoDevice(backend.fsat, message), routing=_NoDevice(backend.routing, message))
 
 
 @functools.cache
@@ -177,7 +228,10 @@ def get_backend(name: str) -> Backend:
     """Load (once) and return the backend registered as ``name``.
 
     Raises :class:`UnknownBackendError` for a name nobody registers (listing the valid ones), and
-    :class:`BackendUnavailableError` when the backend's library is missing (naming the pip extra).
+    :class:`BackendUnavailableError` when the backend's library is missing (naming the pip extra). A
+    backend that loads but has no device here (``capabilities.devices`` empty) is returned with
+    functions that raise :class:`BackendUnavailableError` with the reason and, for the built-in GPU
+    backends, how to run them without a GPU.
     """
     check_name(name)
     builtin = _BUILTINS.get(name)
@@ -186,7 +240,7 @@ def get_backend(name: str) -> Backend:
         backend = loaded() if callable(loaded) and not isinstance(loaded, Backend) else loaded
         if not isinstance(backend, Backend):
             raise TypeError(f"entry point {name!r} gave {type(backend).__name__}, expected a refattn Backend")
-        return backend
+        return _without_device(backend, None)
     for requirement in builtin.requires:
         try:
             importlib.import_module(requirement)
@@ -203,7 +257,7 @@ def get_backend(name: str) -> Backend:
         raise BackendUnavailableError(
             f"backend {name!r} is registered but not implemented in refattn {_version()} yet"
         ) from error
-    return module.backend()
+    return _without_device(module.backend(), builtin)
 
 
 def _version() -> str:

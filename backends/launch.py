@@ -54,6 +54,8 @@ class Launch:
     B·H·L·D - 1 for a kernel that walks q); ``wide_indices`` says whether the kernel computes its
     indices in 64-bit arithmetic. ``shared_opt_in`` says the launch raises the kernel's dynamic
     shared-memory limit above 48 KiB first (``cudaFuncSetAttribute``), as CUDA requires.
+    ``bytes_moved`` is the launch's memory-traffic model, the bytes it reads and writes in device
+    memory (0 where the backend gives none): what a profiler's DRAM counters are compared with.
     """
 
     kernel: str
@@ -64,6 +66,7 @@ class Launch:
     shared_opt_in: bool = False
     largest_index: int = 0
     wide_indices: bool = True
+    bytes_moved: int = 0
 
     def violations(self) -> list[str]:
         """Every CUDA limit this launch breaks, in words (empty when it may run)."""

@@ -63,6 +63,8 @@ class Check:
     (a scalar loss).
     ``gradient`` selects the gradient row of the tolerance table; ``oracle_kind`` words what the
     oracle is for the report; ``part`` is one of :data:`PARTS`; ``autodiff`` makes it an autograd check.
+    ``fft(inputs)``, for outputs computed through an FFT, gives per output the FFT's error bound
+    (:func:`~refattn.conformance.tolerances.fft_bound`, None for the others), added to the table's.
     """
 
     algorithm: str
@@ -78,6 +80,7 @@ class Check:
     accumulated: frozenset[int] = field(default_factory=frozenset)
     part: str = "base"
     autodiff: Autodiff | None = None
+    fft: Callable[[Inputs], tuple[Any, ...]] | None = None
 
     @property
     def calls(self) -> frozenset[str]:
@@ -198,6 +201,7 @@ def run(check: Check, backend: Backend, reference: Backend, *, device: str | Non
         tolerance = (tolerances.GRADIENT if check.gradient else tolerances.FORWARD)[check.dtype]
     worst_abs = worst_rel = 0.0
     problems = []
+    fft = check.fft(rounded) if check.fft else ()
     for position, (got, want) in enumerate(zip(actual, expected, strict=True)):
         if got is None or want is None:
             if (got is None) != (want is None):
@@ -214,8 +218,10 @@ def run(check: Check, backend: Backend, reference: Backend, *, device: str | Non
         if dtype not in allowed:
             problems.append(f"output {position}: dtype {dtype}, expected {' or '.join(allowed)}")
         exact = position in check.discrete
-        difference = tolerances.compare(np.asarray(got), np.asarray(want), None if exact else tolerance,
-                                        floor=tolerances.SMALLEST_SUBNORMAL[check.dtype])
+        floor = tolerances.SMALLEST_SUBNORMAL[check.dtype]
+        if position < len(fft) and fft[position] is not None:
+            floor = floor + fft[position]
+        difference = tolerances.compare(np.asarray(got), np.asarray(want), None if exact else tolerance, floor=floor)
         if not exact:
             worst_abs, worst_rel = max(worst_abs, difference.max_abs), max(worst_rel, difference.max_rel)
         if not difference.ok:

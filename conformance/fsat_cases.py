@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+import refattn.fsat as fsat_reference
 from refattn.conformance import tolerances
 from refattn.conformance.checks import Autodiff, Check, Inputs, flag_grid, padding, seed_for
 from refattn.conformance.gradcheck import Projection, directional_vjp, numerical_vjp
@@ -132,7 +133,8 @@ def _step_case_checks(shape, padded, dtype, part, x, with_gradients) -> Iterator
                     oracle_kind="naive O(L^2)")
     yield Check("fsat", "cross", label, dtype, x, part=part,
                 call=lambda ns, x: ns.cross(x["a"], x["b"], key_padding_mask=x["mask"]),
-                oracle=lambda x: oracle.cross(x["a"], x["b"], x["mask"]), oracle_kind="naive O(L^2)")
+                oracle=lambda x: oracle.cross(x["a"], x["b"], x["mask"]), oracle_kind="naive O(L^2)",
+                fft=lambda x: (tolerances.fft_bound(length, dtype, x["a"], x["b"], x["mask"]),))
     yield Check("fsat", "estimate", label, dtype, x, part=part,
                 call=lambda ns, x: ns.estimate(x["c"], x["w"], key_padding_mask=x["mask"]),
                 oracle=lambda x: oracle.estimate(x["c"], x["w"], x["mask"]), oracle_kind="naive O(L^2)")
@@ -146,11 +148,14 @@ def _step_case_checks(shape, padded, dtype, part, x, with_gradients) -> Iterator
     def estimate_vjp(ns, x):
         return tuple(ns.estimate_vjp(x["c"], x["w"], x["ds"], key_padding_mask=x["mask"]))
 
+    def fft(x):  # da and db are convolutions computed by FFT
+        return tolerances.fft_bound(length, dtype, x["a"], x["b"], x["mask"], x["dc"])
+
     yield Check("fsat", "cross_vjp", label, dtype, x, gradient=True, part=part, call=cross_vjp,
-                oracle=lambda x: _cross_gradient_oracle(x, directional), oracle_kind=kind)
+                oracle=lambda x: _cross_gradient_oracle(x, directional), oracle_kind=kind, fft=fft)
     yield Check("fsat", "cross:autodiff", label, dtype, x, gradient=True, part=part,
                 call=lambda ns, x: ns.cross(x["a"], x["b"], key_padding_mask=x["mask"]),
-                autodiff=Autodiff(("a", "b"), ("dc",), cross_vjp))
+                autodiff=Autodiff(("a", "b"), ("dc",), cross_vjp), fft=fft)
     yield Check("fsat", "estimate_vjp", label, dtype, x, gradient=True, part=part, call=estimate_vjp,
                 oracle=lambda x: _estimate_gradient_oracle(x, directional), oracle_kind=kind)
     yield Check("fsat", "estimate:autodiff", label, dtype, x, gradient=True, part=part,
@@ -363,6 +368,24 @@ def _attention_gradient_oracle(x: Inputs, causal: bool, directional: bool) -> An
     return dq, dk, dv, estimator[0], dcross_q, dcross_k
 
 
+def _attention_fft(x: Inputs, causal: bool, dtype: str) -> tuple[Any, ...]:
+    """The FFT's error bound of the cross inputs' gradients (the others: none), whose cotangent dc is the
+    estimator path's: the reference's dbias at its offsets, through the estimate's VJP."""
+    if x["cross_q"] is None:
+        return ()
+    length = x["q"].shape[2]
+    c = fsat_reference.cross(x["cross_q"], x["cross_k"], key_padding_mask=x["mask"])
+    s = fsat_reference.estimate(c, x["w"], key_padding_mask=x["mask"])
+    offsets = fsat_reference.select(s, TOP_K, causal=causal, noise=x["noise"])
+    bias = np.take_along_axis(s, offsets + length - 1, axis=2)
+    dbias = fsat_reference.sparse_attention_vjp(x["q"], x["k"], x["v"], offsets, bias, x["dout"], causal=causal,
+                                                key_padding_mask=x["mask"])[3]
+    ds = np.zeros_like(s)
+    np.put_along_axis(ds, offsets + length - 1, dbias, axis=2)
+    dc = fsat_reference.estimate_vjp(c, x["w"], ds, key_padding_mask=x["mask"])[0]
+    return (None,) * 4 + tuple(tolerances.fft_bound(length, dtype, x["cross_q"], x["cross_k"], x["mask"], dc))
+
+
 def _attention_case_checks(shape, flags, dtype, part, x, with_gradients) -> Iterator[Check]:
     causal = flags["causal"]
     label = _label(shape, **flags)
@@ -377,11 +400,13 @@ def _attention_case_checks(shape, flags, dtype, part, x, with_gradients) -> Iter
     kind = "directional finite differences" if directional else "finite differences"
     yield Check("fsat", "attention_vjp", label, dtype, x, gradient=True, part=part,
                 call=lambda ns, x, c=causal: _attention_vjp(ns, x, c),
-                oracle=lambda x, c=causal: _attention_gradient_oracle(x, c, directional), oracle_kind=kind)
+                oracle=lambda x, c=causal: _attention_gradient_oracle(x, c, directional), oracle_kind=kind,
+                fft=lambda x, c=causal: _attention_fft(x, c, dtype))
     wrt = ("q", "k", "v", "w") + (("cross_q", "cross_k") if flags["cross"] else ())
     yield Check("fsat", "attention:autodiff", label, dtype, x, gradient=True, part=part,
                 call=lambda ns, x, c=causal: _attention_forward(ns, x, c),
-                autodiff=Autodiff(wrt, ("dout",), lambda ns, x, c=causal: _without_none(_attention_vjp(ns, x, c))))
+                autodiff=Autodiff(wrt, ("dout",), lambda ns, x, c=causal: _without_none(_attention_vjp(ns, x, c))),
+                fft=lambda x, c=causal: _attention_fft(x, c, dtype))
 
 
 def _attention_checks(shapes, gradient_shapes, dtype, quick) -> Iterator[Check]:

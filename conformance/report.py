@@ -56,5 +56,6 @@ def print_table(results: list[Result], stream: TextIO) -> None:
 
 
 def write_json(results: list[Result], path: str | Path) -> None:
-    """The same rows as the table, as a JSON list of objects."""
+    """The same rows as the table, as a JSON list of objects (missing folders of ``path`` are made)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps([asdict(result) for result in results], indent=1) + "\n")

@@ -95,16 +95,22 @@ def check_backend(name: str, *, quick: bool = False, algorithms: Iterable[str] =
     return check_loaded(backend, quick=quick, algorithms=algorithms, dtypes=dtypes, functions=functions, parts=parts)
 
 
+def checked_functions(algorithms: Iterable[str] = tuple(ALGORITHMS)) -> list[str]:
+    """The names ``--function`` accepts: the functions the suite has checks for, sorted."""
+    return sorted({check.function for check in cases("float64", algorithms=algorithms)})
+
+
 def check_arguments(names: Iterable[str], algorithms: Iterable[str] | None, functions: Iterable[str] | None) -> None:
     """Raise ValueError (UnknownBackendError) naming the valid choices for an unknown backend or function."""
     for name in names:
         backends.check_name(name, source="--backend")
     if functions is not None:
-        known = {check.function for check in cases("float64", algorithms=algorithms or tuple(ALGORITHMS))}
-        unknown = sorted(set(functions) - known)
+        known = checked_functions(algorithms or tuple(ALGORITHMS))
+        unknown = sorted(set(functions).difference(known))
         if unknown:
-            raise ValueError(f"--function: no checks for {', '.join(unknown)}; the checked functions are "
-                             f"{', '.join(sorted(known))}")
+            among = f" with --algorithm {', '.join(algorithms)}" if algorithms else ""
+            raise ValueError(f"--function: no checks for {', '.join(unknown)}{among}; the checked functions are "
+                             f"{', '.join(known)}")
 
 
 def main(names: Iterable[str] | None = None, *, json_path: str | None = None, quick: bool = False,
@@ -121,6 +127,11 @@ def main(names: Iterable[str] | None = None, *, json_path: str | None = None, qu
                                  dtypes=dtypes or DTYPES, functions=functions, parts=parts or PARTS)
     print(f"conformance of {', '.join(names)} against the reference (refattn.fsat, refattn.routing); "
           f"the reference itself against naive O(L^2) oracles and finite differences")
+    for name in names:  # what each ran on: a device, a simulator, CUDA C emulated on the CPU
+        try:
+            print(f"  {name}: {backends.get_backend(name).status}")
+        except (ImportError, TypeError) as error:
+            print(f"  {name}: not available ({error})")
     report.print_table(results, sys.stdout)
     print(f"({time.perf_counter() - started:.0f} s)")
     if json_path:

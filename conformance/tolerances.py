@@ -4,7 +4,9 @@ A floating output x of a backend passes against the float64 expectation r when, 
 ``|x - r| <= rtol * |r| + atol * m(r) + s``, where m(r) is the largest finite |r| of that output (1
 when every entry is 0) and s the smallest subnormal number of the dtype: the table is relative to
 the magnitude of what is compared, so a gradient of 1e-5 is held to the same standard as one of
-order one. Discrete outputs (offsets, members, assignments) must be equal.
+order one. Discrete outputs (offsets, members, assignments) must be equal. The outputs computed through
+an FFT (FSAT's cross and the cross inputs' gradients) also get the FFT's normwise error bound
+(:func:`fft_bound`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,35 @@ def round_to(values: np.ndarray | None, dtype: str) -> np.ndarray | None:
         return values.astype(dtype).astype(np.float64)
 
 
+# The unit roundoff of each accumulation dtype, which an FFT's error bound is a multiple of.
+UNIT_ROUNDOFF: dict[str, float] = {"float64": 2.0**-53, "float32": 2.0**-24}
+
+
+def fft_bound(length: int, dtype: str, a: np.ndarray, b: np.ndarray, mask: np.ndarray | None,
+              dc: np.ndarray | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The error an FFT may add to FSAT's cross, or to its inputs' gradients (spec/interface.md, "Outputs
+    computed through an FFT"): ``eps * log2(6L) * F`` with eps the accumulation dtype's unit roundoff and
+    F, per (batch, head, feature), ``||a|| ||b|| / n_tau`` for the cross c (B, H, 2L - 1, Dc) or, given
+    its cotangent ``dc``, ``(||b|| ||g||, ||a|| ||g||)`` for (da, db) with g = dc / n_tau: 2-norms along the
+    sequence, padded positions as 0, 1 / n_tau as 0 where n_tau = 0. Arrays that broadcast to the outputs.
+    """
+    if mask is None:
+        counts = (length - np.abs(np.arange(1 - length, length)))[None].astype(np.float64)
+    else:  # the autocorrelation of the unpadded positions, symmetric in tau
+        counts = np.stack([np.correlate(row, row, mode="full") for row in (~mask).astype(np.float64)])
+    inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)[:, None, :, None]
+
+    def norm(x: np.ndarray) -> np.ndarray:
+        x = x if mask is None else np.where(mask[:, None, :, None], 0.0, x)
+        return np.sqrt((x * x).sum(axis=2, keepdims=True))
+
+    unit = UNIT_ROUNDOFF[ACCUMULATION[dtype]] * np.log2(6 * length)
+    if dc is None:
+        return unit * norm(a) * norm(b) * inverse
+    g = np.sqrt(((dc * inverse) ** 2).sum(axis=2, keepdims=True))  # along the 2L - 1 offsets
+    return unit * norm(b) * g, unit * norm(a) * g
+
+
 # The reference checked against finite differences: central differences with a step of 1e-6 times
 # the inputs' magnitude carry a truncation and rounding error near 1e-9 relative, so this comparison
 # has its own, wider row.
@@ -104,9 +135,11 @@ def magnitude(expected: np.ndarray) -> float:
     return largest if largest > 0 else 1.0
 
 
-def compare(actual: np.ndarray, expected: np.ndarray, tolerance: Tolerance | None, floor: float = 0.0) -> Difference:
+def compare(actual: np.ndarray, expected: np.ndarray, tolerance: Tolerance | None,
+            floor: float | np.ndarray = 0.0) -> Difference:
     """Compare two arrays; ``tolerance`` None means exact equality (discrete outputs). ``floor`` is an
-    absolute allowance added to the bound (the dtype's :data:`SMALLEST_SUBNORMAL`)."""
+    absolute allowance added to the bound (the dtype's :data:`SMALLEST_SUBNORMAL`, and an FFT's error
+    bound, :func:`fft_bound`, an array that broadcasts to the outputs')."""
     actual = np.asarray(actual)
     expected = np.asarray(expected)
     if actual.shape != expected.shape:

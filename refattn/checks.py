@@ -122,10 +122,16 @@ def _sum_dtype(x: Any) -> Any:
     return np.float64 if x.dtype == np.float64 else np.float32
 
 
+def _detached(x: Any) -> Any:
+    """``x`` out of autograd's graph (torch): a value read back is no part of it, and torch warns about
+    "converting a tensor with requires_grad=True to a scalar" otherwise."""
+    return x.detach() if _library(x) == "torch" else x
+
+
 def _sum(x: Any) -> float:
     """The sum of ``x``'s entries, read back (a NumPy overflow of finite entries gives inf silently)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        return float(x.sum(dtype=_sum_dtype(x)))
+        return float(_detached(x).sum(dtype=_sum_dtype(x)))
 
 
 def _dtype_name(x: Any) -> str:
@@ -247,7 +253,7 @@ def expect_finite(x: Any, name: str, *, allow_neg_inf: bool = False) -> None:
         return
     xp = array_namespace(x)
     if allow_neg_inf:
-        if not float(x.max()) < math.inf:
+        if not float(_detached(x).max()) < math.inf:
             raise ValueError(f"{name}: expected finite values or -inf, got NaN or +Inf entries")
         return
     if math.isfinite(_sum(x)):
@@ -375,9 +381,9 @@ def integer_in_range(value: Any, name: str, *, low: int, high: int | None = None
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
         raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
-    bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+    bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
     if value < low or (high is not None and value > high):
-        raise ValueError(f"{name}: expected an integer in {bound}, got {value}")
+        raise ValueError(f"{name}: expected an integer {bound}, got {value}")
     return int(value)
 
 
@@ -460,7 +466,7 @@ def check_overflow(result: Any, where: str, *, allow_neg_inf: bool = False, **op
     if not values_readable(result) or _size(result) == 0:
         return
     if allow_neg_inf:
-        if float(result.max()) < math.inf:
+        if float(_detached(result).max()) < math.inf:
             return
     elif math.isfinite(_sum(result)):
         return

@@ -2,8 +2,12 @@
 
 - ``refattn info``: version, registered backends, whether each loads here, and the devices seen.
 - ``refattn conformance [--backend NAME ...] [--json PATH]``: the conformance report.
-- ``refattn bench``: time and memory of every backend against L.
+- ``refattn bench [--targets]``: time and memory against L, or the performance targets (:mod:`refattn.bench`).
 - ``refattn quality --task NAME --attention NAME``: does it learn? (:mod:`refattn.quality`).
+- ``refattn audit [--backend NAME ...] [--traffic]``: every CUDA launch planned for realistic shapes.
+
+Every option is validated by its ``type=`` (:mod:`refattn.arguments`): a bad value is a usage error,
+exit status 2, naming the option and what it expects.
 """
 
 from __future__ import annotations
@@ -18,8 +22,13 @@ import numpy as np
 import scipy
 
 import refattn
-from refattn import backends
+from refattn import arguments as types  # the option validators; 'arguments' is the parsed namespace
+from refattn import audit, backends
+from refattn.bench import runner as bench_runner  # torch-free: the options and the command
 from refattn.quality import runner as quality_runner  # torch-free: the options only
+
+DESCRIPTION = ("refattn: the reference implementation, and verified backends, of FSAT and Routing attention. "
+               "Run 'refattn COMMAND --help' for a command's options.")
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -41,6 +50,12 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_functions() -> list[str]:
+    from refattn.conformance import runner  # imports no backend's library
+
+    return runner.checked_functions()
+
+
 def _conformance(arguments: argparse.Namespace) -> int:
     # The checks' arrays are tiny: intra-op threads only add synchronisation, which on a loaded machine
     # costs milliseconds per call (torch's FFTs). Set before any backend's library is imported; a
@@ -58,77 +73,57 @@ def _conformance(arguments: argparse.Namespace) -> int:
 
 
 def _bench(arguments: argparse.Namespace) -> int:
-    from refattn.bench import runner
-
-    return runner.run(arguments)
+    return bench_runner.run(arguments)
 
 
 def _quality(arguments: argparse.Namespace) -> int:
     return quality_runner.run(arguments)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``refattn`` console script; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="refattn", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The ``refattn`` command's parser: every subcommand and option (each value validated by its type)."""
+    parser = argparse.ArgumentParser(prog="refattn", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"refattn {refattn.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, backends and devices").set_defaults(run=_info)
     conformance = commands.add_parser(
         "conformance", help="check backends against the reference (default: every backend that loads here)"
     )
-    conformance.add_argument("--backend", action="append", metavar="NAME", help="a backend to check (repeatable)")
-    conformance.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    conformance.add_argument("--backend", action="append", type=types.backend_name(), metavar="NAME",
+                             help="a backend to check (repeatable)")
+    conformance.add_argument("--json", type=types.output_file, metavar="PATH",
+                             help="also write the report as JSON to PATH")
     conformance.add_argument("--quick", action="store_true",
                              help="the smallest shapes and a pairwise covering of the flags")
     conformance.add_argument("--algorithm", action="append", choices=("fsat", "routing"),
                              help="only this algorithm (repeatable; default both)")
-    conformance.add_argument("--dtype", action="append", choices=("float64", "float32", "bfloat16", "float16"),
+    conformance.add_argument("--dtype", action="append", choices=types.DTYPES,
                              help="only this dtype (repeatable; default every dtype of the tolerance table)")
-    conformance.add_argument("--function", action="append", metavar="NAME",
+    conformance.add_argument("--function", action="append", type=types.one_of("function", _checked_functions),
+                             metavar="NAME",
                              help="only the checks of this function, e.g. cluster_attention_vjp (repeatable)")
     conformance.add_argument("--part", action="append", choices=("base", "ties", "extreme", "large"),
                              help="only this part of the grid (repeatable; default all): the ordinary cases, "
                                   "deliberate ties, extreme values, large shapes")
     conformance.set_defaults(run=_conformance, parser=conformance)
     bench = commands.add_parser(
-        "bench", help="time and peak memory of every backend and algorithm against L: table, JSON, PNG plots"
+        "bench", help="time and peak memory of every backend and algorithm against L (table, JSON, plots), or the "
+                      "performance targets (--targets)"
     )
-    bench.add_argument("--backend", action="append", metavar="NAME",
-                       help="backend (repeatable; default: all, and the peer 'lucidrains')")
-    bench.add_argument("--algorithm", action="append", choices=("fsat", "routing", "dense"),
-                       help="(repeatable; default: all)")
-    bench.add_argument("--length", action="append", type=int, metavar="L",
-                       help="(repeatable; default: 1024 4096 16384 65536)")
-    bench.add_argument("--direction", action="append", choices=("fwd", "bwd", "fwdbwd"),
-                       help="(repeatable; default: all)")
-    bench.add_argument("--dtype", action="append", metavar="DTYPE",
-                       help="float32 (default), float64, bfloat16, float16 (repeatable)")
-    bench.add_argument("--repeats", type=int, default=5, help="timed calls per case (median and IQR reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed calls first")
-    bench.add_argument("--max-seconds", type=float, default=60.0, help="stop timing a case after this many seconds")
-    bench.add_argument("--tokens", type=int, default=16384, help="B = max(1, tokens // L)")
-    bench.add_argument("--batch", type=int, help="fixed B instead of the token budget")
-    bench.add_argument("--heads", type=int, default=8)
-    bench.add_argument("--dim", type=int, default=64)
-    bench.add_argument("--top-k", type=int, default=16, help="FSAT's K")
-    bench.add_argument("--clusters", type=int, help="routing C (default round(sqrt(L)))")
-    bench.add_argument("--window", type=int, help="routing W (default ceil(L / C))")
-    bench.add_argument("--profile", default="lucidrains", help="routing profile (lucidrains: the peer's function)")
-    bench.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
-    bench.add_argument("--dense-max-gflop", type=float, default=2500.0, help="skip dense cases above this many GFLOP")
-    bench.add_argument("--out", default="bench-results", metavar="DIR", help="where bench.json and the plots go")
-    bench.add_argument("--no-plots", action="store_true")
-    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
-    bench.add_argument("--no-progress", action="store_true")
-    bench.add_argument("--targets", action="store_true",
-                       help="measure the performance targets (FSAT vs dense, FSAT scaling, routing vs lucidrains, "
-                            "NumPy vs torch) instead of a sweep")
-    bench.set_defaults(run=_bench)
+    bench_runner.add_arguments(bench)
+    bench.set_defaults(run=_bench, parser=bench)
     quality = commands.add_parser(
         "quality", help="does it learn? train small models with each attention on long-range tasks: table, curves"
     )
     quality_runner.add_arguments(quality)
     quality.set_defaults(run=_quality, parser=quality)
-    arguments = parser.parse_args(argv)
+    audit.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``refattn`` console script; returns the exit status."""
+    arguments = build_parser().parse_args(argv)
     arguments.command_line = list(sys.argv[1:] if argv is None else argv)
     return arguments.run(arguments)
 

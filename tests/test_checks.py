@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -363,3 +364,15 @@ def _root(node: ast.AST) -> str | None:
     while isinstance(node, ast.Attribute):
         node = node.value
     return node.id if isinstance(node, ast.Name) else None
+
+
+def test_reading_a_torch_tensor_that_requires_grad_warns_nothing() -> None:
+    """The checks read values out of autograd's graph: no "requires_grad=True to a scalar" warning in every forward."""
+    torch = pytest.importorskip("torch")
+    x = torch.ones(2, 3, requires_grad=True) * 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checks.expect_finite(x, "q")
+        checks.expect_finite(x, "s", allow_neg_inf=True)
+        checks.check_overflow(x, "the cross", q=x, k=x)
+        checks.check_overflow(x, "the estimate", allow_neg_inf=True, q=x)

@@ -99,7 +99,7 @@ def test_plus_inf_score():
 
 def test_top_k_zero(qkvw):
     q, k, v, w = qkvw
-    with pytest.raises(ValueError, match=r"^top_k: expected an integer in >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^top_k: expected an integer >= 1, got 0"):
         fsat.attention(q, k, v, w, 0)
 
 
@@ -179,7 +179,7 @@ def test_pair_counts_mask_wrong_shape():
 
 
 def test_pair_counts_length():
-    with pytest.raises(ValueError, match=r"^length: expected an integer in >= 1"):
+    with pytest.raises(ValueError, match=r"^length: expected an integer >= 1"):
         fsat.pair_counts(0)
 
 

@@ -24,7 +24,7 @@ pytest.importorskip("numba")
 pytest.importorskip("numba.cuda")
 
 import refattn.routing as reference  # noqa: E402
-from refattn.backends.numba_cuda import _clustering as clustering  # noqa: E402
+from refattn.backends.numba_cuda import routing as clustering  # noqa: E402
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 simulated = pytest.mark.skipif(not SIMULATED, reason="needs the CUDA simulator (run by test_kernels_in_the_simulator)")

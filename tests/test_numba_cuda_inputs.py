@@ -115,20 +115,43 @@ def test_results_follow_the_kind_of_the_device_input(monkeypatch):
     import sys
     import types
 
-    from refattn.backends.numba_cuda import _runtime
+    from refattn.backends.numba_cuda import runtime
 
     fake_cupy = types.ModuleType("cupy")
     fake_cupy.asarray = lambda array: ("cupy view of", array)
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     cupy_array = type("ndarray", (), {"__module__": "cupy._core.core", "__cuda_array_interface__": {}})()
-    assert _runtime._result_kind(cupy_array)("result") == ("cupy view of", "result")
+    assert runtime.result_kind(cupy_array)("result") == ("cupy view of", "result")
 
     torch = pytest.importorskip("torch")
     seen = {}
     monkeypatch.setattr(torch, "as_tensor", lambda array, device: seen.setdefault("call", (array, device)))
     tensor_like = type("Tensor", (), {"__module__": "torch", "device": "cuda:1", "__cuda_array_interface__": {}})()
-    _runtime._result_kind(tensor_like)("result")
+    runtime.result_kind(tensor_like)("result")
     assert seen["call"] == ("result", "cuda:1")
 
     numba_array = type("DeviceNDArray", (), {"__module__": "numba.cuda.cudadrv.devicearray"})()
-    assert _runtime._result_kind(numba_array)("result") == "result"
+    assert runtime.result_kind(numba_array)("result") == "result"
+
+
+class TensorRequiringGrad:
+    """A stand-in for a CUDA tensor with requires_grad: torch refuses its __cuda_array_interface__."""
+
+    __module__ = "torch"
+    requires_grad = True
+    shape = (B, H, L, D)
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad.")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: fsat.sparse_attention(q, TensorRequiringGrad(), v, offsets), "k"),
+    (lambda: fsat.attention(TensorRequiringGrad(), k, v, w, 2), "q"),
+    (lambda: routing.attention(q, k, TensorRequiringGrad(), mu), "v"),
+])
+def test_a_tensor_that_requires_grad_is_a_type_error_naming_it(call, name):
+    """Not torch's RuntimeError from inside the bridge: the backend has no autograd, so say so."""
+    with pytest.raises(TypeError, match=rf"^{name}: expected a tensor without autograd, got one that requires grad"):
+        call()

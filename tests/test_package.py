@@ -211,7 +211,7 @@ def test_wheel_installs_the_same_import_surface_as_the_editable_install(tmp_path
     assert in_wheel == source_modules()
     # ... and the CUDA sources and the header of their CPU emulation, which are package data.
     data = {"refattn/backends/cupy/kernels/fsat_sparse_attention.cu",
-            "refattn/backends/cupy/emulation/cuda_emulation.h"}
+            "refattn/backends/cuda_emulation/cuda_emulation.h"}
     assert data <= set(archive.namelist())
 
 

@@ -122,7 +122,7 @@ def test_route_rank_of_similarities():
 
 def test_block_below_one(data):
     q, k, v, _, _ = data
-    with pytest.raises(ValueError, match=r"^block: expected an integer in >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^block: expected an integer >= 1, got 0"):
         routing.local_attention(q, k, v, 0)
 
 
@@ -212,7 +212,7 @@ def test_combine_members_shape_mismatch(data):
 
 def test_combine_length_below_one(data):
     _, _, _, _, m = data
-    with pytest.raises(ValueError, match=r"^length: expected an integer in >= 1"):
+    with pytest.raises(ValueError, match=r"^length: expected an integer >= 1"):
         routing.combine(np.zeros((B, H, C, W, D)), m, 0)
 
 
@@ -234,7 +234,7 @@ def test_init_centroids_rng_type():
 
 
 def test_init_centroids_zero_clusters():
-    with pytest.raises(ValueError, match=r"^num_clusters: expected an integer in >= 1"):
+    with pytest.raises(ValueError, match=r"^num_clusters: expected an integer >= 1"):
         routing.init_centroids(1, 0, 3, rng=np.random.default_rng(0))
 
 

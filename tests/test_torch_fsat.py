@@ -701,7 +701,7 @@ def test_rejects_even_offset_axis():
 
 
 def test_rejects_bad_length():
-    with pytest.raises(ValueError, match=r"length: expected an integer in >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"length: expected an integer >= 1, got 0"):
         F.pair_counts(0)
 
 

@@ -1,10 +1,17 @@
 """The Numba-CUDA backend: the interface of spec/interface.md as ``@cuda.jit`` kernels.
 
+The layout is the reference's: :mod:`.fsat` and :mod:`.routing` hold one module per step with the
+reference's names, each running the reference's ``check_f`` and its own device core and kernels.
+Shared: :mod:`.runtime` (a call's dtype, arrays, planned launches and checks), :mod:`.device` (the
+inline device functions), :mod:`.fft` (real FFTs), :mod:`.topk` (exact top-W selection),
+:mod:`.kernels` (the registry), :mod:`.plans` (every launch planned for ``refattn audit``).
+
 Runs on a CUDA device, or in Numba's CUDA simulator when ``NUMBA_ENABLE_CUDASIM=1`` is set before
 numba is imported (tiny shapes only: the simulator runs each thread in Python). Depends on numba and
 numba-cuda only (no CuPy, no torch). Inputs: NumPy arrays (copied to the device, results copied back)
 or device arrays (Numba device arrays, anything with ``__cuda_array_interface__``), used in place,
-results then Numba device arrays. float32 and float64, computed and returned in that dtype.
+results then of the first device input's kind. float32 and float64 (float16 inputs computed in
+float32), computed in float64 if any floating input is float64.
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ from numba import cuda
 
 from refattn.backends import Backend, Capabilities
 
-from . import fsat, routing
-from ._runtime import simulator
+from . import fsat, plans, routing
+from .runtime import prepare_simulator, simulator
 
 DTYPES = ("float64", "float32")
+
+if simulator():
+    prepare_simulator()
 
 
 def _from_numpy(array: np.ndarray, dtype: str | None = None, device: str = "cuda") -> Any:
@@ -84,4 +94,5 @@ def backend() -> Backend:
         status=status,
         extra={"simulator": simulator()},
         synchronize=_synchronize,
+        plans=plans.plans,
     )

@@ -3,16 +3,26 @@
 
 Each kernel is compiled with ``numba.cuda.compile_ptx`` and its explicit float32 and float64
 signatures for every requested compute capability (default sm_80 and sm_90). This catches the
-type errors that the CUDA simulator (which runs the kernels as Python) cannot. Needs numba-cuda and
-NVRTC (``pip install nvidia-cuda-nvrtc-cu12``); must run with the simulator off. Exit status 1 if any
-kernel fails to compile.
+type errors that the CUDA simulator (which runs the kernels as Python) cannot, and checks that the
+static shared memory each kernel declares in the registry (the figure ``refattn audit`` checks
+against CUDA's 48 KiB) is the shared memory its PTX declares. Needs numba-cuda and NVRTC
+(``pip install nvidia-cuda-nvrtc-cu12``); must run with the simulator off. Exit status 1 if any
+kernel fails to compile or its shared memory differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+
+SHARED = re.compile(r"^\s*(?:\.visible\s+)?\.shared\s+\.align\s+\d+\s+\.b8\s+\S+\[(\d+)\];", re.MULTILINE)
+
+
+def shared_bytes(ptx: str) -> int:
+    """The static shared memory the PTX of one kernel declares, in bytes."""
+    return sum(int(size) for size in SHARED.findall(ptx))
 
 
 def check(capabilities: tuple[tuple[int, int], ...] = ((8, 0), (9, 0)),
@@ -22,16 +32,19 @@ def check(capabilities: tuple[tuple[int, int], ...] = ((8, 0), (9, 0)),
 
     if config.ENABLE_CUDASIM:
         raise RuntimeError("the PTX check needs the real numba.cuda: unset NUMBA_ENABLE_CUDASIM")
-    from refattn.backends.numba_cuda import _kernels
+    from refattn.backends.numba_cuda import kernels
 
     results = []
     for dtype in dtypes:
-        dt = _kernels.NUMBA_TYPES[dtype]
-        for name, (fn, spec) in _kernels.python_kernels(dtype).items():
+        dt = kernels.NUMBA_TYPES[dtype]
+        for name, entry in kernels.python_kernels(dtype).items():
             for cc in capabilities:
                 try:
-                    ptx, _ = cuda.compile_ptx(fn, _kernels.signature(spec, dt), cc=cc)
+                    ptx, _ = cuda.compile_ptx(entry.function, kernels.signature(entry.spec, dt), cc=cc)
+                    declared = shared_bytes(ptx)
                     error = None if ".entry" in ptx else "no .entry in the PTX"
+                    if error is None and declared != entry.shared_bytes:
+                        error = f"the PTX declares {declared} B of shared memory, the registry {entry.shared_bytes} B"
                 except Exception as exc:  # noqa: BLE001 - every failure is reported
                     error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 results.append((name, dtype, f"sm_{cc[0]}{cc[1]}", error))
@@ -47,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     results = check(ccs)
     failed = [r for r in results if r[3]]
     for name, dtype, sm, error in results:
-        print(f"{'FAIL' if error else 'ok  '} {name:24s} {dtype:8s} {sm}" + (f"  {error}" if error else ""))
+        print(f"{'FAIL' if error else 'ok  '} {name:28s} {dtype:8s} {sm}" + (f"  {error}" if error else ""))
     kernels = len({r[0] for r in results})
     print(f"{len(results) - len(failed)} of {len(results)} compilations passed ({kernels} kernels x "
           f"{len({r[1] for r in results})} dtypes x {len(ccs)} targets) in {time.perf_counter() - started:.0f} s")

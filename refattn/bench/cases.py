@@ -11,7 +11,8 @@ the peer ``lucidrains`` (``routing_transformer.KmeansAttention``, routing only).
   (profile ``lucidrains`` by default, so the peer computes the same function on the same inputs);
 - ``dense``: the baseline: ``torch.nn.functional.scaled_dot_product_attention`` for torch, a
   NumPy dense softmax attention (per head, float64) for the reference; only while it fits
-  (``dense_max_gflop`` and, for NumPy, the L×L matrices within ``dense_max_bytes``).
+  (``dense_max_gflop``, by default 2,500 GFLOP for SDPA and 150 for NumPy's, and for NumPy the L×L
+  matrices within ``dense_max_bytes``, by default the memory available or 2 GiB).
 
 Directions: ``fwd`` (torch under ``no_grad``), ``bwd`` (torch: the forward runs once when the case
 is built, then ``out.backward(dout, retain_graph=True)`` is timed alone, gradients reset each call;
@@ -38,6 +39,7 @@ ALGORITHMS = ("fsat", "routing", "dense")
 DIRECTIONS = models.DIRECTIONS
 PEER = "lucidrains"
 LENGTHS = (1024, 4096, 16384, 65536)
+DENSE_MAX_GFLOP = 2500.0  # SDPA fwd+bwd at L = 16,384, B = 1 is ~1,900 GFLOP
 NUMPY_DENSE_MAX_GFLOP = 150.0  # float64 matmuls per head: a few GFLOP/s on a small CPU
 
 
@@ -115,34 +117,67 @@ def load_backend(name: str) -> Any:
         raise Unsupported(f"backend {name!r} does not load here: {type(error).__name__}: {error}") from error
 
 
-def _inputs(shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
+def input_names(algorithm: str, direction: str) -> tuple[str, ...]:
+    """The arrays a case is called with: q, k, v, then w (FSAT) or the centroids (routing), then dout
+    unless the case is forward-only."""
+    extra = {"fsat": ("w",), "routing": ("centroids",)}.get(algorithm, ())
+    return ("q", "k", "v", *extra) + (("dout",) if direction != "fwd" else ())
+
+
+def _input_dtype(dtype: str) -> type:
+    """The NumPy dtype the inputs are drawn in: float64 for float64 cases, else float32 (half-precision
+    tensors are rounded from it), so that a case at L = 2,097,152 never holds float64 copies it does not use."""
+    return np.float64 if dtype == "float64" else np.float32
+
+
+def _inputs(shape: Shape, names: tuple[str, ...], dtype: str, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     b, h, n, d = shape.batch, shape.heads, shape.length, shape.dim
-    q, k, v, dout = (rng.standard_normal((b, h, n, d)) for _ in range(4))
-    w = rng.standard_normal((h, d)) / math.sqrt(d)
-    centroids = rng.standard_normal((h, shape.num_clusters, d))
-    centroids /= np.linalg.norm(centroids, axis=-1, keepdims=True)
-    return {"q": q, "k": k, "v": v, "dout": dout, "w": w, "centroids": centroids}
+    kind = _input_dtype(dtype)
+    arrays: dict[str, np.ndarray] = {}
+    for name in names:
+        if name == "w":
+            arrays[name] = (rng.standard_normal((h, d)) / math.sqrt(d)).astype(kind)
+        elif name == "centroids":
+            centroids = rng.standard_normal((h, shape.num_clusters, d))
+            arrays[name] = (centroids / np.linalg.norm(centroids, axis=-1, keepdims=True)).astype(kind)
+        else:
+            arrays[name] = rng.standard_normal((b, h, n, d), dtype=kind)
+    return arrays
+
+
+def minimum_bytes(algorithm: str, direction: str, dtype: str, shape: Shape) -> int:
+    """A lower bound of the memory a case needs: its (B, H, L, D) inputs as drawn (all exist at once
+    before they are converted), then the output and, with a backward, the gradients of q, k, v, in
+    the case's dtype. A case whose bound exceeds the available memory cannot run: it is skipped
+    before anything is allocated."""
+    rows = shape.batch * shape.heads * shape.length * shape.dim
+    itemsize = models.ITEMSIZE[dtype]
+    arrays = sum(name in ("q", "k", "v", "dout") for name in input_names(algorithm, direction))
+    results = 1 if direction == "fwd" else 4  # out; out, dq, dk, dv
+    return rows * (arrays * max(itemsize, np.dtype(_input_dtype(dtype)).itemsize) + results * itemsize)
+
+
+def flops(algorithm: str, direction: str, shape: Shape) -> float:
+    """The work a case does (:mod:`.models`): FSAT's or routing's own count, or dense attention's."""
+    b, h, n, d = shape.batch, shape.heads, shape.length, shape.dim
+    if algorithm == "fsat":
+        return models.fsat_flops(b, h, n, d, shape.top_k, direction=direction)
+    if algorithm == "routing":
+        return models.routing_flops(b, h, n, d, shape.num_clusters, shape.window_size, direction=direction)
+    return models.dense_flops(b, h, n, d, direction=direction)
 
 
 def _info(case_backend: str, algorithm: str, direction: str, dtype: str, device: str, shape: Shape,
           compute_dtype: str, device_name: str) -> dict[str, Any]:
     b, h, n, d = shape.batch, shape.heads, shape.length, shape.dim
-    if algorithm == "fsat":
-        flops = models.fsat_flops(b, h, n, d, shape.top_k, direction=direction)
-        params = {"top_k": shape.top_k}
-    elif algorithm == "routing":
-        flops = models.routing_flops(b, h, n, d, shape.num_clusters, shape.window_size, direction=direction)
-        params = {"clusters": shape.num_clusters, "window": shape.window_size}
-    else:
-        flops = models.dense_flops(b, h, n, d, direction=direction)
-        params = {}
-    itemsize = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 8)
+    params = {"fsat": {"top_k": shape.top_k}, "routing": {"clusters": shape.num_clusters, "window": shape.window_size}}
+    itemsize = models.ITEMSIZE.get(dtype, 8)
     return {
         "backend": case_backend, "algorithm": algorithm, "direction": direction, "dtype": dtype,
         "compute_dtype": compute_dtype, "device": device, "device_name": device_name,
-        "batch": b, "heads": h, "length": n, "dim": d, **params,
-        "flops": flops, "dense_flops": models.dense_flops(b, h, n, d, direction=direction),
+        "batch": b, "heads": h, "length": n, "dim": d, **params.get(algorithm, {}),
+        "flops": flops(algorithm, direction, shape), "dense_flops": models.dense_flops(b, h, n, d, direction=direction),
         "bytes": models.attention_bytes(b, h, n, d, itemsize=itemsize, direction=direction),
     }
 
@@ -188,12 +223,12 @@ def _dense_numpy_vjp(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarr
 # ----------------------------------------------------------------------------------------------
 
 
-def _dense_fits(numpy_arrays: bool, direction: str, shape: Shape, dense_max_gflop: float,
+def _dense_fits(numpy_arrays: bool, direction: str, shape: Shape, dense_max_gflop: float | None,
                 dense_max_bytes: float) -> None:
-    """Unsupported unless the dense baseline fits its budget (the NumPy baseline: a tighter one)."""
+    """Unsupported unless the dense baseline fits its budget (None: the default of its framework)."""
     flops = models.dense_flops(shape.batch, shape.heads, shape.length, shape.dim, direction=direction)
-    if numpy_arrays:
-        dense_max_gflop = min(dense_max_gflop, NUMPY_DENSE_MAX_GFLOP)
+    if dense_max_gflop is None:
+        dense_max_gflop = NUMPY_DENSE_MAX_GFLOP if numpy_arrays else DENSE_MAX_GFLOP
     if flops > dense_max_gflop * 1e9:
         raise Unsupported(f"dense at L={shape.length}: {flops / 1e9:.0f} GFLOP exceeds the dense budget "
                           f"({dense_max_gflop:.0f} GFLOP; raise --dense-max-gflop to run it)")
@@ -215,12 +250,13 @@ def array_library(backend: Any) -> str:
 
 
 def _array_case(backend: Any, framework: str, algorithm: str, direction: str, dtype: str, shape: Shape,
-                arrays: dict[str, np.ndarray], profile: str) -> tuple[Callable[[], Any], str, str, str]:
+                arrays: dict[str, np.ndarray], profile: str
+                ) -> tuple[Callable[[], Any], str, str, str, dict[str, Any]]:
     """Backends with explicit ``*_vjp`` functions, timed through their array bridge.
 
     A backend whose only dtype is float64 promotes every input to it (the reference's contract,
-    spec/interface.md): it runs every case in float64, its inputs first rounded to the case's dtype
-    where NumPy has it.
+    spec/interface.md): it runs every case in float64 (its compute dtype, which the table shows), on
+    inputs drawn in float32 for the float32 and half-precision cases.
     """
     caps = backend.capabilities
     device = caps.devices[0]
@@ -229,15 +265,13 @@ def _array_case(backend: Any, framework: str, algorithm: str, direction: str, dt
         cast = {key: backend.from_numpy(value, dtype, device) for key, value in arrays.items()}
     elif caps.dtypes == ("float64",):
         compute = "float64"
-        rounded = {key: value.astype(dtype) if dtype in ("float32", "float64") else value
-                   for key, value in arrays.items()}
-        cast = {key: backend.from_numpy(value, None, device) for key, value in rounded.items()}
+        cast = {key: backend.from_numpy(value, None, device) for key, value in arrays.items()}
     else:
         raise Unsupported(f"backend {backend.name!r} does not support {dtype} (supports {', '.join(caps.dtypes)})")
     device_name = measure.cpu_name() if framework == "numpy" else (backend.status or device)
     if direction != "fwd" and not caps.gradients:
         raise Unsupported(f"backend {backend.name!r} provides no gradients")
-    q, k, v, dout = cast["q"], cast["k"], cast["v"], cast["dout"]
+    q, k, v, dout = cast["q"], cast["k"], cast["v"], cast.get("dout")
     if algorithm == "fsat":
         ns = backend.fsat
         forward = lambda: ns.attention(q, k, v, cast["w"], shape.top_k)  # noqa: E731
@@ -262,12 +296,17 @@ def _array_case(backend: Any, framework: str, algorithm: str, direction: str, dt
         backend.synchronize()
         return result
 
-    return run, device, device_name, compute
+    return run, device, device_name, compute, cast
 
 
 def _torch_case(name: str, algorithm: str, direction: str, dtype: str, shape: Shape, arrays: dict[str, np.ndarray],
-                profile: str, device: str | None) -> tuple[Callable[[], Any], str, str, str]:
-    """Torch tensors with autograd: the registry's backends whose arrays are tensors, and the peer."""
+                profile: str, device: str | None, sdpa: str | None
+                ) -> tuple[Callable[[], Any], str, str, str, dict[str, Any]]:
+    """Torch tensors with autograd: the registry's backends whose arrays are tensors, and the peer.
+
+    ``sdpa`` names the kernel the dense baseline must use (``"flash"``: FlashAttention, the GPU
+    targets' baseline); None lets torch choose.
+    """
     import torch
 
     dtypes = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -279,11 +318,13 @@ def _torch_case(name: str, algorithm: str, direction: str, dtype: str, shape: Sh
         raise Unsupported("no CUDA device here")
     tdtype = dtypes[dtype]
     grad_names = ("q", "k", "v", "w") if algorithm == "fsat" else ("q", "k", "v")
-    tensors = {key: torch.from_numpy(value).to(device=device, dtype=tdtype) for key, value in arrays.items()}
+    tensors = {}
+    for key in list(arrays):  # converted one by one, each NumPy array dropped once copied
+        tensors[key] = torch.from_numpy(arrays.pop(key)).to(device=device, dtype=tdtype)
     if direction != "fwd":
         for key in grad_names:
             tensors[key].requires_grad_(True)
-    q, k, v, dout = tensors["q"], tensors["k"], tensors["v"], tensors["dout"]
+    q, k, v, dout = tensors["q"], tensors["k"], tensors["v"], tensors.get("dout")
 
     if name == PEER:
         if algorithm != "routing":
@@ -311,9 +352,11 @@ def _torch_case(name: str, algorithm: str, direction: str, dtype: str, shape: Sh
         elif algorithm == "routing":
             cent, window = tensors["centroids"], shape.window_size
             forward = lambda: backend.routing.attention(q, k, v, cent, window=window, profile=profile)  # noqa: E731
+        elif sdpa is None:
+            attend = torch.nn.functional.scaled_dot_product_attention
+            forward = lambda: attend(q, k, v)  # noqa: E731
         else:
-            sdpa = torch.nn.functional.scaled_dot_product_attention
-            forward = lambda: sdpa(q, k, v)  # noqa: E731
+            forward = _sdpa_with(sdpa, q, k, v)
 
     if name == PEER:
         sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
@@ -349,18 +392,42 @@ def _torch_case(name: str, algorithm: str, direction: str, dtype: str, shape: Sh
             return [leaf.grad for leaf in leaves]
 
     device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else measure.cpu_name()
-    compute = dtype if dtype in ("float32", "float64") else "float32"
-    return run, device, device_name, compute
+    return run, device, device_name, dtype, tensors
+
+
+def _sdpa_with(kernel: str, q: Any, k: Any, v: Any) -> Callable[[], Any]:
+    """``scaled_dot_product_attention`` restricted to one kernel (``"flash"``, ``"efficient"``, ``"math"``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH}
+    if kernel not in kernels:
+        raise ValueError(f"sdpa: expected one of {', '.join(kernels)}, got {kernel!r}")
+
+    def forward() -> Any:
+        with sdpa_kernel(kernels[kernel]):
+            return scaled_dot_product_attention(q, k, v)
+
+    return forward
 
 
 def build_case(backend: str, algorithm: str, direction: str, dtype: str, shape: Shape, *,
-               profile: str = "lucidrains", device: str | None = None, dense_max_gflop: float = 2500.0,
-               dense_max_bytes: float = 2 * 2**30, seed: int = 0) -> Case:
-    """The timed case, or :class:`Unsupported` with the reason it cannot run here."""
+               profile: str = "lucidrains", device: str | None = None, dense_max_gflop: float | None = None,
+               dense_max_bytes: float | None = None, memory_available: int | None = None, sdpa: str | None = None,
+               seed: int = 0) -> Case:
+    """The timed case, or :class:`Unsupported` with the reason it cannot run here.
+
+    ``memory_available`` (bytes): skip the case, before anything is allocated, when even
+    :func:`minimum_bytes` exceeds it (and NumPy's dense baseline when its L×L matrices do, unless
+    ``dense_max_bytes`` says otherwise). ``sdpa``: the dense baseline's kernel on torch (None: torch's choice).
+    """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
+    if dtype not in models.ITEMSIZE:
+        raise ValueError(f"dtype: expected one of {', '.join(models.ITEMSIZE)}, got {dtype!r}")
     if algorithm == "routing" and shape.window_size > shape.length:
         raise Unsupported(f"window {shape.window_size} > L {shape.length}")
     if backend == PEER:
@@ -369,16 +436,26 @@ def build_case(backend: str, algorithm: str, direction: str, dtype: str, shape: 
         loaded = load_backend(backend)
         framework = array_library(loaded)
     if algorithm == "dense":
+        if dense_max_bytes is None:
+            dense_max_bytes = memory_available if memory_available is not None else 2 * 2**30
         _dense_fits(framework == "numpy", direction, shape, dense_max_gflop, dense_max_bytes)
-    arrays = _inputs(shape, seed)
+    needed = minimum_bytes(algorithm, direction, dtype, shape)
+    if memory_available is not None and needed > memory_available:
+        raise Unsupported(f"needs at least {needed / 2**30:.1f} GiB (inputs, output and gradients), "
+                          f"{memory_available / 2**30:.1f} GiB available")
+    arrays = _inputs(shape, input_names(algorithm, direction), dtype, seed)
     if framework == "torch":
-        fn, dev, device_name, compute = _torch_case(backend, algorithm, direction, dtype, shape, arrays, profile,
-                                                    device)
+        fn, dev, device_name, compute, inputs = _torch_case(backend, algorithm, direction, dtype, shape, arrays,
+                                                            profile, device, sdpa)
     else:
-        fn, dev, device_name, compute = _array_case(loaded, framework, algorithm, direction, dtype, shape, arrays,
-                                                    profile)
+        fn, dev, device_name, compute, inputs = _array_case(loaded, framework, algorithm, direction, dtype, shape,
+                                                            arrays, profile)
+    del arrays
     info = _info(backend, algorithm, direction, dtype, dev, shape, compute, device_name)
     info["framework"] = framework
+    info["input_bytes"] = sum(int(x.nbytes) for x in inputs.values())  # what the peak memory is measured above
+    if sdpa is not None and algorithm == "dense":
+        info["sdpa"] = sdpa
     if framework != "torch" and direction == "bwd":
         info["note"] = "bwd = attention_vjp, which recomputes the forward"
     return Case(backend, algorithm, direction, dtype, dev, shape, fn, framework, info)

@@ -9,23 +9,44 @@ it (so the inputs are excluded), measured in a separate, untimed call:
 - NumPy (and anything that allocates through NumPy): ``tracemalloc`` (NumPy reports its data
   buffers to it);
 - torch on the CPU: the profiler's memory events (``profile_memory=True``): every allocation and
-  free of the CPU allocator, summed in time order (RSS deltas would miss memory the C allocator
-  keeps and reuses);
+  free of torch's CPU allocator during the call, summed in time order, so the peak is exact to the
+  byte (RSS deltas would miss memory the C allocator keeps and reuses, and count pages, not bytes).
+  Blocks allocated before the call (the inputs, a previous call's gradients) are not counted, and
+  freeing them does not lower the sum. The profiler's own lines on stderr (``USDT: ...
+  profiler_start``, ``CPUAllocator.cpp ... Memory block of unknown size``) are swallowed; anything
+  else it writes there is passed on (:func:`peak_torch_cpu`);
 - torch on CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``;
 - CuPy: the default memory pool's ``total_bytes`` after ``free_all_blocks`` (the pool's high-water
   mark of the call, rounded to its blocks).
+
+Guards for long sequences: :func:`available_bytes` (the kernel's MemAvailable), and
+:func:`address_space_limit`, which caps the process's address space while a case runs so that a
+case that outgrows the memory fails with ``MemoryError`` / torch's "can't allocate memory" instead
+of swapping or waking the OOM killer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import gc
+import glob
 import os
 import platform
+import re
 import statistics
+import sys
+import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+PROFILER_NOISE = (
+    re.compile(r"^USDT:.*profiler_(start|stop)\s*$"),
+    re.compile(r"CPUAllocator\.cpp:\d+\] Memory block of unknown size was allocated before the profiling started"),
+)
+"""Lines torch's profiler writes to stderr on every session (native code, so no Python switch silences them)."""
 
 
 def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
@@ -35,11 +56,15 @@ def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
     With ``max_seconds``, stops early (after at least one timed call) once the timed calls have used
     that much time: long cases at large L then cost a bounded budget.
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats: expected an integer >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup: expected an integer >= 0, got {warmup!r}")
     for _ in range(warmup):
         fn()
     times: list[float] = []
     total = 0.0
-    for _ in range(max(1, repeats)):
+    for _ in range(repeats):
         gc.collect()
         start = time.perf_counter()
         fn()
@@ -79,15 +104,38 @@ def peak_numpy(fn: Callable[[], Any]) -> int:
     return max(0, peak - before)
 
 
+@contextlib.contextmanager
+def native_stderr_filtered(noise: tuple[re.Pattern[str], ...]) -> Iterator[None]:
+    """Capture file descriptor 2 (native code writes there, past ``sys.stderr``) for the duration;
+    afterwards pass on every captured line that matches none of ``noise``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            captured = capture.read().decode(errors="replace")
+    for line in captured.splitlines(keepends=True):
+        if not any(pattern.search(line) for pattern in noise):
+            sys.stderr.write(line)
+
+
 def peak_torch_cpu(fn: Callable[[], Any]) -> int:
-    """Bytes: the running sum of the CPU allocator's events (profiler, ``profile_memory=True``)."""
+    """Bytes: the highest running sum of torch's CPU allocator events during ``fn()`` (allocations
+    positive, frees negative, in time order), from the profiler (``profile_memory=True``), silently."""
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    with native_stderr_filtered(PROFILER_NOISE):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            fn()
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type().name == "CPU"]
     events.sort(key=lambda e: e.start_ns())
     current = peak = 0
     for event in events:
@@ -122,6 +170,69 @@ def peak_cupy(fn: Callable[[], Any]) -> int:
     return max(0, pool.total_bytes() - before)
 
 
+def available_bytes() -> int | None:
+    """The memory the kernel can give without swapping (``MemAvailable``), None where it does not say."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _address_space() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def address_space_limit(extra_bytes: int | None) -> Iterator[None]:
+    """Within the context, the process may map at most ``extra_bytes`` more than it has mapped now
+    (``RLIMIT_AS``): an allocation beyond fails cleanly (``MemoryError``, torch's ``RuntimeError``
+    "can't allocate memory") instead of pushing the machine into swap or the OOM killer. A no-op
+    where the limit cannot be read or set, when ``extra_bytes`` is None, and on a machine with NVIDIA
+    devices (a CUDA context reserves far more address space than memory: the limit would break it)."""
+    mapped = _address_space()
+    if extra_bytes is None or mapped is None or nvidia_devices():
+        yield
+        return
+    import resource  # POSIX only; /proc/self/status (read above) exists on Linux only anyway
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mapped + max(0, extra_bytes)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def nvidia_devices() -> list[str]:
+    """The NVIDIA device files of this machine (``/dev/nvidia0``, ...): empty where no CUDA context can exist."""
+    return sorted(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (NumPy's MemoryError, torch's "can't allocate memory")."""
+    return isinstance(error, MemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error)
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -133,11 +244,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages, None where the system has none."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU, cores, memory, load, Python/NumPy/torch versions, and CUDA device when present."""
+    """Date, CPU, cores, memory, load, Python/NumPy/torch versions and threads, CUDA device when present."""
     import numpy as np
 
     info: dict[str, Any] = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "node": platform.node(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
@@ -145,16 +265,18 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
     }
-    try:
-        info["load_average"] = list(os.getloadavg())
-    except OSError:
-        pass
+    load = load_average()
+    if load is not None:
+        info["load_average"] = load
     try:
         with open("/proc/meminfo", encoding="utf-8") as handle:
             total_kib = int(handle.readline().split()[1])
         info["memory_gib"] = round(total_kib / 2**20, 1)
     except (OSError, ValueError, IndexError):
         pass
+    available = available_bytes()
+    if available is not None:
+        info["memory_available_gib"] = round(available / 2**30, 1)
     try:
         import torch
 
@@ -166,3 +288,15 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def describe(machine: dict[str, Any]) -> str:
+    """One line: the machine of :func:`machine_info`."""
+    text = (f"{machine.get('date', '?')} on {machine['cpu']}, {machine['cpu_count']} CPUs, "
+            f"{machine.get('memory_gib', '?')} GiB ({machine.get('memory_available_gib', '?')} GiB available), "
+            f"load average {machine.get('load_average', '?')}")
+    if "torch" in machine:
+        text += f"; torch {machine['torch']} with {machine['torch_threads']} threads"
+    if "cuda_device" in machine:
+        text += f"; CUDA device {machine['cuda_device']} (CUDA {machine['cuda_version']})"
+    return text

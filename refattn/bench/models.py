@@ -10,6 +10,9 @@ A multiply-add counts 2 FLOP. Backward is 2.5x the forward's matmul FLOPs and fo
   L − |τ| valid pairs, and K_eff <= K); routing's is C·W² per (b, h).
 - ``bytes``: the compulsory traffic: forward reads q, k, v and writes out; backward reads q, k, v,
   out, dout and writes dq, dk, dv.
+
+And one memory model, :func:`fsat_retained_bytes`: what FSAT's forward + backward cannot avoid holding
+(output, gradients, saved probabilities), the yardstick of its peak-memory targets.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import math
 
 DIRECTIONS = ("fwd", "bwd", "fwdbwd")
+ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 _MATMUL_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 
 
@@ -95,3 +99,22 @@ def attention_bytes(batch: int, heads: int, length: int, dim: int, dim_v: int | 
     forward = rows * (2 * dim + 2 * dim_v)
     backward = rows * (2 * dim + 2 * dim_v + 2 * dim + dim_v)
     return {"fwd": forward, "bwd": backward, "fwdbwd": forward + backward}[direction]
+
+
+def fsat_retained_bytes(batch: int, heads: int, length: int, dim: int, top_k: int, itemsize: int = 4,
+                        dim_v: int | None = None, causal: bool = False) -> dict[str, int]:
+    """The bytes FSAT's forward + backward cannot avoid holding above its inputs, at one itemsize:
+
+    - ``output``: out (B, H, L, Dv), which autograd keeps for the backward;
+    - ``gradients``: dq, dk (B, H, L, D), dv (B, H, L, Dv) and dw (H, D);
+    - ``probabilities``: the attention weights (B, H, L, K_eff) saved for the backward, with
+      K_eff = min(K, 2L - 1) (causal: min(K, L));
+    - ``total``: their sum (B = 1, H = 8, L = 16,384, D = 64, K = 16, float32: 136 MiB).
+    """
+    dim_v = dim if dim_v is None else dim_v
+    k_eff = min(top_k, length if causal else 2 * length - 1)
+    rows = batch * heads * length
+    parts = {"output": rows * dim_v * itemsize,
+             "gradients": (rows * (2 * dim + dim_v) + heads * dim) * itemsize,
+             "probabilities": rows * k_eff * itemsize}
+    return {**parts, "total": sum(parts.values())}

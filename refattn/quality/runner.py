@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from refattn import arguments as types
 
 from . import report
 from . import tasks as task_module
@@ -45,33 +46,36 @@ FSAT_OPTIONS = ("noise_scale", "noise_schedule", "noise_final", "noise_steps")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``refattn quality``."""
+    """The options of ``refattn quality``, each validated by its type (:mod:`refattn.arguments`)."""
+    positive, above_zero, nonnegative = types.integer(1), types.number(0, open_low=True), types.number(0)
     parser.add_argument("--task", action="append", choices=tuple(TASKS), help="task (repeatable; default: all)")
     parser.add_argument("--attention", action="append", choices=ATTENTIONS,
                         help="attention (repeatable; default: all)")
     parser.add_argument("--preset", choices=tuple(PRESETS), help="budgets of the committed matrix or the CI smoke run")
-    parser.add_argument("--length", type=int, metavar="L",
-                        help=f"sequence length (default per task: {DEFAULT_LENGTHS})")
-    parser.add_argument("--steps", type=int, help="step budget (default 600)")
-    parser.add_argument("--seconds", type=float, help="training-time budget per run in seconds (default: none)")
-    parser.add_argument("--batch", type=int, help="sequences per step (default 8)")
-    parser.add_argument("--seed", action="append", type=int, help="seed (repeatable; default 0)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up (default 1e-3)")
-    parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 25)")
-    parser.add_argument("--eval-size", type=int, help="held-out sequences (default 64)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--length", type=types.integer(16), metavar="L",
+                        help=f"sequence length, >= 16: every task needs room for its offsets (default per task: "
+                             f"{DEFAULT_LENGTHS})")
+    parser.add_argument("--steps", type=positive, help="step budget (default 600)")
+    parser.add_argument("--seconds", type=above_zero, help="training-time budget per run in seconds (default: none)")
+    parser.add_argument("--batch", type=positive, help="sequences per step (default 8)")
+    parser.add_argument("--seed", action="append", type=types.integer(0), help="seed (repeatable; default 0)")
+    parser.add_argument("--lr", type=above_zero, default=1e-3, help="AdamW learning rate after warm-up (default 1e-3)")
+    parser.add_argument("--eval-every", type=positive, help="steps between evaluations (default 25)")
+    parser.add_argument("--eval-size", type=positive, help="held-out sequences (default 64)")
+    parser.add_argument("--threads", type=positive, default=1,
                         help="torch intra-op threads (default 1: on a shared machine more threads wait on each other)")
-    parser.add_argument("--dim", type=int, default=ModelConfig.dim, help="model width")
-    parser.add_argument("--heads", type=int, default=ModelConfig.heads)
-    parser.add_argument("--depth", type=int, default=ModelConfig.depth, help="Transformer blocks")
-    parser.add_argument("--top-k", type=int, default=AttentionConfig.top_k, help="FSAT's K")
-    parser.add_argument("--local-block", type=int, default=AttentionConfig.local_block,
+    parser.add_argument("--dim", type=positive, default=ModelConfig.dim, help="model width")
+    parser.add_argument("--heads", type=positive, default=ModelConfig.heads)
+    parser.add_argument("--depth", type=positive, default=ModelConfig.depth, help="Transformer blocks")
+    parser.add_argument("--top-k", type=positive, default=AttentionConfig.top_k, help="FSAT's K")
+    parser.add_argument("--local-block", type=positive, default=AttentionConfig.local_block,
                         help="block of the local heads and of the local baseline")
-    parser.add_argument("--noise-scale", type=float, help="FSAT Gumbel temperature at the start")
+    parser.add_argument("--noise-scale", type=nonnegative, help="FSAT Gumbel temperature at the start (>= 0)")
     parser.add_argument("--noise-schedule", choices=("constant", "linear", "cosine"), help="FSAT temperature schedule")
-    parser.add_argument("--noise-final", type=float, help="FSAT temperature after the schedule")
-    parser.add_argument("--noise-steps", type=int, help="FSAT schedule length in training steps")
-    parser.add_argument("--out", default="quality-results", metavar="DIR", help="output directory")
+    parser.add_argument("--noise-final", type=nonnegative, help="FSAT temperature after the schedule (>= 0)")
+    parser.add_argument("--noise-steps", type=positive, help="FSAT schedule length in training steps")
+    parser.add_argument("--out", default="quality-results", type=types.output_directory, metavar="DIR",
+                        help="output directory")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in DIR/results.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plots", action="store_true")
@@ -80,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(arguments: argparse.Namespace) -> dict[str, Any]:
-    """The effective settings: explicit options over the preset over the defaults; raises ValueError."""
+    """The effective settings: explicit options over the preset over the defaults; raises ValueError for the
+    checks that involve several options (each option's own range is checked by its type when it is parsed)."""
     preset = PRESETS.get(arguments.preset or "", {})
     settings: dict[str, Any] = {
         "tasks": arguments.task or list(TASKS),
@@ -94,25 +99,6 @@ def _settings(arguments: argparse.Namespace) -> dict[str, Any]:
         "eval_size": arguments.eval_size if arguments.eval_size is not None else preset.get("eval_size", 64),
         "profile": arguments.profile or preset.get("profile", False),
     }
-    positive = {"--length": settings["length"], "--steps": settings["steps"], "--batch": settings["batch"],
-                "--eval-every": settings["eval_every"], "--eval-size": settings["eval_size"],
-                "--threads": arguments.threads, "--dim": arguments.dim, "--heads": arguments.heads,
-                "--depth": arguments.depth, "--top-k": arguments.top_k, "--local-block": arguments.local_block,
-                "--noise-steps": arguments.noise_steps}
-    for option, value in positive.items():
-        if value is not None and value < 1:
-            raise ValueError(f"{option}: expected an integer >= 1, got {value}")
-    if settings["length"] is not None and settings["length"] < 16:
-        raise ValueError(f"--length: expected an integer >= 16 (every task needs room for its offsets), "
-                         f"got {settings['length']}")
-    for option, value in (("--seconds", arguments.seconds), ("--lr", arguments.lr)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{option}: expected a finite number > 0, got {value}")
-    for option, value in (("--noise-scale", arguments.noise_scale), ("--noise-final", arguments.noise_final)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{option}: expected a finite number >= 0 (a Gumbel temperature), got {value}")
-    if any(seed < 0 for seed in settings["seeds"]):
-        raise ValueError(f"--seed: expected integers >= 0, got {settings['seeds']}")
     if arguments.dim % arguments.heads:
         raise ValueError(f"--dim, --heads: expected the width divisible by the heads, got {arguments.dim} and "
                          f"{arguments.heads}")

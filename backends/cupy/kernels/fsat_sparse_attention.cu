@@ -108,6 +108,34 @@ pair_valid(long long i, long long tau, long long L, int causal, const unsigned c
     return true;
 }
 
+// Where a warp works: its (batch, head) bh and row (a query, or a key), the batch of the mask, its lane,
+// and the first of the CHUNK output columns its block covers.
+struct Place {
+    long long bh, row, batch, c0;
+    int lane;
+};
+
+__device__ __forceinline__ Place place(long long tiles, long long heads) {
+    Place at;
+    at.lane = threadIdx.x & 31;
+    at.bh = (long long)blockIdx.x / tiles;
+    at.row = (long long)blockIdx.x % tiles * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    at.batch = at.bh / heads;
+    at.c0 = (long long)blockIdx.y * REFATTN_CHUNK;
+    return at;
+}
+
+// The logit z = q_i . k_j * scale + b of a valid pair; false when it is -inf, i.e. q . k overflowed below
+// the accumulation type's range: that key gets weight 0, as in the reference, which drops -inf logits.
+// Every lane holds the same z (warp_dot reduces over the whole warp), so a branch on it is warp-uniform.
+template <typename T> __device__ __forceinline__ bool
+logit(const T* __restrict__ qi, const T* __restrict__ kj, long long D, int lane, double scale,
+      typename Traits<T>::Acc b, typename Traits<T>::Acc* z) {
+    typedef typename Traits<T>::Acc Acc;
+    *z = warp_dot<T>(qi, kj, D, lane) * Acc(scale) + b;
+    return *z != neg_inf<Acc>();
+}
+
 // Forward: out (BH, L, Dv) in T, lse (BH, L) in Acc (written by chunk 0 only).
 template <typename T>
 __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -118,15 +146,10 @@ __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict
                                     long long D, long long Dv, long long K, long long tiles, int has_bias,
                                     int has_mask, int causal, double scale) {
     typedef typename Traits<T>::Acc Acc;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    const long long bh = (long long)blockIdx.x / tiles;
-    const long long tile = (long long)blockIdx.x % tiles;
-    const long long i = tile * warps + warp;
-    if (i >= L) return;  // whole warp leaves together
-    const long long batch = bh / heads;
-    const long long c0 = (long long)blockIdx.y * REFATTN_CHUNK;
+    const Place at = place(tiles, heads);
+    if (at.row >= L) return;  // the whole warp leaves together
+    const long long bh = at.bh, i = at.row, batch = at.batch, c0 = at.c0;
+    const int lane = at.lane;
     const T* qi = q + (bh * L + i) * D;
 
     Acc running_max = neg_inf<Acc>();
@@ -140,7 +163,8 @@ __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict
         Acc b;
         if (!pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) continue;
         const long long j = i + tau;
-        const Acc z = warp_dot<T>(qi, k + (bh * L + j) * D, D, lane) * Acc(scale) + b;
+        Acc z;
+        if (!logit<T>(qi, k + (bh * L + j) * D, D, lane, scale, b, &z)) continue;
         const Acc new_max = z > running_max ? z : running_max;
         const Acc alpha = acc_exp(running_max - new_max);  // exp(-inf) = 0 on the first valid pair
         const Acc p = acc_exp(z - new_max);
@@ -155,7 +179,10 @@ __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict
         running_max = new_max;
     }
 
-    const bool has_key = running_sum > Acc(0);
+    // A counted pair adds exp(0) = 1 at the running maximum, so running_sum >= 1 once one is seen; it is NaN
+    // when q . k overflowed to +inf or NaN, which must reach out and lse (the caller reports it), not read
+    // as "no valid key" (running_sum > 0 is false for NaN).
+    const bool has_key = running_sum != Acc(0);
     const Acc inverse = has_key ? Acc(1) / running_sum : Acc(0);
     T* oi = out + (bh * L + i) * Dv;
 #pragma unroll
@@ -184,15 +211,10 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
                                            long long L, long long D, long long Dv, long long K, long long tiles,
                                            int has_bias, int has_mask, int has_dlse, int causal, double scale) {
     typedef typename Traits<T>::Acc Acc;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    const long long bh = (long long)blockIdx.x / tiles;
-    const long long tile = (long long)blockIdx.x % tiles;
-    const long long i = tile * warps + warp;
-    if (i >= L) return;
-    const long long batch = bh / heads;
-    const long long c0 = (long long)blockIdx.y * REFATTN_CHUNK;
+    const Place at = place(tiles, heads);
+    if (at.row >= L) return;  // the whole warp leaves together
+    const long long bh = at.bh, i = at.row, batch = at.batch, c0 = at.c0;
+    const int lane = at.lane;
     const T* qi = q + (bh * L + i) * D;
     const T* doi = dout + (bh * L + i) * Dv;
 
@@ -205,7 +227,8 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
         Acc b;
         if (!pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) continue;
         const long long j = i + tau;
-        const Acc z = warp_dot<T>(qi, k + (bh * L + j) * D, D, lane) * Acc(scale) + b;
+        Acc z;
+        if (!logit<T>(qi, k + (bh * L + j) * D, D, lane, scale, b, &z)) continue;
         const Acc dp = warp_dot<T>(doi, v + (bh * L + j) * Dv, Dv, lane);
         const Acc new_max = z > running_max ? z : running_max;
         const Acc alpha = acc_exp(running_max - new_max);
@@ -214,7 +237,7 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
         running_dot = running_dot * alpha + p * dp;
         running_max = new_max;
     }
-    const bool has_key = running_sum > Acc(0);
+    const bool has_key = running_sum != Acc(0);  // NaN (an overflow) included, as in the forward
     const Acc row_lse = has_key ? running_max + acc_log(running_sum) : neg_inf<Acc>();
     Acc row_delta = has_key ? running_dot / running_sum : Acc(0);
     if (has_key && has_dlse) row_delta -= dlse[bh * L + i];
@@ -225,13 +248,12 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
     for (int c = 0; c < REFATTN_VPL; ++c) acc[c] = Acc(0);
     for (long long m = 0; m < K; ++m) {
         const long long tau = offsets[bh * K + m];
-        Acc b;
+        Acc b, z;
         Acc g = Acc(0);
-        if (has_key &&
-            pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) {
+        if (has_key && pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b) &&
+            logit<T>(qi, k + (bh * L + i + tau) * D, D, lane, scale, b, &z)) {
             const long long j = i + tau;
             const T* kj = k + (bh * L + j) * D;
-            const Acc z = warp_dot<T>(qi, kj, D, lane) * Acc(scale) + b;
             const Acc dp = warp_dot<T>(doi, v + (bh * L + j) * Dv, Dv, lane);
             g = acc_exp(z - row_lse) * (dp - row_delta);
 #pragma unroll
@@ -269,15 +291,10 @@ __global__ void fsat_sparse_backward_key(const T* __restrict__ q, const T* __res
                                          long long Dv, long long K, long long tiles, int has_bias, int has_mask,
                                          int causal, double scale) {
     typedef typename Traits<T>::Acc Acc;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    const long long bh = (long long)blockIdx.x / tiles;
-    const long long tile = (long long)blockIdx.x % tiles;
-    const long long j = tile * warps + warp;
-    if (j >= L) return;
-    const long long batch = bh / heads;
-    const long long c0 = (long long)blockIdx.y * REFATTN_CHUNK;
+    const Place at = place(tiles, heads);
+    if (at.row >= L) return;  // the whole warp leaves together
+    const long long bh = at.bh, j = at.row, batch = at.batch, c0 = at.c0;
+    const int lane = at.lane;
     const T* kj = k + (bh * L + j) * D;
     const T* vj = v + (bh * L + j) * Dv;
 
@@ -297,7 +314,8 @@ __global__ void fsat_sparse_backward_key(const T* __restrict__ q, const T* __res
         if (row_lse == neg_inf<Acc>()) continue;  // cannot happen for a valid pair; kept as a guard
         const T* qi = q + (bh * L + i) * D;
         const T* doi = dout + (bh * L + i) * Dv;
-        const Acc z = warp_dot<T>(qi, kj, D, lane) * Acc(scale) + b;
+        Acc z;
+        if (!logit<T>(qi, kj, D, lane, scale, b, &z)) continue;
         const Acc dp = warp_dot<T>(doi, vj, Dv, lane);
         const Acc p = acc_exp(z - row_lse);
         const Acc g = p * (dp - delta[bh * L + i]);

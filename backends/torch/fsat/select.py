@@ -20,6 +20,8 @@ __all__ = ["select", "check_select", "select_core", "candidate_order"]
 
 def candidate_order(length: int, *, causal: bool = False, device: Any = None) -> torch.Tensor:
     """:func:`refattn.fsat.select.candidate_order` as an int64 tensor on ``device``."""
+    length = checks.integer_in_range(length, "length", low=1)
+    causal = checks.flag(causal, "causal")
     magnitude = torch.arange(1, length, dtype=torch.int64, device=device)
     if causal:
         return -magnitude

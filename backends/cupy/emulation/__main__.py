@@ -1,9 +1,0 @@
-"""Print the environment of a sanitized run, one NAME=value per line, for example:
-
-    env $(python -m refattn.backends.cupy.emulation) REFATTN_CUDA_EMULATION=1 pytest tests/test_cupy_emulation.py
-"""
-
-from refattn.backends.cupy.emulation import sanitizer_environment
-
-for name, value in sanitizer_environment().items():
-    print(f"{name}={value}")
