@@ -31,6 +31,7 @@ __all__ = [
     "counts",
     "inverse_counts",
     "has_pairs",
+    "padded_rows",
     "spectrum",
     "zero_padded",
     "unmasked",
@@ -70,14 +71,20 @@ def has_pairs(length: int, unpadded: torch.Tensor | None, device: torch.device) 
     return (counts(length, unpadded, device) > 0)[:, None, :]
 
 
+def padded_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x (B, H, L, F) as rows (B, H, F, n) zero-padded to n, the layout the FFT reads, in one buffer
+    (``rfft(rows, n=n)`` of the transposed rows would hold two: the contiguous rows and their padded copy)."""
+    rows = x.new_zeros(x.shape[:2] + (x.shape[3], n))
+    rows[..., : x.shape[2]] = x.transpose(2, 3)
+    return rows
+
+
 def spectrum(a: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
     """rfft(reverse(a)) * rfft(b) along the sequence, zero-padded to N = :func:`fft_length`:
     (B, H, Dc, N // 2 + 1) complex, whose irfft[..., :2L - 1] is the cross numerator."""
     n = fft_length(length)
-    a_rows = a.flip(2).transpose(2, 3).contiguous()
-    b_rows = b.transpose(2, 3).contiguous()
-    product = torch.fft.rfft(a_rows, n=n, dim=-1)
-    return product.mul_(torch.fft.rfft(b_rows, n=n, dim=-1))  # in place: one spectrum fewer at the peak
+    product = torch.fft.rfft(padded_rows(a.flip(2), n), dim=-1)  # a's rows are freed before b's are built
+    return product.mul_(torch.fft.rfft(padded_rows(b, n), dim=-1))  # in place: one spectrum fewer at the peak
 
 
 def unmasked(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:

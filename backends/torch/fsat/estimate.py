@@ -3,6 +3,8 @@
 Differs from the reference: besides ``estimate`` of a given cross, :func:`estimate_of_cross` scores
 the cross of a and b without forming it: the inverse FFT is linear, so the w-weighted sum of the Dc
 spectra needs one inverse transform per (batch, head) instead of Dc. ``attention`` plans with it.
+The spectra of one head exist at a time (:class:`WeightedSpectrum`): those of all heads are as large
+as the cross, the largest tensor FSAT would otherwise hold.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ __all__ = [
     "estimate_vjp_core",
     "estimate_of_cross",
     "scores",
+    "head_spectra",
+    "WeightedSpectrum",
 ]
 
 AXES = "(B, H, 2L - 1, Dc)"
@@ -44,17 +48,47 @@ def estimate_core(c: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor | None) 
     return scores(torch.einsum("bhtd,hd->bht", c, w), c.shape[3], pairs)
 
 
+def head_spectra(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None):
+    """Yield :func:`.cross.spectrum` of (a, b) head by head: (B, 1, Dc, N // 2 + 1) complex, padded rows zeroed."""
+    length = a.shape[2]
+    for head in range(a.shape[1]):
+        rows = slice(head, head + 1)
+        yield spectrum(zero_padded(a[:, rows], unpadded), zero_padded(b[:, rows], unpadded), length)
+
+
+class WeightedSpectrum(torch.autograd.Function):
+    """mixed (B, H, 1, N // 2 + 1) = sum_d w[h, d] spectrum(a, b)[b, h, d], differentiable in w only.
+
+    One head's spectra exist at a time, in the forward and in the backward, which recomputes them from
+    a and b (saved without a copy) instead of keeping all of them, the size of the cross, for dw. Each
+    head goes through the (batched) matmul the whole (B, H) batch would: same products, same sums.
+    """
+
+    @staticmethod
+    def forward(ctx, w, a, b, unpadded):  # type: ignore[override]
+        ctx.save_for_backward(a, b, unpadded)
+        ctx.has_mask = unpadded is not None
+        return torch.cat([torch.matmul(w[head : head + 1, None, :].to(product.dtype), product)
+                          for head, product in enumerate(head_spectra(a, b, unpadded))], dim=1)
+
+    @staticmethod
+    def backward(ctx, dmixed):  # type: ignore[override]
+        a, b, unpadded = ctx.saved_tensors
+        spectra = head_spectra(a, b, unpadded if ctx.has_mask else None)
+        per_batch = torch.cat([torch.matmul(dmixed[:, head : head + 1], product.mH)
+                               for head, product in enumerate(spectra)], dim=1)  # (B, H, 1, Dc)
+        return per_batch.sum(dim=0)[:, 0].real, None, None, None
+
+
 def estimate_of_cross(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
                       unpadded: torch.Tensor | None) -> torch.Tensor:
     """estimate(cross(a, b), w) without forming the cross: one inverse FFT of the w-weighted spectrum.
 
-    a and b are constants (step 4 cuts the estimator path from q and k); s is differentiable in w,
-    and autograd keeps the (B, H, Dc, N // 2 + 1) spectrum, the size of c, for dw.
+    a and b are constants (step 4 cuts the estimator path from q and k); s is differentiable in w
+    through :class:`WeightedSpectrum`, which holds one head's spectra at a time.
     """
     length, features = a.shape[2], a.shape[3]
-    with torch.no_grad():
-        product = spectrum(zero_padded(a, unpadded), zero_padded(b, unpadded), length)
-    mixed = torch.matmul(w.to(product.dtype)[:, None, :], product)[:, :, 0]  # (B, H, N // 2 + 1)
+    mixed = WeightedSpectrum.apply(w, a.detach(), b.detach(), unpadded)[:, :, 0]  # (B, H, N // 2 + 1)
     numerator = torch.fft.irfft(mixed, n=fft_length(length), dim=-1)[..., : 2 * length - 1]
     inverse = inverse_counts(length, unpadded, a.device, a.dtype)[..., 0]  # (B or 1, 1, 2L - 1)
     return scores(numerator * inverse, features, has_pairs(length, unpadded, a.device))

