@@ -29,6 +29,7 @@ torch = pytest.importorskip("torch")
     (["--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
     (["--dim", "30"], "--dim, --heads: expected the width divisible by the heads, got 30 and 4"),
     (["--steps", "ten"], "argument --steps: expected an integer >= 1, got ten"),
+    (["--warmup", "-1"], "argument --warmup: expected an integer >= 0, got -1"),
 ])
 def test_usage_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -117,3 +118,23 @@ def test_time_budget_and_evaluation():
         counted += valid.sum(axis=(0, 1))
     assert result["eval_target_accuracy"] == pytest.approx((correct / counted).tolist(), abs=1e-12)
     assert result["eval_accuracy"] == pytest.approx(correct.sum() / counted.sum(), abs=1e-12)
+
+
+@pytest.mark.parametrize("steps, warmup, expected", [(600, None, 60), (200, None, 20), (5, None, 1), (200, 7, 7),
+                                                     (200, 0, 0)])
+def test_warmup_is_a_tenth_of_the_budget_unless_given(steps, warmup, expected):
+    """A short budget (ListOps' 200 steps) is not all warm-up: the default warm-up is a tenth of it."""
+    from refattn.quality.config import TrainConfig
+
+    assert TrainConfig(steps=steps, warmup=warmup).warmup_steps == expected
+
+
+def test_record_states_the_warmup_used():
+    """results.json records the warm-up in steps that the run used, not the unset option."""
+    from refattn.quality.config import ModelConfig, TrainConfig
+    from refattn.quality.tasks import make_task
+    from refattn.quality.trainer import train
+
+    run = train(make_task("copy", 32), "dense", ModelConfig(dim=16, heads=2, depth=1),
+                config=TrainConfig(steps=20, batch=2, eval_every=20, eval_size=2), analyse=False)
+    assert run["train"]["warmup"] == 2 and run["train"]["lr"] == 3e-3

@@ -46,17 +46,23 @@ class AttentionConfig:
 class TrainConfig:
     """steps: the step budget; seconds: the training-time budget (None: steps only), whichever ends
     first; batch: sequences per step; lr: AdamW's learning rate after a linear warm-up of ``warmup``
-    steps (then constant, so every point of a curve is a fair stopping point); eval_every: steps
+    steps (None: a tenth of the step budget, so that a short budget is not all warm-up; then constant,
+    so every point of a curve is a fair stopping point); eval_every: steps
     between evaluations; eval_size: held-out sequences; threads: torch's intra-op threads."""
 
     steps: int = 1000
     seconds: float | None = None
     batch: int = 8
     lr: float = 3e-3
-    warmup: int = 50
+    warmup: int | None = None
     weight_decay: float = 0.01
     clip: float = 1.0
     eval_every: int = 50
     eval_size: int = 64
     seed: int = 0
     threads: int = 1
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warm-up's length in steps: ``warmup``, or a tenth of the step budget (at least 1)."""
+        return self.warmup if self.warmup is not None else max(1, self.steps // 10)

@@ -155,7 +155,7 @@ def train(task: Task, attention: str, model_config: ModelConfig | None = None,
     model.train()
     counts = parameter_counts(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
     train_rng = np.random.default_rng([0, config.seed])
     eval_rng = np.random.default_rng([1, 0])
     eval_batches = [task.sample(min(config.batch, config.eval_size - start), eval_rng)
@@ -225,7 +225,8 @@ def train(task: Task, attention: str, model_config: ModelConfig | None = None,
     result: dict[str, Any] = {
         "task": task.describe(), "attention": attention, "seed": config.seed, "model": asdict(model_config),
         "attention_config": {**asdict(attention_config), "fsat_options": dict(attention_config.fsat_options)},
-        "train": asdict(config), "layer": model.attention_layers[0].extra_repr(), "parameters": counts,
+        "train": {**asdict(config), "warmup": config.warmup_steps},
+        "layer": model.attention_layers[0].extra_repr(), "parameters": counts,
         "curve": curve, "final": curve[-1], "steps": steps_done,
         "stopped_by": stopped_by, "train_seconds": train_seconds, "data_seconds": data_seconds,
         "eval_seconds": eval_seconds,
