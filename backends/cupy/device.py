@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from refattn import checks
-from refattn.backends import cuda_emulation
+from refattn.backends import cuda_emulation, gpu
+from refattn.backends.gpu import compute_dtype
 
 from . import memory
 
@@ -59,10 +60,7 @@ def _device_array(x: Any, name: str) -> Any:
         x.__dlpack_device__()[0] == _DLPACK_CUDA
     if not (is_cupy or on_cuda or hasattr(x, "__cuda_array_interface__")):
         return x  # numbers, lists, profiles: the reference's checks judge them
-    if getattr(x, "requires_grad", False):
-        raise TypeError(f"{name}: expected a tensor without autograd, got one that requires grad: the CuPy backend "
-                        f"computes no gradients through autograd; pass {name}.detach(), or use "
-                        "refattn.get_backend('torch')")
+    gpu.refuse_autograd(name, x, "CuPy")
     import cupy
 
     if is_cupy:
@@ -114,9 +112,7 @@ def on_device(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _floats(value: Any) -> list[Any]:
-    if isinstance(value, tuple):
-        return [x for item in value for x in _floats(item)]
-    return [value] if hasattr(value, "dtype") and np.dtype(value.dtype).kind == "f" else []
+    return [x for x in gpu.leaves(value) if hasattr(x, "dtype") and np.dtype(x.dtype).kind == "f"]
 
 
 def result_dtype(*values: Any) -> np.dtype:
@@ -124,16 +120,10 @@ def result_dtype(*values: Any) -> np.dtype:
     return np.result_type(*[x.dtype for value in values for x in _floats(value)])
 
 
-def compute_dtype(dtype: Any) -> np.dtype:
-    """float64 for float64, float32 for float32 and float16 (spec/interface.md, the tolerance table)."""
-    return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
-
-
 def cast(value: Any, dtype: Any) -> Any:
     """The floating arrays in ``value`` (an array, None or a tuple of them) in ``dtype``; 0-d: a float."""
     if isinstance(value, tuple):
-        items = [cast(x, dtype) for x in value]
-        return value._make(items) if hasattr(value, "_make") else tuple(items)
+        return gpu.map_leaves(lambda x: cast(x, dtype), value)
     if not _floats(value):
         return value
     if value.ndim == 0:

@@ -31,6 +31,7 @@ import numpy as np
 from numba import cuda
 
 from refattn import checks
+from refattn.backends import gpu
 from refattn.backends.launch import Launch
 
 from .kernels import KernelTable, compiled, python_kernels, registry
@@ -369,9 +370,7 @@ def finite_face(shape: tuple[int, ...], dtype: Any) -> FiniteFace:
 
 def _arrays_in(value: Any) -> list[Any]:
     """The arrays among an argument (an array, or a tuple of them such as a CentroidState)."""
-    if isinstance(value, tuple):
-        return [x for part in value for x in _arrays_in(part)]
-    return [value] if is_device(value) or isinstance(value, np.ndarray) else []
+    return [x for x in gpu.leaves(value) if is_device(x) or isinstance(x, np.ndarray)]
 
 
 def _dtype_of(x: Any) -> np.dtype:
@@ -381,10 +380,7 @@ def _dtype_of(x: Any) -> np.dtype:
 def compute_dtype(*values: Any) -> np.dtype:
     """float64 if any floating array among ``values`` is float64 (or wider), else float32; float64
     when there is none."""
-    floating = [_dtype_of(x) for value in values for x in _arrays_in(value) if _dtype_of(x).kind == "f"]
-    if not floating or any(d.itemsize >= 8 for d in floating):
-        return np.dtype(np.float64)
-    return np.dtype(np.float32)
+    return gpu.compute_dtype(*[_dtype_of(x) for value in values for x in _arrays_in(value) if _dtype_of(x).kind == "f"])
 
 
 def to_compute_dtype(call: Call, x: Any) -> Any:
@@ -426,10 +422,7 @@ def intake(check: Callable[..., tuple[Any, ...]], *args: Any) -> tuple[Call, tup
     already int64 used as it is), and masks as host bool arrays.
     """
     for name, value in zip(inspect.signature(check).parameters, args, strict=False):
-        if getattr(value, "requires_grad", False):  # torch refuses its __cuda_array_interface__ with a RuntimeError
-            raise TypeError(f"{name}: expected a tensor without autograd, got one that requires grad: the Numba-CUDA "
-                            f"backend computes no gradients through autograd; pass {name}.detach(), or use "
-                            "refattn.get_backend('torch')")
+        gpu.refuse_autograd(name, value, "Numba-CUDA")  # before torch refuses its __cuda_array_interface__
     devices = [x for value in args for x in _arrays_in(value) if is_device(x)]
     call = Call(compute_dtype(*args), result_kind(devices[0]) if devices else None)
     floats = [x for x in devices if _dtype_of(x).kind == "f"]
@@ -444,8 +437,8 @@ def intake(check: Callable[..., tuple[Any, ...]], *args: Any) -> tuple[Call, tup
     faces: dict[int, Any] = {}  # id(face) -> the device array it stands for
 
     def face(value: Any) -> Any:
-        if isinstance(value, tuple) and _arrays_in(value):
-            return type(value)(*map(face, value)) if hasattr(value, "_fields") else tuple(map(face, value))
+        if isinstance(value, tuple):
+            return gpu.map_leaves(face, value)
         if not is_device(value):
             return value
         if _dtype_of(value).kind == "f":
@@ -459,8 +452,8 @@ def intake(check: Callable[..., tuple[Any, ...]], *args: Any) -> tuple[Call, tup
         return stand_in
 
     def back(value: Any) -> Any:
-        if isinstance(value, tuple) and _arrays_in(value):
-            return type(value)(*map(back, value)) if hasattr(value, "_fields") else tuple(map(back, value))
+        if isinstance(value, tuple):
+            return gpu.map_leaves(back, value)
         if not isinstance(value, np.ndarray):
             return value
         original = faces.get(id(value))

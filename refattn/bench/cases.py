@@ -187,16 +187,21 @@ def _info(case_backend: str, algorithm: str, direction: str, dtype: str, device:
 # ----------------------------------------------------------------------------------------------
 
 
+def _dense_weights(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    """softmax(q kᵀ scale) of one head, (L, L), computed in place."""
+    p = (q @ k.T) * scale
+    p -= p.max(axis=1, keepdims=True)
+    np.exp(p, out=p)
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
 def _dense_numpy_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     scale = 1.0 / math.sqrt(q.shape[-1])
     out = np.empty(q.shape[:3] + (v.shape[-1],))
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
-            z = (q[b, h] @ k[b, h].T) * scale
-            z -= z.max(axis=1, keepdims=True)
-            np.exp(z, out=z)
-            z /= z.sum(axis=1, keepdims=True)
-            out[b, h] = z @ v[b, h]
+            out[b, h] = _dense_weights(q[b, h], k[b, h], scale) @ v[b, h]
     return out
 
 
@@ -205,10 +210,7 @@ def _dense_numpy_vjp(q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarr
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
-            p = (q[b, h] @ k[b, h].T) * scale
-            p -= p.max(axis=1, keepdims=True)
-            np.exp(p, out=p)
-            p /= p.sum(axis=1, keepdims=True)
+            p = _dense_weights(q[b, h], k[b, h], scale)
             dv[b, h] = p.T @ dout[b, h]
             dp = dout[b, h] @ v[b, h].T
             dp -= np.einsum("ij,ij->i", dp, p)[:, None]

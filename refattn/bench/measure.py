@@ -170,27 +170,25 @@ def peak_cupy(fn: Callable[[], Any]) -> int:
     return max(0, pool.total_bytes() - before)
 
 
-def available_bytes() -> int | None:
-    """The memory the kernel can give without swapping (``MemAvailable``), None where it does not say."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """The ``field:`` line of a /proc file that counts kB, in bytes; None where it does not say."""
     try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
+        with open(path, encoding="utf-8") as handle:
             for line in handle:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_bytes() -> int | None:
+    """The memory the kernel can give without swapping (``MemAvailable``), None where it does not say."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _address_space() -> int | None:
-    try:
-        with open("/proc/self/status", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_bytes("/proc/self/status", "VmSize")
 
 
 @contextlib.contextmanager
@@ -268,15 +266,10 @@ def machine_info() -> dict[str, Any]:
     load = load_average()
     if load is not None:
         info["load_average"] = load
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            total_kib = int(handle.readline().split()[1])
-        info["memory_gib"] = round(total_kib / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    available = available_bytes()
-    if available is not None:
-        info["memory_available_gib"] = round(available / 2**30, 1)
+    for key, field in (("memory_gib", "MemTotal"), ("memory_available_gib", "MemAvailable")):
+        found = _proc_bytes("/proc/meminfo", field)
+        if found is not None:
+            info[key] = round(found / 2**30, 1)
     try:
         import torch
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from refattn import arguments as types
+from refattn import figures
 
 from . import cases, measure
 
@@ -285,11 +286,7 @@ def _guides(ax: Any, rows: list[dict[str, Any]], key: str, scale: float) -> None
 def plots(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Per (direction, dtype): time vs L and peak memory vs L, log-log, one line per backend×algorithm,
     with the O(L log L) and O(L²) guides."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figures.pyplot()
     written = []
     ok = [r for r in results if r.get("status") == "ok"]
     for direction in sorted({r["direction"] for r in ok}):
@@ -323,11 +320,7 @@ def plots(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                              f"({rows[0].get('device', '')})")
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=7)
-                fig.tight_layout()
-                path = out_dir / f"{metric}_{direction}_{dtype}.png"
-                fig.savefig(path, dpi=120)
-                plt.close(fig)
-                written.append(path)
+                written.append(figures.save(fig, out_dir / f"{metric}_{direction}_{dtype}.png", dpi=120))
     return written
 
 

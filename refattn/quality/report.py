@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from refattn import figures
+
 __all__ = ["cost_table", "fsat_plot", "curve_plots", "summarize", "table"]
 
 ORDER = ("dense", "fsat", "routing", "lucidrains", "local")
@@ -92,19 +94,10 @@ def cost_table(runs: Iterable[dict[str, Any]], top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def curve_plots(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Per (task, L): accuracy and loss against steps and against training seconds, one colour per
     attention, one line per seed."""
-    plt = _pyplot()
+    plt = figures.pyplot()
     written = []
     by_task: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for run in runs:
@@ -132,11 +125,7 @@ def curve_plots(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             ax.grid(True, alpha=0.3)
         axes[0][0].legend(fontsize=8)
         fig.suptitle(f"{task}, L = {length}")
-        fig.tight_layout()
-        path = out_dir / f"curves_{task}_{length}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(figures.save(fig, out_dir / f"curves_{task}_{length}.png", dpi=110))
     return written
 
 
@@ -147,7 +136,7 @@ def fsat_plot(fsat_run: dict[str, Any], dense_run: dict[str, Any] | None, out_di
     curve = fsat_run["curve"]
     if "fsat" not in curve[0]:
         return None
-    plt = _pyplot()
+    plt = figures.pyplot()
     task, length = fsat_run["task"]["task"], fsat_run["task"]["length"]
     true_offsets = fsat_run["task"]["true_offsets"]
     span = (-length, 1) if fsat_run["task"]["causal"] else (-length, length)  # the candidate offsets
@@ -196,8 +185,4 @@ def fsat_plot(fsat_run: dict[str, Any], dense_run: dict[str, Any] | None, out_di
             ax.set_title(f"layer {layer}: after training (mean over held-out sequences)")
             ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"FSAT on {task}, L = {length}, seed {fsat_run['seed']}")
-    fig.tight_layout()
-    path = out_dir / f"fsat_{task}_{length}_seed{fsat_run['seed']}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return figures.save(fig, out_dir / f"fsat_{task}_{length}_seed{fsat_run['seed']}.png", dpi=110)

@@ -89,25 +89,6 @@ warp_dot(const T* __restrict__ a, const T* __restrict__ b, long long n, int lane
     return warp_sum(s);
 }
 
-// Is (query i, key j = i + tau) a valid pair, and what is its bias? Returns false for invalid
-// pairs and for a bias of -inf (such an offset drops out of its rows).
-template <typename Acc> __device__ __forceinline__ bool
-pair_valid(long long i, long long tau, long long L, int causal, const unsigned char* __restrict__ mask,
-           int has_mask, long long batch, const Acc* __restrict__ bias, int has_bias, long long bias_index,
-           Acc* bias_value) {
-    const long long j = i + tau;
-    if (i < 0 || i >= L || j < 0 || j >= L) return false;
-    if (causal && tau > 0) return false;
-    if (has_mask && (mask[batch * L + i] || mask[batch * L + j])) return false;
-    Acc b = Acc(0);
-    if (has_bias) {
-        b = bias[bias_index];
-        if (b == neg_inf<Acc>()) return false;
-    }
-    *bias_value = b;
-    return true;
-}
-
 // Where a warp works: its (batch, head) bh and row (a query, or a key), the batch of the mask, its lane,
 // and the first of the CHUNK output columns its block covers.
 struct Place {
@@ -125,15 +106,38 @@ __device__ __forceinline__ Place place(long long tiles, long long heads) {
     return at;
 }
 
-// The logit z = q_i . k_j * scale + b of a valid pair; false when it is -inf, i.e. q . k overflowed below
-// the accumulation type's range: that key gets weight 0, as in the reference, which drops -inf logits.
-// Every lane holds the same z (warp_dot reduces over the whole warp), so a branch on it is warp-uniform.
+// The logit z = q_i . k_j * scale + b of query i and key j = i + tau of the (batch, head) bh, b the offset's
+// bias (0 without one). False, the pair adding nothing, when j is outside the sequence, after i under causal,
+// either row is masked, b is -inf (such an offset drops out of its rows), or z is -inf (q . k overflowed below
+// the accumulation type's range: that key gets weight 0, as in the reference, which drops -inf logits). Every
+// lane holds the same z (warp_dot reduces over the whole warp): a branch on it is warp-uniform.
 template <typename T> __device__ __forceinline__ bool
-logit(const T* __restrict__ qi, const T* __restrict__ kj, long long D, int lane, double scale,
-      typename Traits<T>::Acc b, typename Traits<T>::Acc* z) {
+pair_logit(const T* __restrict__ q, const T* __restrict__ k, long long bh, long long i, long long tau, long long L,
+           long long D, int causal, const unsigned char* __restrict__ mask, int has_mask, long long batch,
+           const typename Traits<T>::Acc* __restrict__ bias, int has_bias, long long bias_index, int lane,
+           double scale, typename Traits<T>::Acc* z) {
     typedef typename Traits<T>::Acc Acc;
-    *z = warp_dot<T>(qi, kj, D, lane) * Acc(scale) + b;
+    const long long j = i + tau;
+    if (i < 0 || i >= L || j < 0 || j >= L) return false;
+    if (causal && tau > 0) return false;
+    if (has_mask && (mask[batch * L + i] || mask[batch * L + j])) return false;
+    const Acc b = has_bias ? bias[bias_index] : Acc(0);
+    if (b == neg_inf<Acc>()) return false;
+    *z = warp_dot<T>(q + (bh * L + i) * D, k + (bh * L + j) * D, D, lane) * Acc(scale) + b;
     return *z != neg_inf<Acc>();
+}
+
+// One step of the online softmax: the running maximum and sum take the logit z. Returns p = exp(z - the new
+// maximum) and sets *alpha, the factor every running sum taken so far is rescaled by (exp(-inf) = 0 on the
+// first valid pair).
+template <typename Acc> __device__ __forceinline__ Acc
+online_softmax(Acc z, Acc* running_max, Acc* running_sum, Acc* alpha) {
+    const Acc new_max = z > *running_max ? z : *running_max;
+    *alpha = acc_exp(*running_max - new_max);
+    const Acc p = acc_exp(z - new_max);
+    *running_sum = *running_sum * *alpha + p;
+    *running_max = new_max;
+    return p;
 }
 
 // Forward: out (BH, L, Dv) in T, lse (BH, L) in Acc (written by chunk 0 only).
@@ -150,7 +154,6 @@ __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict
     if (at.row >= L) return;  // the whole warp leaves together
     const long long bh = at.bh, i = at.row, batch = at.batch, c0 = at.c0;
     const int lane = at.lane;
-    const T* qi = q + (bh * L + i) * D;
 
     Acc running_max = neg_inf<Acc>();
     Acc running_sum = Acc(0);
@@ -160,23 +163,17 @@ __global__ void fsat_sparse_forward(const T* __restrict__ q, const T* __restrict
 
     for (long long m = 0; m < K; ++m) {
         const long long tau = offsets[bh * K + m];
-        Acc b;
-        if (!pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) continue;
-        const long long j = i + tau;
-        Acc z;
-        if (!logit<T>(qi, k + (bh * L + j) * D, D, lane, scale, b, &z)) continue;
-        const Acc new_max = z > running_max ? z : running_max;
-        const Acc alpha = acc_exp(running_max - new_max);  // exp(-inf) = 0 on the first valid pair
-        const Acc p = acc_exp(z - new_max);
-        running_sum = running_sum * alpha + p;
-        const T* vj = v + (bh * L + j) * Dv;
+        Acc z, alpha;
+        if (!pair_logit<T>(q, k, bh, i, tau, L, D, causal, mask, has_mask, batch, bias, has_bias, bh * K + m,
+                           lane, scale, &z)) continue;
+        const Acc p = online_softmax(z, &running_max, &running_sum, &alpha);
+        const T* vj = v + (bh * L + i + tau) * Dv;
 #pragma unroll
         for (int c = 0; c < REFATTN_VPL; ++c) {
             const long long col = c0 + lane + 32 * c;
             const Acc value = col < Dv ? Traits<T>::load(vj[col]) : Acc(0);
             acc[c] = acc[c] * alpha + p * value;
         }
-        running_max = new_max;
     }
 
     // A counted pair adds exp(0) = 1 at the running maximum, so running_sum >= 1 once one is seen; it is NaN
@@ -215,7 +212,6 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
     if (at.row >= L) return;  // the whole warp leaves together
     const long long bh = at.bh, i = at.row, batch = at.batch, c0 = at.c0;
     const int lane = at.lane;
-    const T* qi = q + (bh * L + i) * D;
     const T* doi = dout + (bh * L + i) * Dv;
 
     // Pass 1: running max, running sum of exp, running sum of exp * dp.
@@ -224,18 +220,12 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
     Acc running_dot = Acc(0);
     for (long long m = 0; m < K; ++m) {
         const long long tau = offsets[bh * K + m];
-        Acc b;
-        if (!pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) continue;
-        const long long j = i + tau;
-        Acc z;
-        if (!logit<T>(qi, k + (bh * L + j) * D, D, lane, scale, b, &z)) continue;
-        const Acc dp = warp_dot<T>(doi, v + (bh * L + j) * Dv, Dv, lane);
-        const Acc new_max = z > running_max ? z : running_max;
-        const Acc alpha = acc_exp(running_max - new_max);
-        const Acc p = acc_exp(z - new_max);
-        running_sum = running_sum * alpha + p;
+        Acc z, alpha;
+        if (!pair_logit<T>(q, k, bh, i, tau, L, D, causal, mask, has_mask, batch, bias, has_bias, bh * K + m,
+                           lane, scale, &z)) continue;
+        const Acc dp = warp_dot<T>(doi, v + (bh * L + i + tau) * Dv, Dv, lane);
+        const Acc p = online_softmax(z, &running_max, &running_sum, &alpha);
         running_dot = running_dot * alpha + p * dp;
-        running_max = new_max;
     }
     const bool has_key = running_sum != Acc(0);  // NaN (an overflow) included, as in the forward
     const Acc row_lse = has_key ? running_max + acc_log(running_sum) : neg_inf<Acc>();
@@ -248,10 +238,10 @@ __global__ void fsat_sparse_backward_query(const T* __restrict__ q, const T* __r
     for (int c = 0; c < REFATTN_VPL; ++c) acc[c] = Acc(0);
     for (long long m = 0; m < K; ++m) {
         const long long tau = offsets[bh * K + m];
-        Acc b, z;
+        Acc z;
         Acc g = Acc(0);
-        if (has_key && pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b) &&
-            logit<T>(qi, k + (bh * L + i + tau) * D, D, lane, scale, b, &z)) {
+        if (has_key && pair_logit<T>(q, k, bh, i, tau, L, D, causal, mask, has_mask, batch, bias, has_bias,
+                                     bh * K + m, lane, scale, &z)) {
             const long long j = i + tau;
             const T* kj = k + (bh * L + j) * D;
             const Acc dp = warp_dot<T>(doi, v + (bh * L + j) * Dv, Dv, lane);
@@ -295,7 +285,7 @@ __global__ void fsat_sparse_backward_key(const T* __restrict__ q, const T* __res
     if (at.row >= L) return;  // the whole warp leaves together
     const long long bh = at.bh, j = at.row, batch = at.batch, c0 = at.c0;
     const int lane = at.lane;
-    const T* kj = k + (bh * L + j) * D;
+
     const T* vj = v + (bh * L + j) * Dv;
 
     Acc acc_k[REFATTN_VPL];
@@ -308,14 +298,13 @@ __global__ void fsat_sparse_backward_key(const T* __restrict__ q, const T* __res
     for (long long m = 0; m < K; ++m) {
         const long long tau = offsets[bh * K + m];
         const long long i = j - tau;
-        Acc b;
-        if (!pair_valid<Acc>(i, tau, L, causal, mask, has_mask, batch, bias, has_bias, bh * K + m, &b)) continue;
+        Acc z;
+        if (!pair_logit<T>(q, k, bh, i, tau, L, D, causal, mask, has_mask, batch, bias, has_bias, bh * K + m,
+                           lane, scale, &z)) continue;
         const Acc row_lse = lse[bh * L + i];
         if (row_lse == neg_inf<Acc>()) continue;  // cannot happen for a valid pair; kept as a guard
         const T* qi = q + (bh * L + i) * D;
         const T* doi = dout + (bh * L + i) * Dv;
-        Acc z;
-        if (!logit<T>(qi, kj, D, lane, scale, b, &z)) continue;
         const Acc dp = warp_dot<T>(doi, vj, Dv, lane);
         const Acc p = acc_exp(z - row_lse);
         const Acc g = p * (dp - delta[bh * L + i]);

@@ -10,24 +10,10 @@ Each function validates its arguments once (``check_f`` in its module, through
 overflows the compute dtype.
 """
 
-from .attention import FSATGrads, attention, attention_vjp, attention_with_offsets
-from .cross import cross, cross_vjp, pair_counts
-from .estimate import estimate, estimate_vjp
-from .select import candidate_order, select
-from .sparse_attention import sparse_attention, sparse_attention_vjp
+from refattn import fsat as reference
+from refattn.backends.layout import export_steps
 
-__all__ = [
-    "pair_counts",
-    "cross",
-    "cross_vjp",
-    "estimate",
-    "estimate_vjp",
-    "select",
-    "candidate_order",
-    "sparse_attention",
-    "sparse_attention_vjp",
-    "attention",
-    "attention_vjp",
-    "attention_with_offsets",
-    "FSATGrads",
-]
+from .attention import attention_with_offsets
+from .select import candidate_order
+
+__all__ = [*export_steps(reference, globals()), "candidate_order", "attention_with_offsets"]

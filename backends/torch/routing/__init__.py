@@ -13,45 +13,9 @@ function validates its arguments once (``check_f`` in its module, through :mod:`
 and raises ``ValueError`` naming the user's arguments when a result overflows the compute dtype.
 """
 
-from .attention import attention, attention_vjp, default_num_clusters, default_window
-from .centroids import (
-    CentroidState,
-    apply_centroid_statistics,
-    assign,
-    centroid_statistics,
-    init_centroids,
-    update_centroids,
-)
-from .cluster_attention import cluster_attention, cluster_attention_vjp
-from .combine import combine, combine_vjp
-from .commitment import commitment_loss, commitment_loss_vjp
-from .local_attention import local_attention, local_attention_vjp
-from .normalize import normalize, normalize_vjp
-from .route import route
-from .similarity import similarity, similarity_vjp
+from refattn import routing as reference
+from refattn.backends.layout import export_steps
 
-__all__ = [
-    "CentroidState",
-    "apply_centroid_statistics",
-    "assign",
-    "attention",
-    "attention_vjp",
-    "centroid_statistics",
-    "cluster_attention",
-    "cluster_attention_vjp",
-    "combine",
-    "combine_vjp",
-    "commitment_loss",
-    "commitment_loss_vjp",
-    "default_num_clusters",
-    "default_window",
-    "init_centroids",
-    "local_attention",
-    "local_attention_vjp",
-    "normalize",
-    "normalize_vjp",
-    "route",
-    "similarity",
-    "similarity_vjp",
-    "update_centroids",
-]
+from .centroids import apply_centroid_statistics, centroid_statistics
+
+__all__ = [*export_steps(reference, globals()), "centroid_statistics", "apply_centroid_statistics"]
