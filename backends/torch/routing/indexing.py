@@ -2,10 +2,12 @@
 :mod:`refattn.routing.indexing`).
 
 Differs from the reference: the gather is an autograd function whose backward adds the rows back
-with ``index_put_(accumulate=True)``, several times faster than ``index_add_`` on a CPU (which pays a
-per-row dispatch); the scatter is its mirror, whose backward gathers with ``index_select`` (several
-times faster on a CPU than the advanced indexing of ``index_put_``'s own backward); scatters skip the
-masking of empty slots when there are none.
+with ``index_add_`` on a CPU (contiguous rows: a stable sort of the row numbers, then a parallel sum
+per row, bitwise the sequential sum and faster than the serial ``index_put_(accumulate=True)``) and
+with ``index_put_(accumulate=True)`` elsewhere (sorted, deterministic, where ``index_add_`` adds
+atomically, in no fixed order); the scatter is its mirror, whose backward gathers with
+``index_select`` (several times faster on a CPU than the advanced indexing of ``index_put_``'s own
+backward); scatters skip the masking of empty slots when there are none.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def all_slots_filled(*memberships: torch.Tensor) -> bool:
 
 
 def add_rows(total_rows: int, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """out[rows[i]] += values[i] into zeros (total_rows, F)."""
+    """out[rows[i]] += values[i] into zeros (total_rows, F), in the order of i."""
     out = torch.zeros(total_rows, values.shape[-1], dtype=values.dtype, device=values.device)
+    if values.device.type == "cpu":
+        return out.index_add_(0, rows, values.contiguous())
     return out.index_put_((rows,), values, accumulate=True)
 
 
