@@ -4,7 +4,9 @@ Differs from the reference: ``attention`` is differentiable with ``torch.autogra
 ``torch.compile``; the routing runs on detached tensors (membership is discrete: no gradient reaches
 the similarities or the centroids); the normalized q̂ (and k̂) are formed once, for the routing and,
 where the profile uses them, for the logits; the similarities are formed as (B, H, C, L), the
-layout the per-centroid top-W reads. ``attention_vjp`` is autograd's VJP of the same pipeline.
+layout the per-centroid top-W reads; with nothing to mask, the cluster attention and the
+combination are one autograd function (:func:`~.cluster_attention.unmasked_attention`: no (B, H, C, W, Dv)
+o is formed). ``attention_vjp`` is autograd's VJP of the same pipeline.
 ``default_num_clusters`` and ``default_window`` are the reference's.
 """
 
@@ -19,8 +21,9 @@ from refattn.routing.attention import default_num_clusters, default_window
 from refattn.routing.profiles import Profile
 
 from ..tensors import check_overflow, checked, compute_dtype, tensors, vjp
-from .cluster_attention import attend, routed_inputs
+from .cluster_attention import attend, logit_scale, routed_inputs, unmasked, unmasked_attention
 from .combine import combine_core
+from .indexing import member_counts
 from .normalize import normalize_core
 from .route import route_by_centroid
 
@@ -71,9 +74,14 @@ def attention_core(q, k, v, centroids, window: int, causal: bool, shared_qk: boo
         f_q, f_k = q_hat, (q_hat if shared_qk else k_hat)
     else:
         f_q, f_k = q, (q_hat if shared_qk else k)
-    o = attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
-    check_overflow(o, "the cluster attention", q=q, k=k)
-    out = combine_core(o, q_members, q.shape[2], profile)
+    if unmasked(q_members, k_members, causal, shared_qk, profile):  # attention and combination in one
+        divisor = (member_counts(q_members, q.shape[2], q.dtype) + profile.combine_eps).unsqueeze(-1)
+        out = unmasked_attention(f_q, f_k, v, q_members, k_members, logit_scale(profile, q.shape[-1]), divisor,
+                                 lambda o: check_overflow(o, "the cluster attention", q=q, k=k))
+    else:
+        o = attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
+        check_overflow(o, "the cluster attention", q=q, k=k)
+        out = combine_core(o, q_members, q.shape[2], profile)
     check_overflow(out, "the combination of the cluster outputs", v=v)
     return out
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["flat_rows", "all_slots_filled", "add_rows", "GatherRows", "AddRows", "gather", "scatter_add",
-           "member_counts"]
+__all__ = ["flat_rows", "all_slots_filled", "add_rows_into", "add_rows", "GatherRows", "AddRows", "gather",
+           "scatter_add", "member_counts"]
 
 
 def flat_rows(members: torch.Tensor, length: int) -> torch.Tensor:
@@ -34,12 +34,17 @@ def all_slots_filled(*memberships: torch.Tensor) -> bool:
     return all(bool((members >= 0).all()) for members in memberships)
 
 
-def add_rows(total_rows: int, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """out[rows[i]] += values[i] into zeros (total_rows, F), in the order of i."""
-    out = torch.zeros(total_rows, values.shape[-1], dtype=values.dtype, device=values.device)
+def add_rows_into(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out[rows[i]] += values[i] in place, in the order of i; returns out."""
     if values.device.type == "cpu":
         return out.index_add_(0, rows, values.contiguous())
     return out.index_put_((rows,), values, accumulate=True)
+
+
+def add_rows(total_rows: int, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out[rows[i]] += values[i] into zeros (total_rows, F), in the order of i."""
+    out = torch.zeros(total_rows, values.shape[-1], dtype=values.dtype, device=values.device)
+    return add_rows_into(out, rows, values)
 
 
 class GatherRows(torch.autograd.Function):
