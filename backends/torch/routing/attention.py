@@ -53,27 +53,45 @@ def check_attention(q: Any, k: Any, v: Any, centroids: Any, window: Any = None, 
     return q, k, v, centroids, window, causal, shared_qk, profile, mask
 
 
-def routed(x_hat: torch.Tensor, centroids: torch.Tensor, window: int, mask: torch.Tensor | None,
-           name: str) -> torch.Tensor:
-    """Members (B, H, C, W) of normalized tokens (detached); ``ValueError`` if a similarity overflows."""
+CHUNK_SCORES = 1 << 21  # similarities (B * heads * C * L entries) per chunk of heads in the routing
+
+
+def routed(x: torch.Tensor, centroids: torch.Tensor, window: int, mask: torch.Tensor | None, name: str,
+           profile: Profile | None = None) -> torch.Tensor:
+    """Members (B, H, C, W) of tokens (detached), normalized here by ``profile`` (None: already normalized);
+    ``ValueError`` if a similarity overflows. In chunks of heads: the similarities and normalized tokens
+    stay small enough for the allocator to reuse (a fresh block of 32 MiB or more costs a page fault per
+    4 KiB on a CPU)."""
+    batch, heads, length, _ = x.shape
+    per = max(1, CHUNK_SCORES // (batch * centroids.shape[1] * length))
+    parts = []
     with torch.no_grad():
-        scores = torch.matmul(centroids.detach().unsqueeze(0), x_hat.detach().transpose(-1, -2))
-        check_overflow(scores, f"the similarity of the normalized {name} to the centroids", centroids=centroids)
-        return route_by_centroid(scores, window, mask)
+        for first in range(0, heads, per):
+            x_hat = x.detach()[:, first : first + per]
+            if profile is not None:
+                x_hat = normalize_core(x_hat, profile)
+            scores = torch.matmul(centroids.detach()[first : first + per].unsqueeze(0), x_hat.transpose(-1, -2))
+            check_overflow(scores, f"the similarity of the normalized {name} to the centroids", centroids=centroids)
+            parts.append(route_by_centroid(scores, window, mask))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def attention_core(q, k, v, centroids, window: int, causal: bool, shared_qk: bool, profile: Profile,
                    mask: torch.Tensor | None) -> torch.Tensor:
     """The pipeline on compute-dtype tensors (no checks); differentiable in q, k, v; ``ValueError`` when
     a similarity, the cluster attention or the combination overflows."""
-    q_hat = normalize_core(q, profile)
-    k_hat = None if shared_qk else normalize_core(k, profile)
-    q_members = routed(q_hat, centroids, window, mask, "q")
-    k_members = q_members if shared_qk else routed(k_hat, centroids, window, mask, "k")
-    if profile.logits_use_normalized:
-        f_q, f_k = q_hat, (q_hat if shared_qk else k_hat)
-    else:
-        f_q, f_k = q, (q_hat if shared_qk else k)
+    if profile.logits_use_normalized:  # the normalized tokens are the logits' features
+        f_q = normalize_core(q, profile)
+        f_k = f_q if shared_qk else normalize_core(k, profile)
+        q_members = routed(f_q, centroids, window, mask, "q")
+        k_members = q_members if shared_qk else routed(f_k, centroids, window, mask, "k")
+    elif shared_qk:  # the raw queries and the normalized ones as keys
+        f_q, f_k = q, normalize_core(q, profile)
+        q_members = k_members = routed(f_k, centroids, window, mask, "q")
+    else:  # the raw tokens: the routing normalizes its own, chunk by chunk
+        f_q, f_k = q, k
+        q_members = routed(q, centroids, window, mask, "q", profile)
+        k_members = routed(k, centroids, window, mask, "k", profile)
     if unmasked(q_members, k_members, causal, shared_qk, profile):  # attention and combination in one
         divisor = (member_counts(q_members, q.shape[2], q.dtype) + profile.combine_eps).unsqueeze(-1)
         out = unmasked_attention(f_q, f_k, v, q_members, k_members, logit_scale(profile, q.shape[-1]), divisor,
