@@ -59,11 +59,11 @@ CHUNK_SCORES = 1 << 21  # similarities (B * heads * C * L entries) per chunk of 
 def routed(x: torch.Tensor, centroids: torch.Tensor, window: int, mask: torch.Tensor | None, name: str,
            profile: Profile | None = None) -> torch.Tensor:
     """Members (B, H, C, W) of tokens (detached), normalized here by ``profile`` (None: already normalized);
-    ``ValueError`` if a similarity overflows. In chunks of heads: the similarities and normalized tokens
-    stay small enough for the allocator to reuse (a fresh block of 32 MiB or more costs a page fault per
-    4 KiB on a CPU)."""
+    ``ValueError`` if a similarity overflows. On a CPU in chunks of heads: the similarities and normalized
+    tokens stay small enough for the allocator to reuse (a fresh block of 32 MiB or more costs a page
+    fault per 4 KiB)."""
     batch, heads, length, _ = x.shape
-    per = max(1, CHUNK_SCORES // (batch * centroids.shape[1] * length))
+    per = max(1, CHUNK_SCORES // (batch * centroids.shape[1] * length)) if x.device.type == "cpu" else heads
     parts = []
     with torch.no_grad():
         for first in range(0, heads, per):

@@ -1,14 +1,14 @@
 """Routing step 4 on tensors (reference: :mod:`refattn.routing.cluster_attention`).
 
-Differs from the reference: all clusters at once (no chunks), as one batched matmul for the
-(B, H, C, Wq, Wk) logits; when nothing is masked (no causal, no self logit, no empty slot) one
-autograd function (:class:`UnmaskedAttention`, also the combination for ``attention``) gathers,
-attends and, in its hand-written backward, reuses the saved probabilities and scatters the three
-gradients, in chunks of (batch, head) pairs, with no mask, no copy of the scaled queries and the
-softmax and its gradient in place; otherwise masked logits are the dtype's
-lowest finite value rather than -inf (:func:`masked_softmax`) and the gradients are autograd's
-through the gather, matmul and scatter. The members' values are checked by
-:func:`refattn.checks.members_array` on a host copy.
+Differs from the reference: all clusters at once, as one batched matmul for the (B, H, C, Wq, Wk)
+logits (on a CPU, in chunks of (batch, head) pairs when nothing is masked); when nothing is masked
+(no causal, no self logit, no empty slot) one autograd function (:class:`UnmaskedAttention`, also
+the combination for ``attention``) gathers, attends and, in its hand-written backward, reuses the
+saved probabilities and scatters the three gradients, with no mask, no copy of the scaled queries
+and the softmax and its gradient in place; otherwise masked logits are the dtype's lowest finite
+value rather than -inf (:func:`masked_softmax`) and the gradients are autograd's through the
+gather, matmul and scatter. The members' values are checked by :func:`refattn.checks.members_array`
+on a host copy.
 """
 
 from __future__ import annotations
@@ -109,15 +109,17 @@ class UnmaskedAttention(torch.autograd.Function):
         dv_g = Pᵀ dO,   dS = P ∘ (dO v_gᵀ - rowsum(P ∘ dO v_gᵀ)),   dq_g = dS k_g,   dk_g = dSᵀ (scale · q_g)
 
     then dq = scale · Σ dq_g, dk = Σ dk_g, dv = Σ dv_g summed into the token rows: autograd's operations
-    through the gathers, matmuls, softmax and combination. Computed in chunks of (batch, head) pairs, whose
-    rows are their own, so that the temporaries stay small enough for the allocator to reuse (a fresh
-    block of 32 MiB or more costs a CPU a page fault per 4 KiB touched); ``check(o)`` sees each chunk.
+    through the gathers, matmuls, softmax and combination. On a CPU, computed in chunks of (batch, head)
+    pairs, whose rows are their own, so that the temporaries stay small enough for the allocator to reuse
+    (a fresh block of 32 MiB or more costs a page fault per 4 KiB touched); ``check(o)`` sees each chunk;
+    the gathered rows and probabilities are kept for the backward only when ``keep`` (grad mode and an
+    input that requires grad).
     """
 
     @staticmethod
-    def forward(ctx, f_q, f_k, v, q_rows, k_rows, shape, scale, divisor, check):  # type: ignore[override]
+    def forward(ctx, f_q, f_k, v, q_rows, k_rows, shape, scale, divisor, check, keep):  # type: ignore[override]
         pairs, clusters, window_q, window_k = shape
-        per = max(1, CHUNK_WEIGHTS // (clusters * window_q * window_k))
+        per = max(1, CHUNK_WEIGHTS // (clusters * window_q * window_k)) if f_q.device.type == "cpu" else pairs
         out = None if divisor is None else torch.zeros(f_q.shape[0], v.shape[1], dtype=v.dtype, device=v.device)
         parts, saved = [], []
         for first in range(0, pairs, per):
@@ -137,7 +139,8 @@ class UnmaskedAttention(torch.autograd.Function):
                 parts.append(o)
             else:
                 add_rows_into(out, qr, o.view(-1, o.shape[-1]))
-            saved += [gq, gk, gv, weights]
+            if keep:
+                saved += [gq, gk, gv, weights]
         ctx.save_for_backward(q_rows, k_rows, divisor, *saved)
         ctx.shape, ctx.scale, ctx.per, ctx.total_rows = shape, scale, per, f_q.shape[0]
         if out is None:
@@ -165,7 +168,7 @@ class UnmaskedAttention(torch.autograd.Function):
             add_rows_into(dk, kr, torch.bmm(ds.transpose(1, 2), gq).view(n * window_k, -1))
         if ctx.scale != 1.0:
             dq.mul_(ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def unmasked_attention(f_q, f_k, v, q_members, k_members, scale: float, divisor: torch.Tensor | None,
@@ -177,7 +180,8 @@ def unmasked_attention(f_q, f_k, v, q_members, k_members, scale: float, divisor:
     flat_divisor = None if divisor is None else divisor.reshape(-1, 1)
     result = UnmaskedAttention.apply(f_q.reshape(-1, dim), f_k.reshape(-1, dim), v.reshape(-1, v.shape[-1]),
                                      flat_rows(q_members, length), flat_rows(k_members, length), shape, scale,
-                                     flat_divisor, check)
+                                     flat_divisor, check,
+                                     torch.is_grad_enabled() and any(x.requires_grad for x in (f_q, f_k, v)))
     return result if divisor is None else result.view(batch, heads, length, -1)
 
 
