@@ -187,7 +187,10 @@ def unmasked_attention(f_q, f_k, v, q_members, k_members, scale: float, divisor:
 
 def unmasked(q_members: torch.Tensor, k_members: torch.Tensor, causal: bool, shared_qk: bool,
              profile: Profile) -> bool:
-    """Nothing to mask: no causal order, no fixed self logit, no empty slot (False under ``torch.compile``)."""
+    """Nothing to mask: no causal order, no fixed self logit, no empty slot. False under ``torch.compile``
+    and under autocast (whose casts of each operation the autograd path keeps)."""
+    if torch.is_autocast_enabled(q_members.device.type):
+        return False
     return not causal and not (shared_qk and profile.self_logit is not None) and all_slots_filled(q_members, k_members)
 
 
