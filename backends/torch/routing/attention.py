@@ -53,7 +53,7 @@ def check_attention(q: Any, k: Any, v: Any, centroids: Any, window: Any = None, 
     return q, k, v, centroids, window, causal, shared_qk, profile, mask
 
 
-CHUNK_SCORES = 1 << 21  # similarities (B * heads * C * L entries) per chunk of heads in the routing
+CHUNK_SCORES = 1 << 22  # similarities (B * heads * C * L entries) per chunk of heads in the routing
 
 
 def routed(x: torch.Tensor, centroids: torch.Tensor, window: int, mask: torch.Tensor | None, name: str,

@@ -96,7 +96,7 @@ def features(q: torch.Tensor, k: torch.Tensor | None, profile: Profile,
     return f_q, f_k
 
 
-CHUNK_WEIGHTS = 1 << 21  # attention weights (B * H * C * Wq * Wk entries) per chunk of (batch, head) pairs
+CHUNK_WEIGHTS = 1 << 22  # attention weights (B * H * C * Wq * Wk entries) per chunk of (batch, head) pairs
 
 
 class UnmaskedAttention(torch.autograd.Function):
