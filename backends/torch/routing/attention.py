@@ -4,7 +4,9 @@ Differs from the reference: ``attention`` is differentiable with ``torch.autogra
 ``torch.compile``; the routing runs on detached tensors (membership is discrete: no gradient reaches
 the similarities or the centroids); the normalized q̂ (and k̂) are formed once, for the routing and,
 where the profile uses them, for the logits; the similarities are formed as (B, H, C, L), the
-layout the per-centroid top-W reads. ``attention_vjp`` is autograd's VJP of the same pipeline.
+layout the per-centroid top-W reads; with nothing to mask, the cluster attention and the
+combination are one autograd function (:func:`~.cluster_attention.unmasked_attention`: no (B, H, C, W, Dv)
+o is formed). ``attention_vjp`` is autograd's VJP of the same pipeline.
 ``default_num_clusters`` and ``default_window`` are the reference's.
 """
 
@@ -19,8 +21,9 @@ from refattn.routing.attention import default_num_clusters, default_window
 from refattn.routing.profiles import Profile
 
 from ..tensors import check_overflow, checked, compute_dtype, tensors, vjp
-from .cluster_attention import attend, routed_inputs
+from .cluster_attention import attend, logit_scale, routed_inputs, unmasked, unmasked_attention
 from .combine import combine_core
+from .indexing import member_counts
 from .normalize import normalize_core
 from .route import route_by_centroid
 
@@ -50,30 +53,53 @@ def check_attention(q: Any, k: Any, v: Any, centroids: Any, window: Any = None, 
     return q, k, v, centroids, window, causal, shared_qk, profile, mask
 
 
-def routed(x_hat: torch.Tensor, centroids: torch.Tensor, window: int, mask: torch.Tensor | None,
-           name: str) -> torch.Tensor:
-    """Members (B, H, C, W) of normalized tokens (detached); ``ValueError`` if a similarity overflows."""
+CHUNK_SCORES = 1 << 22  # similarities (B * heads * C * L entries) per chunk of heads in the routing
+
+
+def routed(x: torch.Tensor, centroids: torch.Tensor, window: int, mask: torch.Tensor | None, name: str,
+           profile: Profile | None = None) -> torch.Tensor:
+    """Members (B, H, C, W) of tokens (detached), normalized here by ``profile`` (None: already normalized);
+    ``ValueError`` if a similarity overflows. On a CPU in chunks of heads: the similarities and normalized
+    tokens stay small enough for the allocator to reuse (a fresh block of 32 MiB or more costs a page
+    fault per 4 KiB)."""
+    batch, heads, length, _ = x.shape
+    per = max(1, CHUNK_SCORES // (batch * centroids.shape[1] * length)) if x.device.type == "cpu" else heads
+    parts = []
     with torch.no_grad():
-        scores = torch.matmul(centroids.detach().unsqueeze(0), x_hat.detach().transpose(-1, -2))
-        check_overflow(scores, f"the similarity of the normalized {name} to the centroids", centroids=centroids)
-        return route_by_centroid(scores, window, mask)
+        for first in range(0, heads, per):
+            x_hat = x.detach()[:, first : first + per]
+            if profile is not None:
+                x_hat = normalize_core(x_hat, profile)
+            scores = torch.matmul(centroids.detach()[first : first + per].unsqueeze(0), x_hat.transpose(-1, -2))
+            check_overflow(scores, f"the similarity of the normalized {name} to the centroids", centroids=centroids)
+            parts.append(route_by_centroid(scores, window, mask))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def attention_core(q, k, v, centroids, window: int, causal: bool, shared_qk: bool, profile: Profile,
                    mask: torch.Tensor | None) -> torch.Tensor:
     """The pipeline on compute-dtype tensors (no checks); differentiable in q, k, v; ``ValueError`` when
     a similarity, the cluster attention or the combination overflows."""
-    q_hat = normalize_core(q, profile)
-    k_hat = None if shared_qk else normalize_core(k, profile)
-    q_members = routed(q_hat, centroids, window, mask, "q")
-    k_members = q_members if shared_qk else routed(k_hat, centroids, window, mask, "k")
-    if profile.logits_use_normalized:
-        f_q, f_k = q_hat, (q_hat if shared_qk else k_hat)
+    if profile.logits_use_normalized:  # the normalized tokens are the logits' features
+        f_q = normalize_core(q, profile)
+        f_k = f_q if shared_qk else normalize_core(k, profile)
+        q_members = routed(f_q, centroids, window, mask, "q")
+        k_members = q_members if shared_qk else routed(f_k, centroids, window, mask, "k")
+    elif shared_qk:  # the raw queries and the normalized ones as keys
+        f_q, f_k = q, normalize_core(q, profile)
+        q_members = k_members = routed(f_k, centroids, window, mask, "q")
+    else:  # the raw tokens: the routing normalizes its own, chunk by chunk
+        f_q, f_k = q, k
+        q_members = routed(q, centroids, window, mask, "q", profile)
+        k_members = routed(k, centroids, window, mask, "k", profile)
+    if unmasked(q_members, k_members, causal, shared_qk, profile):  # attention and combination in one
+        divisor = (member_counts(q_members, q.shape[2], q.dtype) + profile.combine_eps).unsqueeze(-1)
+        out = unmasked_attention(f_q, f_k, v, q_members, k_members, logit_scale(profile, q.shape[-1]), divisor,
+                                 lambda o: check_overflow(o, "the cluster attention", q=q, k=k))
     else:
-        f_q, f_k = q, (q_hat if shared_qk else k)
-    o = attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
-    check_overflow(o, "the cluster attention", q=q, k=k)
-    out = combine_core(o, q_members, q.shape[2], profile)
+        o = attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
+        check_overflow(o, "the cluster attention", q=q, k=k)
+        out = combine_core(o, q_members, q.shape[2], profile)
     check_overflow(out, "the combination of the cluster outputs", v=v)
     return out
 

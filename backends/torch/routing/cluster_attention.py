@@ -1,11 +1,14 @@
 """Routing step 4 on tensors (reference: :mod:`refattn.routing.cluster_attention`).
 
-Differs from the reference: all clusters at once (no chunks), as one batched matmul for the
-(B, H, C, Wq, Wk) logits; no mask is built when nothing is masked (no causal, no self logit, no
-empty slot); masked logits are the dtype's lowest finite value rather than -inf
-(:func:`masked_softmax`); the gradients are autograd's through the gather, matmul and scatter (the
-logits are O(L^1.5) per (batch, head): recomputing them in a hand-written backward would save
-little). The members' values are checked by :func:`refattn.checks.members_array` on a host copy.
+Differs from the reference: all clusters at once, as one batched matmul for the (B, H, C, Wq, Wk)
+logits (on a CPU, in chunks of (batch, head) pairs when nothing is masked); when nothing is masked
+(no causal, no self logit, no empty slot) one autograd function (:class:`UnmaskedAttention`, also
+the combination for ``attention``) gathers, attends and, in its hand-written backward, reuses the
+saved probabilities and scatters the three gradients, with no mask, no copy of the scaled queries
+and the softmax and its gradient in place; otherwise masked logits are the dtype's lowest finite
+value rather than -inf (:func:`masked_softmax`) and the gradients are autograd's through the
+gather, matmul and scatter. The members' values are checked by :func:`refattn.checks.members_array`
+on a host copy.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from refattn import checks
 from refattn.routing.profiles import Profile, check_configuration, get_profile
 
 from ..tensors import check_overflow, checked, compute_dtype, host_copy, same_dtype, tensors, vjp
-from .indexing import all_slots_filled, gather
+from .indexing import add_rows_into, all_slots_filled, flat_rows, gather
 from .normalize import normalize_core
 
 __all__ = [
@@ -33,6 +36,10 @@ __all__ = [
     "features",
     "attend",
     "masked_softmax",
+    "UnmaskedAttention",
+    "unmasked_attention",
+    "unmasked",
+    "logit_scale",
 ]
 
 
@@ -89,14 +96,119 @@ def features(q: torch.Tensor, k: torch.Tensor | None, profile: Profile,
     return f_q, f_k
 
 
+CHUNK_WEIGHTS = 1 << 22  # attention weights (B * H * C * Wq * Wk entries) per chunk of (batch, head) pairs
+
+
+class UnmaskedAttention(torch.autograd.Function):
+    """o = softmax((scale · q_g) k_gᵀ) v_g per cluster, q_g = f_q[q_rows], k_g = f_k[k_rows], v_g = v[k_rows]
+    (rows of the flattened (B * H * L, ·) inputs, every slot filled), returned as (B * H * C, Wq, Dv); or,
+    given ``divisor`` (B * H * L, 1), combined: out = Σ o rows into their tokens / divisor, (B * H * L, Dv).
+
+    Backward, with P the saved probabilities and dO the cotangent of o (that of out gathered and divided)::
+
+        dv_g = Pᵀ dO,   dS = P ∘ (dO v_gᵀ - rowsum(P ∘ dO v_gᵀ)),   dq_g = dS k_g,   dk_g = dSᵀ (scale · q_g)
+
+    then dq = scale · Σ dq_g, dk = Σ dk_g, dv = Σ dv_g summed into the token rows: autograd's operations
+    through the gathers, matmuls, softmax and combination. On a CPU, computed in chunks of (batch, head)
+    pairs, whose rows are their own, so that the temporaries stay small enough for the allocator to reuse
+    (a fresh block of 32 MiB or more costs a page fault per 4 KiB touched); ``check(o)`` sees each chunk;
+    the gathered rows and probabilities are kept for the backward only when ``keep`` (grad mode and an
+    input that requires grad).
+    """
+
+    @staticmethod
+    def forward(ctx, f_q, f_k, v, q_rows, k_rows, shape, scale, divisor, check, keep):  # type: ignore[override]
+        pairs, clusters, window_q, window_k = shape
+        per = max(1, CHUNK_WEIGHTS // (clusters * window_q * window_k)) if f_q.device.type == "cpu" else pairs
+        out = None if divisor is None else torch.zeros(f_q.shape[0], v.shape[1], dtype=v.dtype, device=v.device)
+        parts, saved = [], []
+        for first in range(0, pairs, per):
+            n = min(per, pairs - first) * clusters
+            qr = q_rows[first * clusters * window_q:][: n * window_q]
+            kr = k_rows[first * clusters * window_k:][: n * window_k]
+            gq = f_q.index_select(0, qr).view(n, window_q, -1)
+            if scale != 1.0:
+                gq.mul_(scale)  # scaling the gathered rows: the same products as gathering scaled rows
+            gk = f_k.index_select(0, kr).view(n, window_k, -1)
+            gv = v.index_select(0, kr).view(n, window_k, -1)
+            weights = torch.bmm(gq, gk.transpose(1, 2))
+            torch.softmax(weights, dim=-1, out=weights)  # in place: each row is read before it is written
+            o = torch.bmm(weights, gv)
+            check(o)
+            if out is None:
+                parts.append(o)
+            else:
+                add_rows_into(out, qr, o.view(-1, o.shape[-1]))
+            if keep:
+                saved += [gq, gk, gv, weights]
+        ctx.save_for_backward(q_rows, k_rows, divisor, *saved)
+        ctx.shape, ctx.scale, ctx.per, ctx.total_rows = shape, scale, per, f_q.shape[0]
+        if out is None:
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out.div_(divisor)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        q_rows, k_rows, divisor, *saved = ctx.saved_tensors
+        pairs, clusters, window_q, window_k = ctx.shape
+        dq, dk, dv = (torch.zeros(ctx.total_rows, x.shape[-1], dtype=x.dtype, device=x.device) for x in saved[:3])
+        for index, first in enumerate(range(0, pairs, ctx.per)):
+            gq, gk, gv, weights = saved[4 * index : 4 * index + 4]
+            n = gq.shape[0]
+            qr = q_rows[first * clusters * window_q:][: n * window_q]
+            kr = k_rows[first * clusters * window_k:][: n * window_k]
+            if divisor is None:
+                do = grad[first * clusters:][:n]
+            else:  # the combination's backward: dout / divisor at the members' rows
+                do = grad.index_select(0, qr).div_(divisor.index_select(0, qr)).view(n, window_q, -1)
+            add_rows_into(dv, kr, torch.bmm(weights.transpose(1, 2), do).view(n * window_k, -1))
+            ds = torch.bmm(do, gv.transpose(1, 2))
+            torch._softmax_backward_data(ds, weights, -1, ds.dtype, grad_input=ds)  # in place, as the softmax
+            add_rows_into(dq, qr, torch.bmm(ds, gk).view(n * window_q, -1))
+            add_rows_into(dk, kr, torch.bmm(ds.transpose(1, 2), gq).view(n * window_k, -1))
+        if ctx.scale != 1.0:
+            dq.mul_(ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def unmasked_attention(f_q, f_k, v, q_members, k_members, scale: float, divisor: torch.Tensor | None,
+                       check: Any) -> torch.Tensor:
+    """:class:`UnmaskedAttention` of (B, H, L, ·) tensors and (B, H, C, W) members (every slot filled):
+    o (B * H * C, Wq, Dv), or with ``divisor`` (B, H, L, 1) the combined out (B, H, L, Dv)."""
+    batch, heads, length, dim = f_q.shape
+    shape = (batch * heads, q_members.shape[2], q_members.shape[3], k_members.shape[3])
+    flat_divisor = None if divisor is None else divisor.reshape(-1, 1)
+    result = UnmaskedAttention.apply(f_q.reshape(-1, dim), f_k.reshape(-1, dim), v.reshape(-1, v.shape[-1]),
+                                     flat_rows(q_members, length), flat_rows(k_members, length), shape, scale,
+                                     flat_divisor, check,
+                                     torch.is_grad_enabled() and any(x.requires_grad for x in (f_q, f_k, v)))
+    return result if divisor is None else result.view(batch, heads, length, -1)
+
+
+def unmasked(q_members: torch.Tensor, k_members: torch.Tensor, causal: bool, shared_qk: bool,
+             profile: Profile) -> bool:
+    """Nothing to mask: no causal order, no fixed self logit, no empty slot. False under ``torch.compile``
+    and under autocast (whose casts of each operation the autograd path keeps)."""
+    if torch.is_autocast_enabled(q_members.device.type):
+        return False
+    return not causal and not (shared_qk and profile.self_logit is not None) and all_slots_filled(q_members, k_members)
+
+
+def logit_scale(profile: Profile, dim: int) -> float:
+    """The factor of the queries in the logits: 1 / sqrt(D) for the scaled profiles, else 1."""
+    return 1.0 / math.sqrt(dim) if profile.scaled_logits else 1.0
+
+
 def attend(f_q, f_k, v, q_members, k_members, causal: bool, shared_qk: bool, profile: Profile) -> torch.Tensor:
     """o (B, H, C, Wq, Dv): the attention inside the clusters from the logit features f_q, f_k."""
-    if profile.scaled_logits:  # scale the L x D queries, not the C x W x W logits
-        f_q = f_q * (1.0 / math.sqrt(f_q.shape[-1]))
+    scale = logit_scale(profile, f_q.shape[-1])
+    if unmasked(q_members, k_members, causal, shared_qk, profile):
+        o = unmasked_attention(f_q, f_k, v, q_members, k_members, scale, None, lambda o: None)
+        return o.view(q_members.shape + (v.shape[-1],))
+    if scale != 1.0:  # scale the L x D queries, not the C x W x W logits
+        f_q = f_q * scale
     fq, fk, vg = gather(f_q, q_members), gather(f_k, k_members), gather(v, k_members)
     logits = torch.matmul(fq, fk.transpose(-1, -2))  # (B, H, C, Wq, Wk)
-    if not causal and not (shared_qk and profile.self_logit is not None) and all_slots_filled(q_members, k_members):
-        return torch.matmul(torch.softmax(logits, dim=-1), vg)  # nothing to mask
     qpos, kpos = q_members.unsqueeze(-1), k_members.unsqueeze(-2)
     valid = (qpos >= 0) & (kpos >= 0)
     if causal:

@@ -2,18 +2,21 @@
 :mod:`refattn.routing.indexing`).
 
 Differs from the reference: the gather is an autograd function whose backward adds the rows back
-with ``index_put_(accumulate=True)``, several times faster than ``index_add_`` on a CPU (which pays a
-per-row dispatch); the scatter is its mirror, whose backward gathers with ``index_select`` (several
-times faster on a CPU than the advanced indexing of ``index_put_``'s own backward); scatters skip the
-masking of empty slots when there are none.
+with ``index_put_(accumulate=True)`` (serial on a CPU, sorted and deterministic on CUDA), not
+``index_add_``: a CPU runs that as a parallel radix sort of about ten parallel regions, each of which
+waits for a descheduled thread on a busy machine (2.4 ms with one thread, 132 ms with two at load 5,
+where ``index_put_`` took 35 ms), and CUDA adds atomically, in no fixed order; the scatter is its
+mirror, whose backward gathers with ``index_select`` (several times faster on a CPU than the
+advanced indexing of ``index_put_``'s own backward); scatters skip the masking of empty slots when
+there are none.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["flat_rows", "all_slots_filled", "add_rows", "GatherRows", "AddRows", "gather", "scatter_add",
-           "member_counts"]
+__all__ = ["flat_rows", "all_slots_filled", "add_rows_into", "add_rows", "GatherRows", "AddRows", "gather",
+           "scatter_add", "member_counts"]
 
 
 def flat_rows(members: torch.Tensor, length: int) -> torch.Tensor:
@@ -32,10 +35,15 @@ def all_slots_filled(*memberships: torch.Tensor) -> bool:
     return all(bool((members >= 0).all()) for members in memberships)
 
 
-def add_rows(total_rows: int, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """out[rows[i]] += values[i] into zeros (total_rows, F)."""
-    out = torch.zeros(total_rows, values.shape[-1], dtype=values.dtype, device=values.device)
+def add_rows_into(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out[rows[i]] += values[i] in place, in the order of i; returns out."""
     return out.index_put_((rows,), values, accumulate=True)
+
+
+def add_rows(total_rows: int, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out[rows[i]] += values[i] into zeros (total_rows, F), in the order of i."""
+    out = torch.zeros(total_rows, values.shape[-1], dtype=values.dtype, device=values.device)
+    return add_rows_into(out, rows, values)
 
 
 class GatherRows(torch.autograd.Function):
