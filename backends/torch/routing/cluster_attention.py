@@ -163,7 +163,9 @@ class UnmaskedAttention(torch.autograd.Function):
                 do = grad.index_select(0, qr).div_(divisor.index_select(0, qr)).view(n, window_q, -1)
             add_rows_into(dv, kr, torch.bmm(weights.transpose(1, 2), do).view(n * window_k, -1))
             ds = torch.bmm(do, gv.transpose(1, 2))
-            torch._softmax_backward_data(ds, weights, -1, ds.dtype, grad_input=ds)  # in place, as the softmax
+            # dS = P * (dP - rowsum(P * dP)) in place; the row sums as (1 x Wk)(Wk x 1) products, no temporary
+            row_sums = torch.bmm(ds.view(-1, 1, window_k), weights.view(-1, window_k, 1)).view(n, window_q, 1)
+            ds.sub_(row_sums).mul_(weights)
             add_rows_into(dq, qr, torch.bmm(ds, gk).view(n * window_q, -1))
             add_rows_into(dk, kr, torch.bmm(ds.transpose(1, 2), gq).view(n * window_k, -1))
         if ctx.scale != 1.0:
