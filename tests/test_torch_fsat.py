@@ -8,6 +8,7 @@ float64 row of the tolerance table of spec/interface.md, float32/bfloat16/float1
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import numpy as np
@@ -810,3 +811,38 @@ def test_cuda_matches_reference():
                                        **{n: (x.detach() if isinstance(x, torch.Tensor) else x) for n,
                                           x in tkw.items()})
             assert_grads(explicit, expected, GRADIENT[dtype])
+
+
+@pytest.mark.parametrize("kind", ["none", "random", "full-row"])
+@pytest.mark.parametrize("lags", ["selected", "all"])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 5, 5), (2, 2, 200, 4, 4)])
+def test_estimate_of_cross_gradient_in_w(shape, lags, kind, monkeypatch):
+    """dw of the spectrum path (``estimate_of_cross``, the cross never formed) against the reference's
+    estimate_vjp of the formed cross: with ds nonzero at a few offsets per (batch, head), as
+    ``attention``'s bias s[offsets] gives (the cross summed at those lags), and with ds dense (the
+    spectra recomputed). Each case checks that the path it means ran."""
+    estimate_module = importlib.import_module("refattn.backends.torch.fsat.estimate")
+    batch, heads, length, features, _ = shape
+    rng = np.random.default_rng(sum(shape) + len(lags) + len(kind))
+    mask = make_mask(rng, batch, length, kind)
+    a, b = rng.standard_normal((2, batch, heads, length, features))
+    w = rng.standard_normal((heads, features))
+    ds = rng.standard_normal((batch, heads, 2 * length - 1))
+    if lags == "selected":
+        kept = np.zeros_like(ds, dtype=bool)
+        for row in kept.reshape(-1, 2 * length - 1):
+            row[rng.choice(2 * length - 1, size=6, replace=False)] = True
+        ds = np.where(kept, ds, 0.0)
+    ran = []
+    for name in ("cross_at_lags", "spectrum_vjp"):
+        original = getattr(estimate_module, name)
+        monkeypatch.setattr(estimate_module, name,
+                            lambda *args, _name=name, _original=original: ran.append(_name) or _original(*args))
+    unpadded = None if mask is None else ~T(mask)
+    tw = T(w).requires_grad_()
+    s = estimate_module.estimate_of_cross(T(a), T(b), tw, unpadded)
+    (dw,) = torch.autograd.grad(s, tw, torch.where(torch.isfinite(s), T(ds), torch.zeros(()).double()))
+    assert ran == ["cross_at_lags" if lags == "selected" else "spectrum_vjp"]
+    c = ref.cross(a, b, key_padding_mask=mask)
+    _, expected = ref.estimate_vjp(c, w, ds, key_padding_mask=mask)
+    assert_close(dw, expected, GRADIENT["float64"], "dw")

@@ -74,8 +74,10 @@ def has_pairs(length: int, unpadded: torch.Tensor | None, device: torch.device) 
 def padded_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """x (B, H, L, F) as rows (B, H, F, n) zero-padded to n, the layout the FFT reads, in one buffer
     (``rfft(rows, n=n)`` of the transposed rows would hold two: the contiguous rows and their padded copy)."""
-    rows = x.new_zeros(x.shape[:2] + (x.shape[3], n))
-    rows[..., : x.shape[2]] = x.transpose(2, 3)
+    length = x.shape[2]
+    rows = x.new_empty(x.shape[:2] + (x.shape[3], n))
+    rows[..., :length] = x.transpose(2, 3)
+    rows[..., length:].zero_()  # only the padding: zeroing all of it first wrote every row twice
     return rows
 
 

@@ -3,7 +3,7 @@
 Differs from the reference: besides ``estimate`` of a given cross, :func:`estimate_of_cross` scores
 the cross of a and b without forming it: the inverse FFT is linear, so the w-weighted sum of the Dc
 spectra needs one inverse transform per (batch, head) instead of Dc. ``attention`` plans with it.
-The spectra of one head exist at a time (:class:`WeightedSpectrum`): those of all heads are as large
+The spectra of one head exist at a time (:class:`WeightedCross`): those of all heads are as large
 as the cross, the largest tensor FSAT would otherwise hold.
 """
 
@@ -29,7 +29,9 @@ __all__ = [
     "estimate_of_cross",
     "scores",
     "head_spectra",
-    "WeightedSpectrum",
+    "WeightedCross",
+    "cross_at_lags",
+    "spectrum_vjp",
 ]
 
 AXES = "(B, H, 2L - 1, Dc)"
@@ -56,28 +58,85 @@ def head_spectra(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None
         yield spectrum(zero_padded(a[:, rows], unpadded), zero_padded(b[:, rows], unpadded), length)
 
 
-class WeightedSpectrum(torch.autograd.Function):
-    """mixed (B, H, 1, N // 2 + 1) = sum_d w[h, d] spectrum(a, b)[b, h, d], differentiable in w only.
+class WeightedCross(torch.autograd.Function):
+    """numerator (B, H, 2L - 1) = sum_d w[h, d] cross(a, b)[b, h, :, d] (unnormalised: before 1 / n_tau),
+    one inverse FFT of the w-weighted spectrum per (batch, head); differentiable in w only.
 
-    One head's spectra exist at a time, in the forward and in the backward, which recomputes them from
-    a and b (saved without a copy) instead of keeping all of them, the size of the cross, for dw. Each
-    head goes through the (batched) matmul the whole (B, H) batch would: same products, same sums.
+    One head's spectra exist at a time (:func:`head_spectra`); each head goes through the (batched)
+    matmul the whole (B, H) batch would: same products, same sums. The backward needs the cross at
+    the offsets where dnumerator is nonzero: in ``attention`` only the K selected ones (the bias is
+    s[offsets]), so it sums them directly from a and b (:func:`cross_at_lags`), a few passes over b
+    instead of recomputing every spectrum; a dense dnumerator recomputes the spectra head by head.
     """
 
     @staticmethod
     def forward(ctx, w, a, b, unpadded):  # type: ignore[override]
         ctx.save_for_backward(a, b, unpadded)
         ctx.has_mask = unpadded is not None
-        return torch.cat([torch.matmul(w[head : head + 1, None, :].to(product.dtype), product)
-                          for head, product in enumerate(head_spectra(a, b, unpadded))], dim=1)
+        mixed = torch.cat([torch.matmul(w[head : head + 1, None, :].to(product.dtype), product)
+                           for head, product in enumerate(head_spectra(a, b, unpadded))], dim=1)
+        length = a.shape[2]
+        return torch.fft.irfft(mixed[:, :, 0], n=fft_length(length), dim=-1)[..., : 2 * length - 1]
 
     @staticmethod
-    def backward(ctx, dmixed):  # type: ignore[override]
+    def backward(ctx, dnumerator):  # type: ignore[override]
         a, b, unpadded = ctx.saved_tensors
-        spectra = head_spectra(a, b, unpadded if ctx.has_mask else None)
-        per_batch = torch.cat([torch.matmul(dmixed[:, head : head + 1], product.mH)
-                               for head, product in enumerate(spectra)], dim=1)  # (B, H, 1, Dc)
-        return per_batch.sum(dim=0)[:, 0].real, None, None, None
+        unpadded = unpadded if ctx.has_mask else None
+        lags = dnumerator != 0
+        # Summing one lag is a pass over b; the recompute is two FFTs of Dc rows, about 2 log2 N passes.
+        if lags.sum(dim=-1).max() <= 2 * math.log2(fft_length(a.shape[2])):
+            return cross_at_lags(a, b, unpadded, dnumerator, lags), None, None, None
+        return spectrum_vjp(a, b, unpadded, dnumerator), None, None, None
+
+
+ROWS_PER_CHUNK_ELEMENTS = 2**20  # rows x Dc of the chunk summed at once: 4 MiB in float32
+
+
+def cross_at_lags(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None, dnumerator: torch.Tensor,
+                  lags: torch.Tensor) -> torch.Tensor:
+    """dw (H, Dc) = sum_{b, t} dnumerator[b, h, t] sum_i a[b, h, i, d] b[b, h, i + tau, d], tau = t - (L - 1),
+    over the nonzero t only (``lags``): for each (batch, head), sum_i a[i] * y[i] with
+    y[i] = sum_t dnumerator[t] b[i + tau], accumulated chunk by chunk of rows (y stays in cache)."""
+    batch, heads, length, features = a.shape
+    dw = a.new_zeros(heads, features)
+    chunk = max(1, ROWS_PER_CHUNK_ELEMENTS // features)
+    y = a.new_empty(min(chunk, length), features)
+    where = lags.nonzero().tolist()  # (b, h, t) in row-major order: grouped by (b, h)
+    weights = dnumerator[lags].tolist()
+    start = 0
+    while start < len(where):
+        bi, head = where[start][:2]
+        stop = start
+        while stop < len(where) and where[stop][:2] == [bi, head]:
+            stop += 1
+        mask = None if unpadded is None else unpadded[bi : bi + 1]
+        rows_a = zero_padded(a[bi : bi + 1, head : head + 1], mask)[0, 0]
+        rows_b = zero_padded(b[bi : bi + 1, head : head + 1], mask)[0, 0]
+        for first in range(0, length, chunk):
+            last = min(length, first + chunk)
+            y_chunk = y[: last - first].zero_()
+            for (_, _, t), weight in zip(where[start:stop], weights[start:stop], strict=True):
+                tau = t - (length - 1)
+                low, high = max(first, -tau), min(last, length - tau)  # 0 <= i + tau < L
+                if low < high:
+                    y_chunk[low - first : high - first].add_(rows_b[low + tau : high + tau], alpha=weight)
+            dw[head] += y_chunk.mul_(rows_a[first:last]).sum(dim=0)  # vecdot's products, in place: no temporary
+        start = stop
+    return dw
+
+
+def spectrum_vjp(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None,
+                 dnumerator: torch.Tensor) -> torch.Tensor:
+    """dw (H, Dc) of a dense dnumerator: through the inverse FFT's adjoint, then the spectra recomputed head by head."""
+    batch, heads, length, _ = a.shape
+    with torch.enable_grad():
+        mixed = torch.zeros(batch, heads, fft_length(length) // 2 + 1, dtype=torch.promote_types(a.dtype,
+                            torch.complex64), device=a.device, requires_grad=True)
+        numerator = torch.fft.irfft(mixed, n=fft_length(length), dim=-1)[..., : 2 * length - 1]
+        (dmixed,) = torch.autograd.grad(numerator, mixed, dnumerator)
+    per_batch = torch.cat([torch.matmul(dmixed[:, head : head + 1, None, :], product.mH)
+                           for head, product in enumerate(head_spectra(a, b, unpadded))], dim=1)  # (B, H, 1, Dc)
+    return per_batch.sum(dim=0)[:, 0].real
 
 
 def estimate_of_cross(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
@@ -85,11 +144,10 @@ def estimate_of_cross(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor,
     """estimate(cross(a, b), w) without forming the cross: one inverse FFT of the w-weighted spectrum.
 
     a and b are constants (step 4 cuts the estimator path from q and k); s is differentiable in w
-    through :class:`WeightedSpectrum`, which holds one head's spectra at a time.
+    through :class:`WeightedCross`, which holds one head's spectra at a time.
     """
     length, features = a.shape[2], a.shape[3]
-    mixed = WeightedSpectrum.apply(w, a.detach(), b.detach(), unpadded)[:, :, 0]  # (B, H, N // 2 + 1)
-    numerator = torch.fft.irfft(mixed, n=fft_length(length), dim=-1)[..., : 2 * length - 1]
+    numerator = WeightedCross.apply(w, a.detach(), b.detach(), unpadded)  # (B, H, 2L - 1)
     inverse = inverse_counts(length, unpadded, a.device, a.dtype)[..., 0]  # (B or 1, 1, 2L - 1)
     return scores(numerator * inverse, features, has_pairs(length, unpadded, a.device))
 

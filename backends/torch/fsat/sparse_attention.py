@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 
+PRODUCT_CHUNK_ELEMENTS = 2**18  # rows x F of SlicedShift.dot's product buffer: 1 MiB in float32, in cache
+
+
 class SlicedShift:
     """The three shifted-row primitives of one offset tau[b, h] by contiguous slices (CPU).
 
@@ -62,10 +65,22 @@ class SlicedShift:
                 if first < end:
                     yield b, h, slice(first, end), slice(first + t, end + t)
 
-    def dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        d = torch.zeros(x.shape[:3], dtype=x.dtype, device=x.device)
-        for b, h, i, j in self._pairs():
-            d[b, h, i] = torch.linalg.vecdot(x[b, h, i], y[b, h, j])
+    def dot(self, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The products and sums of ``linalg.vecdot``, a chunk of rows at a time through one reused
+        buffer straight into d (``out``, any strides, if given): no (L, F) product per (b, h)
+        allocated, faulted in and freed."""
+        d = torch.empty(x.shape[:3], dtype=x.dtype, device=x.device) if out is None else out
+        rows = max(1, PRODUCT_CHUNK_ELEMENTS // x.shape[3])
+        product = x.new_empty(min(rows, x.shape[2]), x.shape[3])
+        for b, row in enumerate(self.spans):
+            for h, (first, end, tau) in enumerate(row):
+                d[b, h, :first].zero_()
+                d[b, h, max(end, first) :].zero_()  # rows without a partner, all of them when first >= end
+                for start in range(first, end, rows):
+                    stop = min(end, start + rows)
+                    chunk = product[: stop - start]
+                    torch.mul(x[b, h, start:stop], y[b, h, start + tau : stop + tau], out=chunk)
+                    torch.sum(chunk, dim=-1, out=d[b, h, start:stop])
         return d
 
     def add_shifted(self, target: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> None:
@@ -96,9 +111,10 @@ class GatheredShift:
     def _gather(self, y: torch.Tensor) -> torch.Tensor:
         return y.reshape(-1, y.shape[3]).index_select(0, self.rows).view(*y.shape[:3], y.shape[3])
 
-    def dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def dot(self, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         d = torch.linalg.vecdot(x, self._gather(y))
-        return torch.where(self.inside, d, torch.zeros((), dtype=d.dtype, device=d.device))
+        d = torch.where(self.inside, d, torch.zeros((), dtype=d.dtype, device=d.device))
+        return d if out is None else out.copy_(d)
 
     def add_shifted(self, target: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> None:
         target.addcmul_(weight[..., None], self._gather(y))
@@ -155,7 +171,7 @@ def shifted_dots(pairs: list[SlicedShift | GatheredShift], x: torch.Tensor, y: t
     place (stacking K columns would hold them twice)."""
     dots = torch.empty(x.shape[:3] + (len(pairs),), dtype=x.dtype, device=x.device)
     for m, shift in enumerate(pairs):
-        dots[..., m] = shift.dot(x, y)
+        shift.dot(x, y, out=dots[..., m])
     return dots
 
 
