@@ -1,11 +1,11 @@
-"""Peak memory of the torch FSAT on the CPU, measured exactly (issue 13, targets 1 and 5).
+"""Peak memory of the torch FSAT on the CPU, measured exactly (the fsat-memory and fsat-forward-memory targets).
 
 The peak is the running sum of the CPU allocator's events during one call (``torch.profiler`` with
 ``profile_memory=True``, the method of :func:`refattn.bench.measure.peak_torch_cpu`), above what was
 allocated before it: the inputs are excluded. Everything FSAT holds is O(L) per (batch, head), so
 at lengths that are powers of two (FFT length 2L) the ratio to the bound does not depend on L: at
-L = 2,048 it is the ratio at L = 16,384, 65,536 and 1,048,576 (fwd+bwd 1.184, 1.243 with padding;
-forward 1.281; measured at 2,048, 4,096, 16,384, 65,536 and 262,144).
+L = 2,048 it is the ratio at L = 16,384, 65,536 and 1,048,576 (fwd+bwd 1.078, with or without padding;
+forward 1.28; `refattn bench --targets` measured 1.078 at 16,384, 65,536 and 1,048,576).
 """
 
 from __future__ import annotations
