@@ -42,6 +42,7 @@ __all__ = [
     "shifts",
     "shifted_dots",
     "shifted_sum",
+    "row_dots",
     "partner_sum",
     "sliced_chunks",
 ]
@@ -179,6 +180,25 @@ def shifted_dots(pairs: list[SlicedShift | GatheredShift], x: torch.Tensor, y: t
     return dots
 
 
+def row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, H, L): d[b, h, i] = <x[b, h, i], y[b, h, i]>, ``linalg.vecdot``'s products and sums; on a CPU a
+    chunk of rows at a time through one reused buffer (vecdot's (B, H, L, F) product would be a fresh tensor
+    as large as x, written, page-faulted in and read once)."""
+    if x.device.type != "cpu":
+        return torch.linalg.vecdot(x, y)
+    d = torch.empty(x.shape[:3], dtype=x.dtype, device=x.device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[3]))
+    product = x.new_empty(min(rows, x.shape[2]), x.shape[3])
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for start in range(0, x.shape[2], rows):
+                stop = min(x.shape[2], start + rows)
+                chunk = product[: stop - start]
+                torch.mul(x[b, h, start:stop], y[b, h, start:stop], out=chunk)
+                torch.sum(chunk, dim=-1, out=d[b, h, start:stop])
+    return d
+
+
 def shifted_sum(pairs: list[SlicedShift | GatheredShift], weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """t (B, H, L, F): t[b, h, i] = sum_m weight[b, h, i, m] y[b, h, i + tau_m] over the pairs inside
     [0, L), added in the order m = 0..K-1 (the gather)."""
@@ -240,7 +260,7 @@ def sparse_attention_backward(q, k, v, offsets, probs, lse, out, dout, dlse, has
     length, dim = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(dim)
     pairs = shifts(offsets, length)
-    row_term = torch.linalg.vecdot(dout, out)
+    row_term = row_dots(dout, out)
     if dlse is not None:
         row_term -= torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
     dz = shifted_dots(pairs, dout, v).sub_(row_term[..., None]).mul_(probs)  # probs * (dp - row_term), in place
