@@ -43,6 +43,7 @@ __all__ = [
     "shifted_dots",
     "shifted_sum",
     "row_dots",
+    "row_logsumexp",
     "partner_sum",
     "sliced_chunks",
 ]
@@ -141,7 +142,8 @@ def valid_pairs(offsets: torch.Tensor, length: int, causal: bool, unpadded: torc
     """(B, H, L, K) bool: the pair (i, i + tau_m) is inside [0, L), causal-allowed and unpadded."""
     positions = torch.arange(length, device=offsets.device)[:, None]
     tau = offsets[:, :, None, :]
-    valid = (positions >= -tau) & (positions < length - tau)  # 0 <= i + tau < L; no int64 (B, H, L, K) partner
+    valid = positions >= -tau
+    valid &= positions < length - tau  # 0 <= i + tau < L; no int64 (B, H, L, K) partner
     if causal:
         valid &= (offsets <= 0)[:, :, None, :]
     if unpadded is not None:
@@ -236,6 +238,22 @@ def _weighted_sum(pairs, weight, source, to_partner):
     return target
 
 
+LOGSUMEXP_CHUNK_ROWS = 2**16  # rows of (B * H * L, K) logits per logsumexp on a CPU: its temporary stays small
+
+
+def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(logits, dim=-1)``; on a CPU a chunk of rows at a time (its exp temporary is as large
+    as its input: a fresh (B, H, L, K) tensor at once, a reused small one by chunks)."""
+    if logits.device.type != "cpu" or logits.numel() == 0:  # empty: no rows to chunk (K = 0 has no -1 reshape)
+        return torch.logsumexp(logits, dim=-1)
+    lse = torch.empty(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+    flat, flat_lse = logits.reshape(-1, logits.shape[-1]), lse.view(-1)
+    for start in range(0, flat.shape[0], LOGSUMEXP_CHUNK_ROWS):
+        stop = min(flat.shape[0], start + LOGSUMEXP_CHUNK_ROWS)
+        torch.logsumexp(flat[start:stop], dim=-1, out=flat_lse[start:stop])
+    return lse
+
+
 def sparse_attention_forward(q, k, v, offsets, bias, causal, unpadded):
     """(out, lse, probs) of tensors of one compute dtype, probs (B, H, L, K) the softmax weights.
 
@@ -247,8 +265,8 @@ def sparse_attention_forward(q, k, v, offsets, bias, causal, unpadded):
     logits = shifted_dots(pairs, q, k).mul_(1.0 / math.sqrt(dim))
     if bias is not None:
         logits += bias[:, :, None, :]
-    logits.masked_fill_(~valid_pairs(offsets, length, causal, unpadded), float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
+    logits.masked_fill_(valid_pairs(offsets, length, causal, unpadded).logical_not_(), float("-inf"))
+    lse = row_logsumexp(logits)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = logits.sub_(safe[..., None]).exp_()  # 0 at invalid pairs; rows without a key are all 0
     return shifted_sum(pairs, probs, v), lse, probs
