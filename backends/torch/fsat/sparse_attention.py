@@ -49,7 +49,9 @@ __all__ = [
 ]
 
 
-CHUNK_ELEMENTS = 2**18  # rows x F of one chunk of SlicedShift's target rows: 1 MiB in float32, stays in cache
+CHUNK_ELEMENTS = 2**18  # rows x F of a product buffer (shifted_dots, row_dots): 1 MiB in float32, stays in cache
+SUM_CHUNK_ELEMENTS = 2**20  # rows x F of a chunk of shifted_sum's target: 4 MiB, in the last-level cache while
+# the K offsets add to it; smaller chunks mean more (parallel) ops per target, each with its own thread start
 
 
 class SlicedShift:
@@ -67,10 +69,12 @@ class SlicedShift:
         self.spans = [[(max(0, -t), min(length, length - t), t) for t in row] for row in tau.tolist()]
 
 
-def sliced_chunks(pairs: list[SlicedShift], shape: torch.Size, features: int) -> Iterator[tuple[Any, ...]]:
-    """(b, h, start, stop, spans) per chunk of rows [start, stop) of (b, h); spans[m] = (first, end, tau)."""
+def sliced_chunks(pairs: list[SlicedShift], shape: torch.Size, features: int,
+                  elements: int) -> Iterator[tuple[Any, ...]]:
+    """(b, h, start, stop, spans) per chunk of rows [start, stop) of (b, h), ``elements // features`` rows each;
+    spans[m] = (first, end, tau)."""
     batch, heads, length = shape[:3]
-    rows = max(1, CHUNK_ELEMENTS // max(1, features))
+    rows = max(1, elements // max(1, features))
     for b in range(batch):
         for h in range(heads):
             spans = [pair.spans[b][h] for pair in pairs]
@@ -165,7 +169,7 @@ def shifted_dots(pairs: list[SlicedShift | GatheredShift], x: torch.Tensor, y: t
             shift.dot(x, y, out=dots[..., m])
         return dots
     product = None
-    for b, h, start, stop, spans in sliced_chunks(pairs, x.shape, x.shape[3]):
+    for b, h, start, stop, spans in sliced_chunks(pairs, x.shape, x.shape[3], CHUNK_ELEMENTS):
         if product is None:
             product = x.new_empty(stop - start, x.shape[3])
         block = dots[b, h, start:stop]
@@ -223,7 +227,7 @@ def _weighted_sum(pairs, weight, source, to_partner):
             add(target, weight[..., m], source)
         return target
     target = torch.empty(weight.shape[:3] + (source.shape[3],), dtype=source.dtype, device=source.device)
-    for b, h, start, stop, spans in sliced_chunks(pairs, target.shape, target.shape[3]):
+    for b, h, start, stop, spans in sliced_chunks(pairs, target.shape, target.shape[3], SUM_CHUNK_ELEMENTS):
         chunk = target[b, h, start:stop].zero_()
         for m, (first, end, tau) in enumerate(spans):
             if to_partner:  # target row j = i + tau takes weight and source row i
