@@ -97,18 +97,13 @@ def padded_rows(x: torch.Tensor, n: int, *, reverse: bool = False, out: torch.Te
     return rows
 
 
-def spectrum(a: torch.Tensor, b: torch.Tensor, length: int, rows: torch.Tensor | None = None,
-             spectra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def spectrum(a: torch.Tensor, b: torch.Tensor, length: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """rfft(reverse(a)) * rfft(b) along the sequence, zero-padded to N = :func:`fft_length`:
-    (B, H, Dc, N // 2 + 1) complex, whose irfft[..., :2L - 1] is the cross numerator.
-
-    Buffers to reuse, if given: ``rows``, a :func:`padded_rows` buffer (zero padding) in which both
-    operands' rows are built, one after the other; ``spectra``, two complex tensors of the result's
-    shape for the two transforms, the first of which receives the product and is returned."""
+    (B, H, Dc, N // 2 + 1) complex, whose irfft[..., :2L - 1] is the cross numerator. ``rows``: a
+    :func:`padded_rows` buffer (zero padding) to build both operands' rows in, one after the other."""
     n = fft_length(length)
-    first, second = (None, None) if spectra is None else spectra
-    product = torch.fft.rfft(padded_rows(a, n, reverse=True, out=rows), dim=-1, out=first)  # a's rows go first
-    return product.mul_(torch.fft.rfft(padded_rows(b, n, out=rows), dim=-1, out=second))  # in place: one fewer
+    product = torch.fft.rfft(padded_rows(a, n, reverse=True, out=rows), dim=-1)  # a's rows go before b's are built
+    return product.mul_(torch.fft.rfft(padded_rows(b, n, out=rows), dim=-1))  # in place: one spectrum fewer at the peak
 
 
 def unmasked(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -53,19 +53,14 @@ def estimate_core(c: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor | None) 
 def head_spectra(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None):
     """Yield :func:`.cross.spectrum` of (a, b) head by head: (B, 1, Dc, N // 2 + 1) complex, padded rows zeroed.
 
-    The heads share the buffers (``spectrum``'s rows and spectra): each large buffer is allocated, and
-    its pages faulted in, once per call instead of once per head, and the rows' padding zeroed once.
-    Each yielded spectrum is overwritten by the next: use it before asking for the next one."""
+    The heads share one padded-rows buffer (:func:`.cross.padded_rows`): its padding is zeroed, and its
+    pages faulted in, once."""
     batch, heads, length, features = a.shape
-    n = fft_length(length)
-    rows = a.new_empty(batch, 1, features, n)
+    rows = a.new_empty(batch, 1, features, fft_length(length))
     rows[..., length:].zero_()
-    complex_dtype = torch.promote_types(a.dtype, torch.complex64)
-    spectra = tuple(torch.empty(batch, 1, features, n // 2 + 1, dtype=complex_dtype, device=a.device)
-                    for _ in range(2))
     for head in range(heads):
         part = slice(head, head + 1)
-        yield spectrum(zero_padded(a[:, part], unpadded), zero_padded(b[:, part], unpadded), length, rows, spectra)
+        yield spectrum(zero_padded(a[:, part], unpadded), zero_padded(b[:, part], unpadded), length, rows)
 
 
 class WeightedCross(torch.autograd.Function):
