@@ -71,22 +71,39 @@ def has_pairs(length: int, unpadded: torch.Tensor | None, device: torch.device) 
     return (counts(length, unpadded, device) > 0)[:, None, :]
 
 
-def padded_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+TRANSPOSE_CHUNK_ROWS = 4096  # rows of x moved per transposing copy: 1 MiB of float32 at F = 64, read from cache
+
+
+def padded_rows(x: torch.Tensor, n: int, *, reverse: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, H, L, F) as rows (B, H, F, n) zero-padded to n, the layout the FFT reads, in one buffer
-    (``rfft(rows, n=n)`` of the transposed rows would hold two: the contiguous rows and their padded copy)."""
+    (``rfft(rows, n=n)`` of the transposed rows would hold two: the contiguous rows and their padded copy);
+    ``reverse``: x reversed along the sequence. ``out``, if given, is such a buffer whose padding is zero
+    already (reused: only its first L columns are written).
+
+    The transposing copy goes a chunk of rows at a time (each reversed in cache when ``reverse``): one
+    copy of all L rows strides through memory and takes about twice as long, and a reversed copy of x
+    would be one more pass."""
     length = x.shape[2]
-    rows = x.new_empty(x.shape[:2] + (x.shape[3], n))
-    rows[..., :length] = x.transpose(2, 3)
-    rows[..., length:].zero_()  # only the padding: zeroing all of it first wrote every row twice
+    rows = x.new_empty(x.shape[:2] + (x.shape[3], n)) if out is None else out
+    for start in range(0, length, TRANSPOSE_CHUNK_ROWS):
+        stop = min(length, start + TRANSPOSE_CHUNK_ROWS)
+        chunk = x[:, :, start:stop].transpose(2, 3)
+        if reverse:
+            rows[..., length - stop : length - start] = chunk.flip(3)
+        else:
+            rows[..., start:stop] = chunk
+    if out is None:
+        rows[..., length:].zero_()  # only the padding: zeroing all of it first wrote every row twice
     return rows
 
 
-def spectrum(a: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
+def spectrum(a: torch.Tensor, b: torch.Tensor, length: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """rfft(reverse(a)) * rfft(b) along the sequence, zero-padded to N = :func:`fft_length`:
-    (B, H, Dc, N // 2 + 1) complex, whose irfft[..., :2L - 1] is the cross numerator."""
+    (B, H, Dc, N // 2 + 1) complex, whose irfft[..., :2L - 1] is the cross numerator. ``rows``: a
+    :func:`padded_rows` buffer (zero padding) to build both operands' rows in, one after the other."""
     n = fft_length(length)
-    product = torch.fft.rfft(padded_rows(a.flip(2), n), dim=-1)  # a's rows are freed before b's are built
-    return product.mul_(torch.fft.rfft(padded_rows(b, n), dim=-1))  # in place: one spectrum fewer at the peak
+    product = torch.fft.rfft(padded_rows(a, n, reverse=True, out=rows), dim=-1)  # a's rows go before b's are built
+    return product.mul_(torch.fft.rfft(padded_rows(b, n, out=rows), dim=-1))  # in place: one spectrum fewer at the peak
 
 
 def unmasked(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -51,11 +51,16 @@ def estimate_core(c: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor | None) 
 
 
 def head_spectra(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None):
-    """Yield :func:`.cross.spectrum` of (a, b) head by head: (B, 1, Dc, N // 2 + 1) complex, padded rows zeroed."""
-    length = a.shape[2]
-    for head in range(a.shape[1]):
-        rows = slice(head, head + 1)
-        yield spectrum(zero_padded(a[:, rows], unpadded), zero_padded(b[:, rows], unpadded), length)
+    """Yield :func:`.cross.spectrum` of (a, b) head by head: (B, 1, Dc, N // 2 + 1) complex, padded rows zeroed.
+
+    The heads share one padded-rows buffer (:func:`.cross.padded_rows`): its padding is zeroed, and its
+    pages faulted in, once."""
+    batch, heads, length, features = a.shape
+    rows = a.new_empty(batch, 1, features, fft_length(length))
+    rows[..., length:].zero_()
+    for head in range(heads):
+        part = slice(head, head + 1)
+        yield spectrum(zero_padded(a[:, part], unpadded), zero_padded(b[:, part], unpadded), length, rows)
 
 
 class WeightedCross(torch.autograd.Function):

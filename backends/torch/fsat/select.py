@@ -1,8 +1,9 @@
 """FSAT step 2b on tensors (reference: :mod:`refattn.fsat.select`).
 
-Differs from the reference: the candidates are ranked by ``torch.sort(..., descending=True,
-stable=True)`` (equal scores keep the tie-break order, -inf sorts last), on the scores' device; the
-offsets are compared in the scores' compute dtype (float32 for half-precision scores).
+Differs from the reference: the best candidates are those of ``torch.sort(..., descending=True,
+stable=True)`` (equal scores keep the tie-break order, -inf sorts last), found without sorting all of
+them (:func:`best_positions`), on the scores' device; the offsets are compared in the scores' compute
+dtype (float32 for half-precision scores).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from refattn import checks
 
 from ..tensors import checked, compute_dtype, tensors
 
-__all__ = ["select", "check_select", "select_core", "candidate_order"]
+__all__ = ["select", "check_select", "select_core", "candidate_order", "best_positions"]
 
 
 def candidate_order(length: int, *, causal: bool = False, device: Any = None) -> torch.Tensor:
@@ -37,9 +38,21 @@ def select_core(s: torch.Tensor, top_k: int, causal: bool) -> torch.Tensor:
     if k_eff == 1:
         return zero
     ranked = s.index_select(2, candidates + (length - 1))
-    best = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[:, :, : k_eff - 1]
-    chosen = candidates[best]
-    return torch.sort(torch.cat([zero, chosen], dim=-1), dim=-1).values
+    return torch.sort(torch.cat([zero, candidates[best_positions(ranked, k_eff - 1)]], dim=-1), dim=-1).values
+
+
+def best_positions(ranked: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, H, count) the positions of the ``count`` largest entries of ranked (B, H, C), ties to the earlier
+    position (-inf last): the first ``count`` of a stable descending sort, as a set in ascending order.
+
+    By the count-th largest value (``torch.topk``, O(C)) instead of sorting all C: the entries above it,
+    then the earliest of those equal to it."""
+    threshold = torch.topk(ranked, count, dim=-1).values[..., -1:]
+    above = ranked > threshold
+    ties = ranked == threshold
+    room = count - above.sum(dim=-1, keepdim=True)
+    chosen = above | (ties & (ties.cumsum(dim=-1) <= room))
+    return chosen.nonzero()[:, 2].view(ranked.shape[0], ranked.shape[1], count)
 
 
 @checked

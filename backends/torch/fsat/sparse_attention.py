@@ -5,9 +5,9 @@ Differs from the reference:
 - ``sparse_attention`` is a ``torch.autograd.Function`` whose backward is the explicit VJP
   (:func:`sparse_attention_backward`); the forward saves q, k, v, offsets, out, lse and the
   (B, H, L, K) probabilities, O(B H L (K + D)), so the backward recomputes nothing.
-- Row i is paired with row i + tau by one of two shifts: contiguous slices per (batch, head) on a
-  CPU (:class:`SlicedShift`), a row gather and ``index_add_`` over (B * H * L, F) on a GPU
-  (:class:`GatheredShift`); :func:`forced_shifts` takes either on any device (the backend's
+- Row i is paired with row i + tau by one of two shifts: contiguous slices per (batch, head, chunk of
+  rows), all K offsets per chunk, on a CPU (:class:`SlicedShift`), a row gather and ``index_add_``
+  over (B * H * L, F) on a GPU (:class:`GatheredShift`); :func:`forced_shifts` takes either on any device (the backend's
   conformance strategies). No (B, H, L, K, D) tensor is built.
 - The offsets' values are checked by :func:`refattn.checks.offsets_array` on a host copy.
 """
@@ -41,59 +41,51 @@ __all__ = [
     "forced_shifts",
     "shifts",
     "shifted_dots",
+    "shifted_sum",
+    "row_dots",
+    "row_logsumexp",
+    "partner_sum",
+    "sliced_chunks",
 ]
 
 
-PRODUCT_CHUNK_ELEMENTS = 2**18  # rows x F of SlicedShift.dot's product buffer: 1 MiB in float32, in cache
+CHUNK_ELEMENTS = 2**18  # rows x F of a product buffer (shifted_dots, row_dots): 1 MiB in float32, stays in cache
+SUM_CHUNK_ELEMENTS = 2**20  # rows x F of a chunk of shifted_sum's target: 4 MiB, in the last-level cache while
+# the K offsets add to it; smaller chunks mean more (parallel) ops per target, each with its own thread start
 
 
 class SlicedShift:
-    """The three shifted-row primitives of one offset tau[b, h] by contiguous slices (CPU).
+    """One offset tau[b, h] paired by contiguous slices (CPU): row i with row i + tau for
+    i in [first, end) = [max(0, -tau), min(L, L - tau)), per (b, h) in ``spans``.
 
-    For a pair (i, j = i + tau) inside [0, L): ``dot`` d[b, h, i] = <x[b, h, i], y[b, h, j]>;
-    ``add_shifted`` t[b, h, i] += w[b, h, i] * y[b, h, j]; ``add_to_partner`` t[b, h, j] +=
-    w[b, h, i] * x[b, h, i]. Rows without a partner take nothing (d = 0). One slice operation per
-    (b, h): on a CPU a row gather or index_add_ over (B*H*L, F) costs 10-20x more than these.
+    The K shifts are applied together, chunk of target rows by chunk (:func:`shifted_dots`,
+    :func:`shifted_sum`, :func:`partner_sum`): each chunk takes the K offsets' terms while it is in
+    cache, in the order m = 0..K-1 of one pass per offset (same sums, bit for bit), instead of K
+    passes over the whole (L, F) target. One slice operation per (b, h, chunk, offset): on a CPU a
+    row gather or index_add_ over (B*H*L, F) costs 10-20x more than these.
     """
 
     def __init__(self, tau: torch.Tensor, length: int):
         self.spans = [[(max(0, -t), min(length, length - t), t) for t in row] for row in tau.tolist()]
 
-    def _pairs(self):
-        for b, row in enumerate(self.spans):
-            for h, (first, end, t) in enumerate(row):
-                if first < end:
-                    yield b, h, slice(first, end), slice(first + t, end + t)
 
-    def dot(self, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The products and sums of ``linalg.vecdot``, a chunk of rows at a time through one reused
-        buffer straight into d (``out``, any strides, if given): no (L, F) product per (b, h)
-        allocated, faulted in and freed."""
-        d = torch.empty(x.shape[:3], dtype=x.dtype, device=x.device) if out is None else out
-        rows = max(1, PRODUCT_CHUNK_ELEMENTS // x.shape[3])
-        product = x.new_empty(min(rows, x.shape[2]), x.shape[3])
-        for b, row in enumerate(self.spans):
-            for h, (first, end, tau) in enumerate(row):
-                d[b, h, :first].zero_()
-                d[b, h, max(end, first) :].zero_()  # rows without a partner, all of them when first >= end
-                for start in range(first, end, rows):
-                    stop = min(end, start + rows)
-                    chunk = product[: stop - start]
-                    torch.mul(x[b, h, start:stop], y[b, h, start + tau : stop + tau], out=chunk)
-                    torch.sum(chunk, dim=-1, out=d[b, h, start:stop])
-        return d
-
-    def add_shifted(self, target: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> None:
-        for b, h, i, j in self._pairs():
-            target[b, h, i].addcmul_(weight[b, h, i, None], y[b, h, j])
-
-    def add_to_partner(self, target: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> None:
-        for b, h, i, j in self._pairs():
-            target[b, h, j].addcmul_(weight[b, h, i, None], x[b, h, i])
+def sliced_chunks(pairs: list[SlicedShift], shape: torch.Size, features: int,
+                  elements: int) -> Iterator[tuple[Any, ...]]:
+    """(b, h, start, stop, spans) per chunk of rows [start, stop) of (b, h), ``elements // features`` rows each;
+    spans[m] = (first, end, tau)."""
+    batch, heads, length = shape[:3]
+    rows = max(1, elements // max(1, features))
+    for b in range(batch):
+        for h in range(heads):
+            spans = [pair.spans[b][h] for pair in pairs]
+            for start in range(0, length, rows):
+                yield b, h, start, min(length, start + rows), spans
 
 
 class GatheredShift:
-    """:class:`SlicedShift`'s primitives by one row gather / index_add_ over (B*H*L, F) (GPUs).
+    """One offset tau[b, h] paired by one row gather / index_add_ over (B*H*L, F) (GPUs), one offset at a time:
+    ``dot`` d[b, h, i] = <x[b, h, i], y[b, h, j]>, ``add_shifted`` t[b, h, i] += w[b, h, i] * y[b, h, j],
+    ``add_to_partner`` t[b, h, j] += w[b, h, i] * x[b, h, i], for j = i + tau.
 
     Rows without a partner are clamped to the sequence ends; their weights are 0 wherever these
     primitives are used (invalid pairs have probability and gradient exactly 0), and ``dot``
@@ -154,7 +146,8 @@ def valid_pairs(offsets: torch.Tensor, length: int, causal: bool, unpadded: torc
     """(B, H, L, K) bool: the pair (i, i + tau_m) is inside [0, L), causal-allowed and unpadded."""
     positions = torch.arange(length, device=offsets.device)[:, None]
     tau = offsets[:, :, None, :]
-    valid = (positions >= -tau) & (positions < length - tau)  # 0 <= i + tau < L; no int64 (B, H, L, K) partner
+    valid = positions >= -tau
+    valid &= positions < length - tau  # 0 <= i + tau < L; no int64 (B, H, L, K) partner
     if causal:
         valid &= (offsets <= 0)[:, :, None, :]
     if unpadded is not None:
@@ -167,12 +160,102 @@ def valid_pairs(offsets: torch.Tensor, length: int, causal: bool, unpadded: torc
 
 
 def shifted_dots(pairs: list[SlicedShift | GatheredShift], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, K): column m the dot products of :meth:`SlicedShift.dot` of the m-th shift, written in
-    place (stacking K columns would hold them twice)."""
+    """(B, H, L, K): d[b, h, i, m] = <x[b, h, i], y[b, h, i + tau_m]> (``linalg.vecdot``'s products and
+    sums), 0 for rows without a partner. Sliced shifts go chunk of x's rows by chunk, through one reused
+    product buffer straight into d: no (L, F) product allocated, x's chunk read once for the K offsets."""
     dots = torch.empty(x.shape[:3] + (len(pairs),), dtype=x.dtype, device=x.device)
-    for m, shift in enumerate(pairs):
-        shift.dot(x, y, out=dots[..., m])
+    if not all(isinstance(pair, SlicedShift) for pair in pairs):
+        for m, shift in enumerate(pairs):
+            shift.dot(x, y, out=dots[..., m])
+        return dots
+    product = None
+    for b, h, start, stop, spans in sliced_chunks(pairs, x.shape, x.shape[3], CHUNK_ELEMENTS):
+        if product is None:
+            product = x.new_empty(stop - start, x.shape[3])
+        block = dots[b, h, start:stop]
+        for m, (first, end, tau) in enumerate(spans):
+            low, high = max(start, first), min(stop, end)
+            if low >= high:
+                block[:, m].zero_()
+                continue
+            block[: low - start, m].zero_()
+            block[high - start :, m].zero_()  # rows without a partner
+            chunk = product[: high - low]
+            torch.mul(x[b, h, low:high], y[b, h, low + tau : high + tau], out=chunk)
+            torch.sum(chunk, dim=-1, out=block[low - start : high - start, m])
     return dots
+
+
+def row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, H, L): d[b, h, i] = <x[b, h, i], y[b, h, i]>, ``linalg.vecdot``'s products and sums; on a CPU a
+    chunk of rows at a time through one reused buffer (vecdot's (B, H, L, F) product would be a fresh tensor
+    as large as x, written, page-faulted in and read once)."""
+    if x.device.type != "cpu":
+        return torch.linalg.vecdot(x, y)
+    d = torch.empty(x.shape[:3], dtype=x.dtype, device=x.device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[3]))
+    product = x.new_empty(min(rows, x.shape[2]), x.shape[3])
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for start in range(0, x.shape[2], rows):
+                stop = min(x.shape[2], start + rows)
+                chunk = product[: stop - start]
+                torch.mul(x[b, h, start:stop], y[b, h, start:stop], out=chunk)
+                torch.sum(chunk, dim=-1, out=d[b, h, start:stop])
+    return d
+
+
+def shifted_sum(pairs: list[SlicedShift | GatheredShift], weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """t (B, H, L, F): t[b, h, i] = sum_m weight[b, h, i, m] y[b, h, i + tau_m] over the pairs inside
+    [0, L), added in the order m = 0..K-1 (the gather)."""
+    return _weighted_sum(pairs, weight, y, to_partner=False)
+
+
+def partner_sum(pairs: list[SlicedShift | GatheredShift], weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t (B, H, L, F): t[b, h, j] = sum_m weight[b, h, j - tau_m, m] x[b, h, j - tau_m] over the pairs
+    inside [0, L), added in the order m = 0..K-1 (the scatter to key j = i + tau_m)."""
+    return _weighted_sum(pairs, weight, x, to_partner=True)
+
+
+def _weighted_sum(pairs, weight, source, to_partner):
+    """:func:`shifted_sum` and :func:`partner_sum`; sliced shifts fill the target chunk by chunk of its
+    rows (torch.empty: each row written while in cache, no zero-filled pass ahead of the sums)."""
+    if not all(isinstance(pair, SlicedShift) for pair in pairs):
+        target = torch.zeros(weight.shape[:3] + (source.shape[3],), dtype=source.dtype, device=source.device)
+        for m, shift in enumerate(pairs):
+            add = shift.add_to_partner if to_partner else shift.add_shifted
+            add(target, weight[..., m], source)
+        return target
+    target = torch.empty(weight.shape[:3] + (source.shape[3],), dtype=source.dtype, device=source.device)
+    for b, h, start, stop, spans in sliced_chunks(pairs, target.shape, target.shape[3], SUM_CHUNK_ELEMENTS):
+        chunk = target[b, h, start:stop].zero_()
+        for m, (first, end, tau) in enumerate(spans):
+            if to_partner:  # target row j = i + tau takes weight and source row i
+                low, high = max(start, first + tau), min(stop, end + tau)
+                weight_rows = source_rows = slice(low - tau, high - tau)
+            else:  # target row i takes weight row i and source row i + tau
+                low, high = max(start, first), min(stop, end)
+                weight_rows, source_rows = slice(low, high), slice(low + tau, high + tau)
+            if low < high:
+                terms = weight[b, h, weight_rows, m, None], source[b, h, source_rows]
+                chunk[low - start : high - start].addcmul_(*terms)
+    return target
+
+
+LOGSUMEXP_CHUNK_ROWS = 2**16  # rows of (B * H * L, K) logits per logsumexp on a CPU: its temporary stays small
+
+
+def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(logits, dim=-1)``; on a CPU a chunk of rows at a time (its exp temporary is as large
+    as its input: a fresh (B, H, L, K) tensor at once, a reused small one by chunks)."""
+    if logits.device.type != "cpu" or logits.numel() == 0:  # empty: no rows to chunk (K = 0 has no -1 reshape)
+        return torch.logsumexp(logits, dim=-1)
+    lse = torch.empty(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+    flat, flat_lse = logits.reshape(-1, logits.shape[-1]), lse.view(-1)
+    for start in range(0, flat.shape[0], LOGSUMEXP_CHUNK_ROWS):
+        stop = min(flat.shape[0], start + LOGSUMEXP_CHUNK_ROWS)
+        torch.logsumexp(flat[start:stop], dim=-1, out=flat_lse[start:stop])
+    return lse
 
 
 def sparse_attention_forward(q, k, v, offsets, bias, causal, unpadded):
@@ -186,14 +269,11 @@ def sparse_attention_forward(q, k, v, offsets, bias, causal, unpadded):
     logits = shifted_dots(pairs, q, k).mul_(1.0 / math.sqrt(dim))
     if bias is not None:
         logits += bias[:, :, None, :]
-    logits.masked_fill_(~valid_pairs(offsets, length, causal, unpadded), float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
+    logits.masked_fill_(valid_pairs(offsets, length, causal, unpadded).logical_not_(), float("-inf"))
+    lse = row_logsumexp(logits)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = logits.sub_(safe[..., None]).exp_()  # 0 at invalid pairs; rows without a key are all 0
-    out = torch.zeros(q.shape[:3] + (v.shape[3],), dtype=v.dtype, device=v.device)
-    for m, shift in enumerate(pairs):
-        shift.add_shifted(out, probs[..., m], v)
-    return out, lse, probs
+    return shifted_sum(pairs, probs, v), lse, probs
 
 
 def sparse_attention_backward(q, k, v, offsets, probs, lse, out, dout, dlse, has_bias):
@@ -202,17 +282,13 @@ def sparse_attention_backward(q, k, v, offsets, probs, lse, out, dout, dlse, has
     length, dim = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(dim)
     pairs = shifts(offsets, length)
-    row_term = torch.linalg.vecdot(dout, out)
+    row_term = row_dots(dout, out)
     if dlse is not None:
         row_term -= torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
     dz = shifted_dots(pairs, dout, v).sub_(row_term[..., None]).mul_(probs)  # probs * (dp - row_term), in place
-    dq = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
-    for m, shift in enumerate(pairs):
-        shift.add_shifted(dq, dz[..., m], k)
-        shift.add_to_partner(dk, dz[..., m], q)
-        shift.add_to_partner(dv, probs[..., m], dout)
+    dq = shifted_sum(pairs, dz, k)
+    dk = partner_sum(pairs, dz, q)
+    dv = partner_sum(pairs, probs, dout)
     dbias = dz.sum(dim=2) if has_bias else None
     return dq.mul_(scale), dk.mul_(scale), dv, dbias
 
