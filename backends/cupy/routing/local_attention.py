@@ -13,7 +13,7 @@ from typing import Any
 from refattn import checks
 
 from .. import memory
-from ..device import cast, compute_dtype, gradient_overflows, mirror, result_dtype
+from ..device import cast, compute_dtype, mirror, result_dtype
 
 reference = importlib.import_module("refattn.routing.local_attention")
 
@@ -40,7 +40,7 @@ def _local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool, key_pa
         x = [cast(_window(y, group, window), compute) for y in (q, k, v)]
         part = reference.local_attention_core(*x, block, causal=causal,
                                               key_padding_mask=None if mask is None else mask[group[0], window])
-        checks.check_overflow(part, "the local attention", q=x[0], k=x[1])
+        checks.check_overflows(part, reference.OVERFLOWS["local_attention"], q=x[0], k=x[1])
         out[group][:, :, rows] = part[:, :, rows.start - window.start:rows.stop - window.start]
     return out
 
@@ -62,9 +62,6 @@ def _local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causa
     return dq, dk, dv
 
 
-local_attention = mirror(reference.local_attention, reference.check_local_attention, _local_attention,
-                         compute=False)
+local_attention = mirror(reference.local_attention, _local_attention, compute=False, overflow=())  # checked above
 
-local_attention_vjp = mirror(reference.local_attention_vjp, reference.check_local_attention_vjp,
-                             _local_attention_vjp, compute=False,
-                             overflow=gradient_overflows("the gradient of the local attention"))
+local_attention_vjp = mirror(reference.local_attention_vjp, _local_attention_vjp, compute=False)
