@@ -1,6 +1,7 @@
 """What the two GPU backends (CuPy, Numba-CUDA) share about the arguments they take: an argument is an array,
 or a tuple of them (a ``CentroidState``); a tensor that requires grad is refused; float16 and float32 are
-computed in float32, anything with float64 in float64 (spec/interface.md, the tolerance table)."""
+computed in float32, anything with float64 in float64 (spec/interface.md, the tolerance table); results read
+back to the host are widened as the conformance suite compares them."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def compute_dtype(*dtypes: Any) -> np.dtype:
     if not dtypes or any(np.dtype(d).itemsize >= 8 for d in dtypes):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
+
+
+def widened(array: np.ndarray) -> np.ndarray:
+    """A host array of results as ``Backend.to_numpy`` returns it (spec/interface.md): float64 or int64."""
+    return array.astype(np.float64) if array.dtype.kind == "f" else array.astype(np.int64)
 
 
 def refuse_autograd(name: str, value: Any, backend: str) -> None:

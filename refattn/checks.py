@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 from types import ModuleType
 from typing import Any
@@ -62,6 +63,8 @@ __all__ = [
     "one_of",
     "shared_keys",
     "check_overflow",
+    "Overflow",
+    "check_overflows",
 ]
 
 
@@ -478,3 +481,26 @@ def check_overflow(result: Any, where: str, *, allow_neg_inf: bool = False, **op
     verb = "overflows" if len(names) == 1 else "overflow"
     product = "·".join(f"|{name}|" for name in names)
     raise ValueError(f"{subject} {verb} {_dtype_name(result)} in {where}: {product} up to {_magnitude(operands)}")
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """The overflow check (:func:`check_overflow`) of one result of a public function: where it is computed,
+    from which of the function's arguments. Each step module states its functions' checks once, in its
+    ``OVERFLOWS`` table (function name: one rule per result, or one for the whole result), which the
+    reference applies and the backends read instead of retyping them."""
+
+    where: str
+    operands: tuple[str, ...]
+    allow_neg_inf: bool = False
+
+
+def check_overflows(results: Any, rules: Sequence[Overflow | None], *, check: Callable[..., None] = check_overflow,
+                    **arguments: Any) -> None:
+    """``check`` (:func:`check_overflow`, or a backend's equivalent of its signature) of each of ``results`` by
+    the rule at its position (one rule: ``results`` as a whole; a None rule or result: nothing), each rule's
+    operands taken from ``arguments`` by name."""
+    for result, rule in zip((results,) if len(rules) == 1 else results, rules, strict=False):
+        if rule is not None and result is not None:
+            operands = {name: arguments[name] for name in rule.operands}
+            check(result, rule.where, allow_neg_inf=rule.allow_neg_inf, **operands)

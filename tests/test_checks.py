@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -241,6 +243,43 @@ def test_overflow_check_on_torch_tensors():
     checks.check_overflow(torch.empty(4, device="meta"), "the step", x=q)
     with pytest.raises(ValueError, match=r"^x: expected finite values, got 1 NaN or Inf entries"):
         checks.float_array(torch.tensor([0.0, float("nan")]), "x")
+
+
+def test_overflow_rules_check_each_result_by_the_rule_at_its_position():
+    """checks.check_overflows: a step module's OVERFLOWS rules, each on the result at its position, its operands
+    picked by name in the rule's order; a None rule or result is skipped; one rule covers the whole result."""
+    rules = (checks.Overflow("the step", ("b", "a")), None, checks.Overflow("the step", ("b",), allow_neg_inf=True))
+    a, b = np.full(2, 1e200), np.full(2, 1e100)
+    finite, infinite = np.ones(2), np.array([1.0, np.inf])
+    checks.check_overflows((finite, infinite, np.array([-np.inf])), rules, a=a, b=b)
+    checks.check_overflows((finite, None, None), rules, a=a, b=b)
+    with pytest.raises(ValueError, match=r"^b and a overflow float64 in the step: \|b\|·\|a\| up to 1\.0e\+300$"):
+        checks.check_overflows((infinite, finite, finite), rules, a=a, b=b)
+    with pytest.raises(ValueError, match=r"^b overflows float64 in the step: \|b\| up to 1\.0e\+100$"):
+        checks.check_overflows((finite, finite, infinite), rules, a=a, b=b)
+    with pytest.raises(ValueError, match=r"^b and a overflow float64 in the step"):
+        checks.check_overflows((finite, infinite), rules[:1], a=a, b=b)  # one rule: the tuple as a whole
+    seen = []
+
+    def watch(result, where, *, allow_neg_inf=False, **operands):  # a backend's check (Numba's Call.watch)
+        seen.append((where, allow_neg_inf, list(operands)))
+
+    checks.check_overflows((finite, finite, finite), rules, check=watch, a=a, b=b)
+    assert seen == [("the step", False, ["b", "a"]), ("the step", True, ["b"])]
+
+
+def test_every_step_module_states_overflow_rules_of_its_own_functions_and_arguments():
+    """OVERFLOWS keys are the module's public functions; every operand a rule names is an argument of it."""
+    modules = {getattr(package, name).__module__ for package in (fsat, routing) for name in package.__all__
+               if callable(getattr(package, name)) and not isinstance(getattr(package, name), type)}
+    stated = 0
+    for module in map(importlib.import_module, sorted(modules)):
+        for name, rules in getattr(module, "OVERFLOWS", {}).items():
+            parameters = inspect.signature(getattr(module, name)).parameters
+            for rule in filter(None, rules):
+                assert set(rule.operands) <= set(parameters), (module.__name__, name, rule)
+                stated += 1
+    assert stated == 36  # every result check the step modules make
 
 
 def test_overflow_check_passes_finite_results_whose_sum_overflows():

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from refattn.backends import Backend, Capabilities, Strategy
+from refattn.backends import Backend, Capabilities, Strategy, gpu
 
 from . import fsat, memory, plans, routing
 from .device import SUPPORTED_DTYPES, emulated
@@ -66,9 +66,7 @@ def _from_numpy(array: np.ndarray, dtype: str | None = None, device: str | None 
 
 
 def _to_numpy(x: Any) -> np.ndarray:
-    array = x if isinstance(x, np.ndarray) else np.asarray(x.get() if hasattr(x, "get") else x)
-    kind = array.dtype.kind
-    return array.astype(np.float64) if kind == "f" else array.astype(np.int64) if kind in "iu" else array
+    return gpu.widened(x if isinstance(x, np.ndarray) else np.asarray(x.get() if hasattr(x, "get") else x))
 
 
 def _synchronize(devices: tuple[str, ...]) -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -132,31 +132,21 @@ def cast(value: Any, dtype: Any) -> Any:
         return value.astype(dtype, copy=False)
 
 
-@dataclass(frozen=True)
-class Overflow:
-    """The reference's overflow check of one output: where it is computed, from which arguments."""
-
-    where: str
-    operands: tuple[str, ...]
-    allow_neg_inf: bool = False
-
-
-def gradient_overflows(where: str) -> list[Overflow]:
-    """The reference's overflow checks of an attention's dq, dk and dv."""
-    return [Overflow(where, ("dout", "v", "k")), Overflow(where, ("dout", "v", "q")), Overflow(where, ("dout",))]
-
-
-def mirror(reference: Callable[..., Any], check: Callable[..., Any], core: Callable[..., Any], *,
-           overflow: Sequence[Overflow | None] = (), compute: bool | np.dtype = True,
+def mirror(reference: Callable[..., Any], core: Callable[..., Any] | None = None, *,
+           overflow: Sequence[checks.Overflow | None] | None = None, compute: bool | np.dtype = True,
            head_bytes: Callable[[dict[str, Any], int], int] | None = None) -> Callable[..., Any]:
-    """The backend's version of the reference's public function ``reference``: the intake, ``check``, the
-    floating arrays in the compute dtype (``compute`` False: as given; or a dtype to compute in), ``core``,
-    the overflow checks (one per output, or one for the whole result), the cast back.
+    """The backend's version of the reference's public function ``reference`` (``f``): the intake, the
+    reference's ``check_f``, the floating arrays in the compute dtype (``compute`` False: as given; or a
+    dtype to compute in), the reference's ``f_core`` (or ``core``), the reference's overflow checks of the
+    results, ``OVERFLOWS["f"]`` of its module (or ``overflow``), the cast back.
 
     With ``head_bytes(checked arguments, compute itemsize)``, the temporaries of one (batch, head), the
     core runs on groups of heads (:mod:`.memory`): (B, H, ...) arguments and results are sliced along
     (B, H), the mask along B, ``w`` and ``centroids`` along H.
     """
+    module, name = sys.modules[reference.__module__], reference.__name__
+    check, core = getattr(module, f"check_{name}"), core or getattr(module, f"{name}_core")
+    rules = getattr(module, "OVERFLOWS", {}).get(name, ()) if overflow is None else overflow
     parameters = inspect.signature(reference).parameters
     keyword_only = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
 
@@ -166,11 +156,7 @@ def mirror(reference: Callable[..., Any], check: Callable[..., Any], core: Calla
             values = {name: cast(value, into) for name, value in values.items()}
         result = core(*[values[name] for name in parameters if name not in keyword_only],
                       **{name: values[name] for name in keyword_only})
-        outputs = (result,) if len(overflow) == 1 else result
-        for output, rule in zip(outputs, overflow, strict=False):
-            if rule is not None and output is not None:  # dk is None with shared QK
-                checks.check_overflow(output, rule.where, allow_neg_inf=rule.allow_neg_inf,
-                                      **{name: values[name] for name in rule.operands})
+        checks.check_overflows(result, rules, **values)
         return cast(result, dtype)
 
     @on_device

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from refattn.backends import Backend, Capabilities
+from refattn.backends import Backend, Capabilities, gpu
 
 from . import fsat, plans, routing
 from .runtime import prepare_simulator, simulator
@@ -46,7 +46,7 @@ def _to_numpy(x: Any) -> np.ndarray:
         array = x.copy_to_host()
     else:
         array = cuda.as_cuda_array(x).copy_to_host()
-    return array.astype(np.float64) if array.dtype.kind == "f" else array.astype(np.int64)
+    return gpu.widened(array)
 
 
 def _where() -> tuple[tuple[str, ...], str | None, str]:

@@ -253,6 +253,11 @@ class Call:
             # message needs only its dtype and the operands.
             self._watched.append((np.dtype(part.dtype), where, allow_neg_inf, operands))
 
+    def watch_rules(self, results: Any, rules: Any, **arguments: Any) -> None:
+        """:meth:`watch` of ``results`` by the reference's overflow rules of a function (its module's
+        ``OVERFLOWS[name]``; :func:`refattn.checks.check_overflows`)."""
+        checks.check_overflows(results, rules, check=self.watch, **arguments)
+
     def _raise_overflow(self) -> None:
         if not self._watched:
             return

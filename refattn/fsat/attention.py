@@ -180,7 +180,8 @@ def attention_vjp_core(
     noise: Any = None, cross_q: Any = None, cross_k: Any = None,
 ) -> FSATGrads:
     """:func:`attention_vjp` of validated arguments of one floating dtype, computed and returned in
-    that dtype; raises ``ValueError`` when the forward steps (:func:`plan_core`) or a gradient overflow it."""
+    that dtype; raises ``ValueError`` when the forward steps (:func:`plan_core`) overflow it (:func:`attention_vjp`
+    checks the gradients, by ``OVERFLOWS``)."""
     xp = checks.array_namespace(q, k, v)
     plan = plan_core(q, k, w, top_k, causal=causal, key_padding_mask=key_padding_mask, noise=noise,
                      cross_q=cross_q, cross_k=cross_k)
@@ -190,17 +191,21 @@ def attention_vjp_core(
     ds = xp.zeros_like(plan.s)
     xp.put_along_axis(ds, plan.offsets + (q.shape[2] - 1), dbias, axis=2)
     dc, dw = estimate_vjp_core(plan.c, w, ds, key_padding_mask=key_padding_mask)
-    where = "the gradient of the attention"
-    checks.check_overflow(dq, where, dout=dout, v=v, k=k)
-    checks.check_overflow(dk, where, dout=dout, v=v, q=q)
-    checks.check_overflow(dv, where, dout=dout)
-    checks.check_overflow(dw, where, dout=dout, v=v, q=q, k=k)
     if cross_q is None:
         return FSATGrads(dq, dk, dv, dw, None, None)
     da, db = cross_vjp_core(cross_q, cross_k, dc, key_padding_mask=key_padding_mask)
-    checks.check_overflow(da, where, dout=dout, v=v, w=w, cross_k=cross_k)
-    checks.check_overflow(db, where, dout=dout, v=v, w=w, cross_q=cross_q)
     return FSATGrads(dq, dk, dv, dw, da, db)
+
+
+# The overflow checks of dq, dk, dv, dw, dcross_q, dcross_k (refattn.checks.Overflow); plan_core and
+# attention_core check the forward's intermediates.
+_GRADIENT = "the gradient of the attention"
+OVERFLOWS = {
+    "attention_vjp": (checks.Overflow(_GRADIENT, ("dout", "v", "k")), checks.Overflow(_GRADIENT, ("dout", "v", "q")),
+                      checks.Overflow(_GRADIENT, ("dout",)), checks.Overflow(_GRADIENT, ("dout", "v", "q", "k")),
+                      checks.Overflow(_GRADIENT, ("dout", "v", "w", "cross_k")),
+                      checks.Overflow(_GRADIENT, ("dout", "v", "w", "cross_q"))),
+}
 
 
 def attention_vjp(
@@ -241,5 +246,8 @@ def attention_vjp(
         q, k, v, w, top_k, dout, causal, key_padding_mask, noise, cross_q, cross_k
     )
     q, k, v, w, dout, noise, cross_q, cross_k = as_float64(q, k, v, w, dout, noise, cross_q, cross_k)
-    return attention_vjp_core(q, k, v, w, top_k, dout, causal=causal, key_padding_mask=key_padding_mask,
-                              noise=noise, cross_q=cross_q, cross_k=cross_k)
+    grads = attention_vjp_core(q, k, v, w, top_k, dout, causal=causal, key_padding_mask=key_padding_mask,
+                               noise=noise, cross_q=cross_q, cross_k=cross_k)
+    checks.check_overflows(grads, OVERFLOWS["attention_vjp"], q=q, k=k, v=v, w=w, dout=dout, cross_q=cross_q,
+                           cross_k=cross_k)
+    return grads

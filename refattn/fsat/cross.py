@@ -144,6 +144,13 @@ def cross_core(a: Any, b: Any, *, key_padding_mask: Any = None) -> Any:
     return numerator * _inverse_counts(length, key_padding_mask, numerator)
 
 
+OVERFLOWS = {
+    "cross": (checks.Overflow("the cross", ("a", "b")),),
+    "cross_vjp": (checks.Overflow("the gradient of the cross", ("b", "dc")),
+                  checks.Overflow("the gradient of the cross", ("a", "dc"))),
+}
+
+
 def cross(a: Any, b: Any, *, key_padding_mask: Any = None) -> np.ndarray:
     """Hidden-state cross: the per-offset mean of elementwise products, for every offset at once.
 
@@ -168,7 +175,7 @@ def cross(a: Any, b: Any, *, key_padding_mask: Any = None) -> np.ndarray:
     a, b, key_padding_mask = check_cross(a, b, key_padding_mask)
     a, b = as_float64(a, b)
     c = cross_core(a, b, key_padding_mask=key_padding_mask)
-    checks.check_overflow(c, "the cross", a=a, b=b)
+    checks.check_overflows(c, OVERFLOWS["cross"], a=a, b=b)
     return c
 
 
@@ -217,6 +224,5 @@ def cross_vjp(a: Any, b: Any, dc: Any, *, key_padding_mask: Any = None) -> tuple
     a, b, dc, key_padding_mask = check_cross_vjp(a, b, dc, key_padding_mask)
     a, b, dc = as_float64(a, b, dc)
     da, db = cross_vjp_core(a, b, dc, key_padding_mask=key_padding_mask)
-    checks.check_overflow(da, "the gradient of the cross", b=b, dc=dc)
-    checks.check_overflow(db, "the gradient of the cross", a=a, dc=dc)
+    checks.check_overflows((da, db), OVERFLOWS["cross_vjp"], a=a, b=b, dc=dc)
     return da, db

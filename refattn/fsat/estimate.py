@@ -48,6 +48,13 @@ def estimate_core(c: Any, w: Any, *, key_padding_mask: Any = None) -> Any:
     return xp.where(_has_pairs(c, key_padding_mask), scores, -np.inf)
 
 
+OVERFLOWS = {
+    "estimate": (checks.Overflow("the estimate", ("c", "w"), allow_neg_inf=True),),
+    "estimate_vjp": (checks.Overflow("the gradient of the estimate", ("ds", "w")),
+                     checks.Overflow("the gradient of the estimate", ("ds", "c"))),
+}
+
+
 def estimate(c: Any, w: Any, *, key_padding_mask: Any = None) -> np.ndarray:
     """Score every offset: s[b, h, t] = <w[h], c[b, h, t]> / sqrt(Dc), and -inf where n_tau = 0.
 
@@ -66,7 +73,7 @@ def estimate(c: Any, w: Any, *, key_padding_mask: Any = None) -> np.ndarray:
     c, w, key_padding_mask = check_estimate(c, w, key_padding_mask)
     c, w = as_float64(c, w)
     s = estimate_core(c, w, key_padding_mask=key_padding_mask)
-    checks.check_overflow(s, "the estimate", allow_neg_inf=True, c=c, w=w)
+    checks.check_overflows(s, OVERFLOWS["estimate"], c=c, w=w)
     return s
 
 
@@ -105,6 +112,5 @@ def estimate_vjp(c: Any, w: Any, ds: Any, *, key_padding_mask: Any = None) -> tu
     c, w, ds, key_padding_mask = check_estimate_vjp(c, w, ds, key_padding_mask)
     c, w, ds = as_float64(c, w, ds)
     dc, dw = estimate_vjp_core(c, w, ds, key_padding_mask=key_padding_mask)
-    checks.check_overflow(dc, "the gradient of the estimate", ds=ds, w=w)
-    checks.check_overflow(dw, "the gradient of the estimate", ds=ds, c=c)
+    checks.check_overflows((dc, dw), OVERFLOWS["estimate_vjp"], c=c, w=w, ds=ds)
     return dc, dw

@@ -134,6 +134,16 @@ def sparse_attention_core(
     return result.out, result.lse
 
 
+# The overflow checks of the results (refattn.checks.Overflow): lse is -inf on rows with no valid key.
+_GRADIENT = "the gradient of the sparse attention"
+OVERFLOWS = {
+    "sparse_attention": (None, checks.Overflow("the sparse attention", ("q", "k"), allow_neg_inf=True)),
+    "sparse_attention_vjp": (checks.Overflow(_GRADIENT, ("dout", "v", "k")),
+                             checks.Overflow(_GRADIENT, ("dout", "v", "q")), checks.Overflow(_GRADIENT, ("dout",)),
+                             checks.Overflow(_GRADIENT, ("dout", "v"))),
+}
+
+
 def sparse_attention(
     q: Any,
     k: Any,
@@ -172,7 +182,7 @@ def sparse_attention(
     )
     q, k, v, bias = as_float64(q, k, v, bias)
     out, lse = sparse_attention_core(q, k, v, offsets, bias, causal=causal, key_padding_mask=key_padding_mask)
-    checks.check_overflow(lse, "the sparse attention", allow_neg_inf=True, q=q, k=k)
+    checks.check_overflows((out, lse), OVERFLOWS["sparse_attention"], q=q, k=k)
     return out, lse
 
 
@@ -267,10 +277,5 @@ def sparse_attention_vjp(
     dq, dk, dv, dbias = sparse_attention_vjp_core(
         q, k, v, offsets, bias, dout, dlse=dlse, causal=causal, key_padding_mask=key_padding_mask
     )
-    where = "the gradient of the sparse attention"
-    checks.check_overflow(dq, where, dout=dout, v=v, k=k)
-    checks.check_overflow(dk, where, dout=dout, v=v, q=q)
-    checks.check_overflow(dv, where, dout=dout)
-    if dbias is not None:
-        checks.check_overflow(dbias, where, dout=dout, v=v)
+    checks.check_overflows((dq, dk, dv, dbias), OVERFLOWS["sparse_attention_vjp"], q=q, k=k, v=v, dout=dout)
     return dq, dk, dv, dbias

@@ -169,15 +169,22 @@ def attention_vjp_core(
     shared_qk: bool = False, profile: Profile, key_padding_mask: Any = None,
 ) -> tuple[Any, Any, Any]:
     """:func:`attention_vjp` of validated arguments of one floating dtype, computed and returned in
-    that dtype; raises ``ValueError`` when the routing or a gradient overflows it."""
+    that dtype; raises ``ValueError`` when the routing overflows it (:func:`attention_vjp` checks the
+    gradients, by ``OVERFLOWS``)."""
     q_members, k_members = _members(q, k, centroids, window, shared_qk, profile, key_padding_mask)
     do = combine_vjp_core(q_members, dout, profile=profile)
     dq, dk, dv = cluster_attention_vjp_core(
         q, k, v, q_members, k_members, do, causal=causal, shared_qk=shared_qk, profile=profile
     )
-    checks.check_overflow((dq, dk), "the gradient of the routing attention", dout=dout, v=v, q=q, k=k)
-    checks.check_overflow(dv, "the gradient of the routing attention", dout=dout)
     return dq, dk, dv
+
+
+# The overflow checks of dq, dk, dv (refattn.checks.Overflow); the cores check the routing's intermediates.
+_GRADIENT = "the gradient of the routing attention"
+OVERFLOWS = {
+    "attention_vjp": (checks.Overflow(_GRADIENT, ("dout", "v", "q", "k")),
+                      checks.Overflow(_GRADIENT, ("dout", "v", "q", "k")), checks.Overflow(_GRADIENT, ("dout",))),
+}
 
 
 def attention_vjp(
@@ -207,5 +214,7 @@ def attention_vjp(
         q, k, v, centroids, dout, window, causal, shared_qk, profile, key_padding_mask
     )
     q, k, v, centroids, dout = as_float64(q, k, v, centroids, dout)
-    return attention_vjp_core(q, k, v, centroids, dout, window=window, causal=causal, shared_qk=shared_qk,
-                              profile=profile, key_padding_mask=key_padding_mask)
+    grads = attention_vjp_core(q, k, v, centroids, dout, window=window, causal=causal, shared_qk=shared_qk,
+                               profile=profile, key_padding_mask=key_padding_mask)
+    checks.check_overflows(grads, OVERFLOWS["attention_vjp"], q=q, k=k, v=v, dout=dout)
+    return grads

@@ -204,6 +204,9 @@ def update_centroids_core(
     return CentroidState(means, state.counts.copy(), state.sums.copy())
 
 
+OVERFLOWS = {"update_centroids": (checks.Overflow("the centroid update", ("q_hat", "k_hat")),)}
+
+
 def update_centroids(
     state: CentroidState,
     q_hat: Any,
@@ -256,5 +259,5 @@ def update_centroids(
     state = CentroidState(*as_float64(*state))
     q_hat, k_hat = as_float64(q_hat, k_hat)
     new = update_centroids_core(state, q_hat, k_hat, profile=profile, key_padding_mask=key_padding_mask, decay=decay)
-    checks.check_overflow(new, "the centroid update", q_hat=q_hat, k_hat=k_hat)
+    checks.check_overflows(new, OVERFLOWS["update_centroids"], q_hat=q_hat, k_hat=k_hat)
     return new

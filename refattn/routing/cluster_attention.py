@@ -151,6 +151,14 @@ def cluster_attention_core(
     return out
 
 
+_GRADIENT = "the gradient of the cluster attention"
+OVERFLOWS = {
+    "cluster_attention": (checks.Overflow("the cluster attention", ("q", "k")),),
+    "cluster_attention_vjp": (checks.Overflow(_GRADIENT, ("do", "v", "q", "k")),
+                              checks.Overflow(_GRADIENT, ("do", "v", "q", "k")), checks.Overflow(_GRADIENT, ("do",))),
+}
+
+
 def cluster_attention(
     q: Any,
     k: Any,
@@ -197,7 +205,7 @@ def cluster_attention(
     )
     q, k, v = as_float64(q, k, v)
     o = cluster_attention_core(q, k, v, q_members, k_members, causal=causal, shared_qk=shared_qk, profile=profile)
-    checks.check_overflow(o, "the cluster attention", q=q, k=k)
+    checks.check_overflows(o, OVERFLOWS["cluster_attention"], q=q, k=k)
     return o
 
 
@@ -282,6 +290,5 @@ def cluster_attention_vjp(
     dq, dk, dv = cluster_attention_vjp_core(
         q, k, v, q_members, k_members, do, causal=causal, shared_qk=shared_qk, profile=profile
     )
-    checks.check_overflow((dq, dk), "the gradient of the cluster attention", do=do, v=v, q=q, k=k)
-    checks.check_overflow(dv, "the gradient of the cluster attention", do=do)
+    checks.check_overflows((dq, dk, dv), OVERFLOWS["cluster_attention_vjp"], q=q, k=k, v=v, do=do)
     return dq, dk, dv

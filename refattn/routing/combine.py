@@ -42,6 +42,9 @@ def combine_core(o: Any, q_members: Any, length: int, *, profile: Profile) -> An
     return total / (member_counts(q_members, length, o.dtype) + profile.combine_eps)[..., None]
 
 
+OVERFLOWS = {"combine": (checks.Overflow("the combination of the cluster outputs", ("o",)),)}
+
+
 def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> np.ndarray:
     """Scatter the cluster outputs back to their positions, averaging over clusters.
 
@@ -63,7 +66,7 @@ def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> np
     o, q_members, length, profile = check_combine(o, q_members, length, profile)
     o = as_float64(o)
     out = combine_core(o, q_members, length, profile=profile)
-    checks.check_overflow(out, "the combination of the cluster outputs", o=o)
+    checks.check_overflows(out, OVERFLOWS["combine"], o=o)
     return out
 
 

@@ -58,6 +58,12 @@ def commitment_loss_core(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_
     return beta * xp.sum(residual * residual) / xp.maximum(count, 1)  # no unpadded token: the sum is 0
 
 
+OVERFLOWS = {
+    "commitment_loss": (checks.Overflow("the commitment loss", ("x_hat", "centroids")),),
+    "commitment_loss_vjp": (checks.Overflow("the gradient of the commitment loss", ("x_hat", "centroids")),),
+}
+
+
 def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_padding_mask: Any = None) -> float:
     """β times the mean squared distance of each unpadded token to its nearest centroid.
 
@@ -78,7 +84,7 @@ def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_paddi
     x_hat, centroids, beta, key_padding_mask = check_commitment_loss(x_hat, centroids, beta, key_padding_mask)
     x_hat, centroids = as_float64(x_hat, centroids)
     loss = commitment_loss_core(x_hat, centroids, beta=beta, key_padding_mask=key_padding_mask)
-    checks.check_overflow(loss, "the commitment loss", x_hat=x_hat, centroids=centroids)
+    checks.check_overflows(loss, OVERFLOWS["commitment_loss"], x_hat=x_hat, centroids=centroids)
     return float(loss)
 
 
@@ -117,5 +123,5 @@ def commitment_loss_vjp(
     )
     x_hat, centroids = as_float64(x_hat, centroids)
     dx_hat = commitment_loss_vjp_core(x_hat, centroids, dloss, beta=beta, key_padding_mask=key_padding_mask)
-    checks.check_overflow(dx_hat, "the gradient of the commitment loss", x_hat=x_hat, centroids=centroids)
+    checks.check_overflows(dx_hat, OVERFLOWS["commitment_loss_vjp"], x_hat=x_hat, centroids=centroids)
     return dx_hat

@@ -109,6 +109,14 @@ def local_attention_core(
     return _forward(q, k, v, layout, causal, key_padding_mask)[-1]
 
 
+_GRADIENT = "the gradient of the local attention"
+OVERFLOWS = {
+    "local_attention": (checks.Overflow("the local attention", ("q", "k")),),
+    "local_attention_vjp": (checks.Overflow(_GRADIENT, ("dout", "v", "k")),
+                            checks.Overflow(_GRADIENT, ("dout", "v", "q")), checks.Overflow(_GRADIENT, ("dout",))),
+}
+
+
 def local_attention(
     q: Any, k: Any, v: Any, block: int, *, causal: bool = False, key_padding_mask: Any = None
 ) -> np.ndarray:
@@ -134,7 +142,7 @@ def local_attention(
     q, k, v, block, causal, key_padding_mask = check_local_attention(q, k, v, block, causal, key_padding_mask)
     q, k, v = as_float64(q, k, v)
     out = local_attention_core(q, k, v, block, causal=causal, key_padding_mask=key_padding_mask)
-    checks.check_overflow(out, "the local attention", q=q, k=k)
+    checks.check_overflows(out, OVERFLOWS["local_attention"], q=q, k=k)
     return out
 
 
@@ -193,8 +201,5 @@ def local_attention_vjp(
     )
     q, k, v, dout = as_float64(q, k, v, dout)
     dq, dk, dv = local_attention_vjp_core(q, k, v, block, dout, causal=causal, key_padding_mask=key_padding_mask)
-    where = "the gradient of the local attention"
-    checks.check_overflow(dq, where, dout=dout, v=v, k=k)
-    checks.check_overflow(dk, where, dout=dout, v=v, q=q)
-    checks.check_overflow(dv, where, dout=dout)
+    checks.check_overflows((dq, dk, dv), OVERFLOWS["local_attention_vjp"], q=q, k=k, v=v, dout=dout)
     return dq, dk, dv

@@ -100,6 +100,9 @@ def normalize_vjp_core(x: Any, dx_hat: Any, *, profile: Profile) -> Any:
     return xp.where(clamped, dy / profile.norm_eps, unit)
 
 
+OVERFLOWS = {"normalize_vjp": (checks.Overflow("the gradient of the normalization", ("dx_hat",)),)}
+
+
 def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> np.ndarray:
     """Vector-Jacobian product of :func:`normalize`.
 
@@ -120,5 +123,5 @@ def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> np.ndarray:
     x, dx_hat, profile = check_normalize_vjp(x, dx_hat, profile)
     x, dx_hat = as_float64(x, dx_hat)
     dx = normalize_vjp_core(x, dx_hat, profile=profile)
-    checks.check_overflow(dx, "the gradient of the normalization", dx_hat=dx_hat)
+    checks.check_overflows(dx, OVERFLOWS["normalize_vjp"], dx_hat=dx_hat)
     return dx

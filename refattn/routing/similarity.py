@@ -32,6 +32,13 @@ def similarity_core(x_hat: Any, centroids: Any) -> Any:
     return checks.array_namespace(x_hat, centroids).einsum("bhld,hcd->bhlc", x_hat, centroids, optimize=True)
 
 
+OVERFLOWS = {
+    "similarity": (checks.Overflow("the similarity", ("x_hat", "centroids")),),
+    "similarity_vjp": (checks.Overflow("the gradient of the similarity", ("ds", "centroids")),
+                       checks.Overflow("the gradient of the similarity", ("ds", "x_hat"))),
+}
+
+
 def similarity(x_hat: Any, centroids: Any) -> np.ndarray:
     """Dot products of the normalized tokens with the centroids of their head.
 
@@ -46,7 +53,7 @@ def similarity(x_hat: Any, centroids: Any) -> np.ndarray:
     """
     x_hat, centroids = as_float64(*check_similarity(x_hat, centroids))
     scores = similarity_core(x_hat, centroids)
-    checks.check_overflow(scores, "the similarity", x_hat=x_hat, centroids=centroids)
+    checks.check_overflows(scores, OVERFLOWS["similarity"], x_hat=x_hat, centroids=centroids)
     return scores
 
 
@@ -79,6 +86,5 @@ def similarity_vjp(x_hat: Any, centroids: Any, ds: Any) -> tuple[np.ndarray, np.
     """
     x_hat, centroids, ds = as_float64(*check_similarity_vjp(x_hat, centroids, ds))
     dx_hat, dcentroids = similarity_vjp_core(x_hat, centroids, ds)
-    checks.check_overflow(dx_hat, "the gradient of the similarity", ds=ds, centroids=centroids)
-    checks.check_overflow(dcentroids, "the gradient of the similarity", ds=ds, x_hat=x_hat)
+    checks.check_overflows((dx_hat, dcentroids), OVERFLOWS["similarity_vjp"], x_hat=x_hat, centroids=centroids, ds=ds)
     return dx_hat, dcentroids

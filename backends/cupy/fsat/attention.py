@@ -16,8 +16,9 @@ from refattn.fsat.cross import cross_core, cross_vjp_core
 from refattn.fsat.estimate import estimate_vjp_core
 
 from .. import memory
-from ..device import Overflow, cast, compute_dtype, gradient_overflows, mirror, result_dtype
-from .sparse_attention import LSE, backward, forward
+from ..device import cast, compute_dtype, mirror, result_dtype
+from .sparse_attention import backward, forward
+from .sparse_attention import reference as sparse_reference
 
 reference = importlib.import_module("refattn.fsat.attention")
 FSATGrads = reference.FSATGrads
@@ -49,7 +50,7 @@ def _attention(q: Any, k: Any, v: Any, w: Any, top_k: int, *, causal: bool, key_
                cross_q: Any, cross_k: Any) -> Any:
     offsets, bias = _plan(q, k, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k, gradient=False)
     out, lse = forward(q, k, v, offsets, bias, causal=causal, key_padding_mask=key_padding_mask)
-    checks.check_overflow(lse, LSE.where, allow_neg_inf=True, q=q, k=k)
+    checks.check_overflows((out, lse), sparse_reference.OVERFLOWS["sparse_attention"], q=q, k=k)
     return out
 
 
@@ -74,10 +75,6 @@ def _attention_vjp(q: Any, k: Any, v: Any, w: Any, top_k: int, dout: Any, *, cau
     return FSATGrads(dq, dk, dv, dw, da, db)
 
 
-attention = mirror(reference.attention, reference.check_attention, _attention, compute=False)
+attention = mirror(reference.attention, _attention, compute=False)
 
-GRADIENT = "the gradient of the attention"
-attention_vjp = mirror(reference.attention_vjp, reference.check_attention_vjp, _attention_vjp, compute=False,
-                       overflow=[*gradient_overflows(GRADIENT), Overflow(GRADIENT, ("dout", "v", "q", "k")),
-                                 Overflow(GRADIENT, ("dout", "v", "w", "cross_k")),
-                                 Overflow(GRADIENT, ("dout", "v", "w", "cross_q"))])  # dw, da, db
+attention_vjp = mirror(reference.attention_vjp, _attention_vjp, compute=False)

@@ -13,7 +13,7 @@ import numpy as np
 from refattn import checks
 
 from .. import memory
-from ..device import Overflow, mirror, namespace, on_device
+from ..device import mirror, namespace, on_device
 
 reference = importlib.import_module("refattn.fsat.cross")  # the module: refattn.fsat.cross is also a function
 
@@ -32,11 +32,8 @@ def pair_counts(length: int, key_padding_mask: Any = None) -> Any:
     return counts
 
 
-cross = mirror(reference.cross, reference.check_cross, reference.cross_core,
-               overflow=[Overflow("the cross", ("a", "b"))],
+cross = mirror(reference.cross,
                head_bytes=lambda x, itemsize: memory.cross_head(x["a"].shape[2], x["a"].shape[3], itemsize))
 
-cross_vjp = mirror(reference.cross_vjp, reference.check_cross_vjp, reference.cross_vjp_core,
-                   overflow=[Overflow("the gradient of the cross", ("b", "dc")),
-                             Overflow("the gradient of the cross", ("a", "dc"))],
+cross_vjp = mirror(reference.cross_vjp,
                    head_bytes=lambda x, itemsize: memory.cross_vjp_head(x["a"].shape[2], x["a"].shape[3], itemsize))

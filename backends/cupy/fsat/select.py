@@ -1,8 +1,6 @@
 """FSAT step 2b on CuPy arrays: :mod:`refattn.fsat.select` on float64 scores, as the reference compares them
 (its choices are then the reference's), on groups of heads (its sort keys and indices are 64-bit)."""
 
-from __future__ import annotations
-
 import importlib
 
 import numpy as np
@@ -12,5 +10,5 @@ from ..device import mirror
 
 reference = importlib.import_module("refattn.fsat.select")
 
-select = mirror(reference.select, reference.check_select, reference.select_core, compute=np.dtype(np.float64),
+select = mirror(reference.select, compute=np.dtype(np.float64),
                 head_bytes=lambda x, itemsize: memory.select_head(x["s"].shape[2]))

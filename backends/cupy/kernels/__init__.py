@@ -66,8 +66,7 @@ def _module(device: int | None) -> Any:
 def launch(plan: Launch, dtype: Any, args: tuple[Any, ...]) -> None:
     """Run ``plan.kernel`` for storage ``dtype`` with the plan's grid and block: on the current CUDA device
     for CuPy arrays, emulated on the CPU for NumPy arrays (``REFATTN_CUDA_EMULATION=1``)."""
-    emulated = isinstance(args[0], np.ndarray)
-    if emulated:
+    if isinstance(args[0], np.ndarray):
         device = None
     else:
         import cupy

@@ -20,8 +20,6 @@ def _head_bytes(x: dict, itemsize: int, *, gradient: bool) -> int:
                                gradient=gradient)
 
 
-attention = mirror(reference.attention, reference.check_attention, reference.attention_core,
-                   head_bytes=lambda x, itemsize: _head_bytes(x, itemsize, gradient=False))
+attention = mirror(reference.attention, head_bytes=lambda x, itemsize: _head_bytes(x, itemsize, gradient=False))
 
-attention_vjp = mirror(reference.attention_vjp, reference.check_attention_vjp, reference.attention_vjp_core,
-                       head_bytes=lambda x, itemsize: _head_bytes(x, itemsize, gradient=True))
+attention_vjp = mirror(reference.attention_vjp, head_bytes=lambda x, itemsize: _head_bytes(x, itemsize, gradient=True))

@@ -11,18 +11,16 @@ import importlib
 from typing import Any
 
 from .. import memory
-from ..device import Overflow, mirror, namespace
+from ..device import mirror, namespace
 
 reference = importlib.import_module("refattn.routing.centroids")
 CentroidState = reference.CentroidState
 
-assign = mirror(reference.assign, reference.check_assign, reference.assign_core,  # on groups of heads
+assign = mirror(reference.assign,  # on groups of heads
                 head_bytes=lambda x, itemsize: memory.assign_head(x["x_hat"].shape[2], x["x_hat"].shape[3],
                                                                   x["centroids"].shape[1], itemsize))
 
-update_centroids = mirror(reference.update_centroids, reference.check_update_centroids,
-                          reference.update_centroids_core,
-                          overflow=[Overflow("the centroid update", ("q_hat", "k_hat"))])
+update_centroids = mirror(reference.update_centroids)
 
 
 @functools.wraps(reference.init_centroids)

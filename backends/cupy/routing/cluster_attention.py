@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 
 from .. import memory
-from ..device import Overflow, mirror
+from ..device import mirror
 
 reference = importlib.import_module("refattn.routing.cluster_attention")
 
@@ -17,13 +17,8 @@ def _head_bytes(x: dict, itemsize: int, *, gradient: bool) -> int:
     return memory.cluster_head(length, dim, x["v"].shape[3], clusters, window, itemsize, gradient=gradient)
 
 
-cluster_attention = mirror(reference.cluster_attention, reference.check_cluster_attention,
-                           reference.cluster_attention_core, overflow=[Overflow("the cluster attention", ("q", "k"))],
+cluster_attention = mirror(reference.cluster_attention,
                            head_bytes=lambda x, itemsize: _head_bytes(x, itemsize, gradient=False))
 
-_gradient = "the gradient of the cluster attention"
-cluster_attention_vjp = mirror(reference.cluster_attention_vjp, reference.check_cluster_attention_vjp,
-                               reference.cluster_attention_vjp_core,
-                               overflow=[Overflow(_gradient, ("do", "v", "q", "k")),
-                                         Overflow(_gradient, ("do", "v", "q", "k")), Overflow(_gradient, ("do",))],
+cluster_attention_vjp = mirror(reference.cluster_attention_vjp,
                                head_bytes=lambda x, itemsize: _head_bytes(x, itemsize, gradient=True))

@@ -13,7 +13,7 @@ from typing import Any
 from refattn import checks
 
 from .. import memory
-from ..device import cast, compute_dtype, gradient_overflows, mirror, result_dtype
+from ..device import cast, compute_dtype, mirror, result_dtype
 
 reference = importlib.import_module("refattn.routing.local_attention")
 
@@ -29,18 +29,14 @@ def _windows(q: Any, v: Any, block: int, itemsize: int) -> list[tuple[tuple[slic
             for group in memory.groups(batch, heads, heads_per) for start, stop in rows]
 
 
-def _window(x: Any, group: tuple[slice, slice], window: slice) -> Any:
-    return None if x is None else x[group][:, :, window]
-
-
 def _local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool, key_padding_mask: Any) -> Any:
     dtype, xp, mask = result_dtype(q, k, v), checks.array_namespace(q), key_padding_mask
     compute, out = compute_dtype(dtype), xp.empty(v.shape, dtype)
     for group, rows, window in _windows(q, v, block, compute.itemsize):
-        x = [cast(_window(y, group, window), compute) for y in (q, k, v)]
+        x = [cast(y[group][:, :, window], compute) for y in (q, k, v)]
         part = reference.local_attention_core(*x, block, causal=causal,
                                               key_padding_mask=None if mask is None else mask[group[0], window])
-        checks.check_overflow(part, "the local attention", q=x[0], k=x[1])
+        checks.check_overflows(part, reference.OVERFLOWS["local_attention"], q=x[0], k=x[1])
         out[group][:, :, rows] = part[:, :, rows.start - window.start:rows.stop - window.start]
     return out
 
@@ -50,7 +46,7 @@ def _local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causa
     compute, xp, mask = compute_dtype(result_dtype(q, k, v, dout)), checks.array_namespace(q), key_padding_mask
     dq, dk, dv = (xp.zeros(x.shape, compute) for x in (q, k, v))
     for group, rows, window in _windows(q, v, block, compute.itemsize):
-        x = [cast(_window(y, group, window), compute) for y in (q, k, v)]
+        x = [cast(y[group][:, :, window], compute) for y in (q, k, v)]
         inside = slice(rows.start - window.start, rows.stop - window.start)
         cotangent = xp.zeros(x[2].shape, compute)  # the halo rows' outputs belong to other windows
         cotangent[:, :, inside] = dout[group][:, :, rows]
@@ -62,9 +58,6 @@ def _local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causa
     return dq, dk, dv
 
 
-local_attention = mirror(reference.local_attention, reference.check_local_attention, _local_attention,
-                         compute=False)
+local_attention = mirror(reference.local_attention, _local_attention, compute=False, overflow=())  # checked above
 
-local_attention_vjp = mirror(reference.local_attention_vjp, reference.check_local_attention_vjp,
-                             _local_attention_vjp, compute=False,
-                             overflow=gradient_overflows("the gradient of the local attention"))
+local_attention_vjp = mirror(reference.local_attention_vjp, _local_attention_vjp, compute=False)

@@ -2,12 +2,10 @@
 comparisons of their own dtype are those of the reference's float64 promotion, so the members are the
 reference's). Its partition works on one head's rows at a time: no sort of all B·H·C·L similarities."""
 
-from __future__ import annotations
-
 import importlib
 
 from ..device import mirror
 
 reference = importlib.import_module("refattn.routing.route")
 
-route = mirror(reference.route, reference.check_route, reference.route_core, compute=False)
+route = mirror(reference.route, compute=False)

@@ -12,7 +12,7 @@ from typing import Any
 
 from numba import cuda
 
-from refattn.fsat.attention import FSATGrads, Plan, check_attention, check_attention_vjp
+from refattn.fsat.attention import OVERFLOWS, FSATGrads, Plan, check_attention, check_attention_vjp
 
 from ..device import unravel3
 from ..kernels import KernelTable, registry
@@ -71,17 +71,13 @@ def attention_vjp_core(call: Call, q: Any, k: Any, v: Any, w: Any, top_k: int, d
     ds = call.zeros(plan.s.shape)
     call.flat("scatter_ds_k", dbias.size, dbias, plan.offsets, ds)
     dc, dw = estimate_vjp_core(call, plan.c, w, ds, counts.counts, with_dc=cross_q is not None)
-    where = "the gradient of the attention"
-    call.watch(dq, where, dout=dout, v=v, k=k)
-    call.watch(dk, where, dout=dout, v=v, q=q)
-    call.watch(dv, where, dout=dout)
-    call.watch(dw, where, dout=dout, v=v, q=q, k=k)
+    rules = OVERFLOWS["attention_vjp"]  # dq, dk, dv, dw now; dcross_q, dcross_k once computed
+    call.watch_rules((dq, dk, dv, dw), rules[:4], q=q, k=k, v=v, dout=dout)
     if cross_q is None:
         return FSATGrads(dq, dk, dv, dw, None, None)
     del plan
     da, db = cross_vjp_core(call, cross_q, cross_k, dc, counts)
-    call.watch(da, where, dout=dout, v=v, w=w, cross_k=cross_k)
-    call.watch(db, where, dout=dout, v=v, w=w, cross_q=cross_q)
+    call.watch_rules((None, None, None, None, da, db), rules, v=v, w=w, dout=dout, cross_q=cross_q, cross_k=cross_k)
     return FSATGrads(dq, dk, dv, dw, da, db)
 
 

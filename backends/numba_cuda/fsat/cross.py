@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import cuda, float64
 
-from refattn.fsat.cross import check_cross, check_cross_vjp, check_pair_counts
+from refattn.fsat.cross import OVERFLOWS, check_cross, check_cross_vjp, check_pair_counts
 
 from ..fft import convolve
 from ..kernels import KernelTable, registry
@@ -80,7 +80,7 @@ def cross(a: Any, b: Any, *, key_padding_mask: Any = None) -> Any:
     """:func:`refattn.fsat.cross` on the device."""
     call, (a, b, key_padding_mask) = intake(check_cross, a, b, key_padding_mask)
     c = cross_core(call, a, b, pairs(call, a.shape[2], key_padding_mask))
-    call.watch(c, "the cross", a=a, b=b)
+    call.watch_rules(c, OVERFLOWS["cross"], a=a, b=b)
     return call.out(c)
 
 
@@ -98,8 +98,7 @@ def cross_vjp(a: Any, b: Any, dc: Any, *, key_padding_mask: Any = None) -> tuple
     """:func:`refattn.fsat.cross_vjp` on the device."""
     call, (a, b, dc, key_padding_mask) = intake(check_cross_vjp, a, b, dc, key_padding_mask)
     da, db = cross_vjp_core(call, a, b, dc, pairs(call, a.shape[2], key_padding_mask))
-    call.watch(da, "the gradient of the cross", b=b, dc=dc)
-    call.watch(db, "the gradient of the cross", a=a, dc=dc)
+    call.watch_rules((da, db), OVERFLOWS["cross_vjp"], a=a, b=b, dc=dc)
     return call.out(da, db)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from numba import cuda
 
-from refattn.fsat.estimate import check_estimate, check_estimate_vjp
+from refattn.fsat.estimate import OVERFLOWS, check_estimate, check_estimate_vjp
 
 from .. import device
 from ..device import unravel4
@@ -39,7 +39,7 @@ def estimate(c: Any, w: Any, *, key_padding_mask: Any = None) -> Any:
     """:func:`refattn.fsat.estimate` on the device."""
     call, (c, w, key_padding_mask) = intake(check_estimate, c, w, key_padding_mask)
     s = estimate_core(call, c, w, pair_counts_core(call, (c.shape[2] + 1) // 2, key_padding_mask))
-    call.watch(s, "the estimate", allow_neg_inf=True, c=c, w=w)
+    call.watch_rules(s, OVERFLOWS["estimate"], c=c, w=w)
     return call.out(s)
 
 
@@ -73,8 +73,7 @@ def estimate_vjp(c: Any, w: Any, ds: Any, *, key_padding_mask: Any = None) -> tu
     """:func:`refattn.fsat.estimate_vjp` on the device."""
     call, (c, w, ds, key_padding_mask) = intake(check_estimate_vjp, c, w, ds, key_padding_mask)
     dc, dw = estimate_vjp_core(call, c, w, ds, pair_counts_core(call, (c.shape[2] + 1) // 2, key_padding_mask))
-    call.watch(dc, "the gradient of the estimate", ds=ds, w=w)
-    call.watch(dw, "the gradient of the estimate", ds=ds, c=c)
+    call.watch_rules((dc, dw), OVERFLOWS["estimate_vjp"], c=c, w=w, ds=ds)
     return call.out(dc, dw)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from numba import cuda
 
-from refattn.fsat.sparse_attention import check_sparse_attention, check_sparse_attention_vjp
+from refattn.fsat.sparse_attention import OVERFLOWS, check_sparse_attention, check_sparse_attention_vjp
 
 from .. import device
 from ..kernels import KernelTable, registry
@@ -85,7 +85,7 @@ def sparse_attention(q: Any, k: Any, v: Any, offsets: Any, bias: Any = None, *, 
     call, (q, k, v, offsets, bias, causal, key_padding_mask) = intake(
         check_sparse_attention, q, k, v, offsets, bias, causal, key_padding_mask)
     out, lse = sparse_attention_core(call, q, k, v, offsets, bias, causal=causal, key_padding_mask=key_padding_mask)
-    call.watch(lse, "the sparse attention", allow_neg_inf=True, q=q, k=k)
+    call.watch_rules((out, lse), OVERFLOWS["sparse_attention"], q=q, k=k)
     return call.out(out, lse)
 
 
@@ -135,11 +135,7 @@ def sparse_attention_vjp(q: Any, k: Any, v: Any, offsets: Any, bias: Any, dout: 
         check_sparse_attention_vjp, q, k, v, offsets, bias, dout, dlse, causal, key_padding_mask)
     dq, dk, dv, dbias = sparse_attention_vjp_core(call, q, k, v, offsets, bias, dout, dlse=dlse, causal=causal,
                                                   key_padding_mask=key_padding_mask)
-    where = "the gradient of the sparse attention"
-    call.watch(dq, where, dout=dout, v=v, k=k)
-    call.watch(dk, where, dout=dout, v=v, q=q)
-    call.watch(dv, where, dout=dout)
-    call.watch(dbias, where, dout=dout, v=v)
+    call.watch_rules((dq, dk, dv, dbias), OVERFLOWS["sparse_attention_vjp"], q=q, k=k, v=v, dout=dout)
     return call.out(dq, dk, dv, dbias)
 
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from refattn.routing.attention import check_attention, check_attention_vjp, default_num_clusters, default_window
+from refattn.routing.attention import (
+    OVERFLOWS,
+    check_attention,
+    check_attention_vjp,
+    default_num_clusters,
+    default_window,
+)
 from refattn.routing.profiles import Profile
 
 from ..runtime import Call, intake
@@ -68,8 +74,7 @@ def attention_vjp_core(call: Call, q: Any, k: Any, v: Any, centroids: Any, dout:
     route, q_hat, k_hat = routed(call, q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask)
     do = combine_vjp_core(call, route.q_members, dout, profile=profile)
     dq, dk, dv = cluster_backward(call, route, q, k, v, do, q_hat, k_hat)
-    call.watch((dq, dk), "the gradient of the routing attention", dout=dout, v=v, q=q, k=k)
-    call.watch(dv, "the gradient of the routing attention", dout=dout)
+    call.watch_rules((dq, dk, dv), OVERFLOWS["attention_vjp"], q=q, k=k, v=v, dout=dout)
     return dq, dk, dv
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numba import cuda, int64
 
-from refattn.routing.centroids import CentroidState, check_assign, check_update_centroids, init_centroids
+from refattn.routing.centroids import OVERFLOWS, CentroidState, check_assign, check_update_centroids, init_centroids
 from refattn.routing.profiles import Profile
 
 from .. import device
@@ -95,7 +95,7 @@ def update_centroids(state: CentroidState, q_hat: Any, k_hat: Any = None, *, pro
         check_update_centroids, state, q_hat, k_hat, profile, key_padding_mask, decay)
     new = update_centroids_core(call, state, q_hat, k_hat, profile=profile, key_padding_mask=key_padding_mask,
                                 decay=decay)
-    call.watch(tuple(new), "the centroid update", q_hat=q_hat, k_hat=k_hat)
+    call.watch_rules(tuple(new), OVERFLOWS["update_centroids"], q_hat=q_hat, k_hat=k_hat)
     return CentroidState(*call.out(*new))
 
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from numba import cuda, int64
 
-from refattn.routing.cluster_attention import check_cluster_attention, check_cluster_attention_vjp
+from refattn.routing.cluster_attention import OVERFLOWS, check_cluster_attention, check_cluster_attention_vjp
 from refattn.routing.profiles import Profile
 
 from .. import device
@@ -123,7 +123,7 @@ def cluster_attention(q: Any, k: Any, v: Any, q_members: Any, k_members: Any, *,
         check_cluster_attention, q, k, v, q_members, k_members, causal, shared_qk, profile)
     o = cluster_attention_core(call, q, k, v, q_members, k_members, causal=causal, shared_qk=shared_qk,
                                profile=profile)
-    call.watch(o, "the cluster attention", q=q, k=k)
+    call.watch_rules(o, OVERFLOWS["cluster_attention"], q=q, k=k)
     return call.out(o)
 
 
@@ -166,8 +166,7 @@ def cluster_attention_vjp(q: Any, k: Any, v: Any, q_members: Any, k_members: Any
         check_cluster_attention_vjp, q, k, v, q_members, k_members, do, causal, shared_qk, profile)
     dq, dk, dv = cluster_attention_vjp_core(call, q, k, v, q_members, k_members, do, causal=causal,
                                             shared_qk=shared_qk, profile=profile)
-    call.watch((dq, dk), "the gradient of the cluster attention", do=do, v=v, q=q, k=k)
-    call.watch(dv, "the gradient of the cluster attention", do=do)
+    call.watch_rules((dq, dk, dv), OVERFLOWS["cluster_attention_vjp"], q=q, k=k, v=v, do=do)
     return call.out(dq, dk, dv)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from refattn.routing.combine import check_combine, check_combine_vjp
+from refattn.routing.combine import OVERFLOWS, check_combine, check_combine_vjp
 from refattn.routing.profiles import Profile
 
 from ..device import unravel4
@@ -41,7 +41,7 @@ def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> An
     """:func:`refattn.routing.combine` on the device."""
     call, (o, q_members, length, profile) = intake(check_combine, o, q_members, length, profile)
     out = combine_core(call, o, q_members, length, profile=profile)
-    call.watch(out, "the combination of the cluster outputs", o=o)
+    call.watch_rules(out, OVERFLOWS["combine"], o=o)
     return call.out(out)
 
 

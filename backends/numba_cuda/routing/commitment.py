@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from refattn.routing.commitment import check_commitment_loss, check_commitment_loss_vjp
+from refattn.routing.commitment import OVERFLOWS, check_commitment_loss, check_commitment_loss_vjp
 
 from .. import device
 from ..device import unravel4
@@ -53,7 +53,7 @@ def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_paddi
     call, (x_hat, centroids, beta, key_padding_mask) = intake(check_commitment_loss, x_hat, centroids, beta,
                                                              key_padding_mask)
     loss = commitment_loss_core(call, x_hat, centroids, beta=beta, key_padding_mask=key_padding_mask)
-    call.watch(loss, "the commitment loss", x_hat=x_hat, centroids=centroids)
+    call.watch_rules(loss, OVERFLOWS["commitment_loss"], x_hat=x_hat, centroids=centroids)
     call.out()
     return float(call.host(loss)[0])
 
@@ -75,7 +75,7 @@ def commitment_loss_vjp(x_hat: Any, centroids: Any, dloss: float = 1.0, *, beta:
     call, (x_hat, centroids, dloss, beta, key_padding_mask) = intake(
         check_commitment_loss_vjp, x_hat, centroids, dloss, beta, key_padding_mask)
     dx = commitment_loss_vjp_core(call, x_hat, centroids, dloss, beta=beta, key_padding_mask=key_padding_mask)
-    call.watch(dx, "the gradient of the commitment loss", x_hat=x_hat, centroids=centroids)
+    call.watch_rules(dx, OVERFLOWS["commitment_loss_vjp"], x_hat=x_hat, centroids=centroids)
     return call.out(dx)
 
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import cuda, int64
 
-from refattn.routing.local_attention import check_local_attention, check_local_attention_vjp
+from refattn.routing.local_attention import OVERFLOWS, check_local_attention, check_local_attention_vjp
 
 from .. import device
 from ..kernels import KernelTable, registry
@@ -67,7 +67,7 @@ def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False,
     call, (q, k, v, block, causal, key_padding_mask) = intake(check_local_attention, q, k, v, block, causal,
                                                               key_padding_mask)
     out = local_attention_core(call, q, k, v, block, causal=causal, key_padding_mask=key_padding_mask)
-    call.watch(out, "the local attention", q=q, k=k)
+    call.watch_rules(out, OVERFLOWS["local_attention"], q=q, k=k)
     return call.out(out)
 
 
@@ -96,10 +96,7 @@ def local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causal
         check_local_attention_vjp, q, k, v, block, dout, causal, key_padding_mask)
     dq, dk, dv = local_attention_vjp_core(call, q, k, v, block, dout, causal=causal,
                                           key_padding_mask=key_padding_mask)
-    where = "the gradient of the local attention"
-    call.watch(dq, where, dout=dout, v=v, k=k)
-    call.watch(dk, where, dout=dout, v=v, q=q)
-    call.watch(dv, where, dout=dout)
+    call.watch_rules((dq, dk, dv), OVERFLOWS["local_attention_vjp"], q=q, k=k, v=v, dout=dout)
     return call.out(dq, dk, dv)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from numba import cuda
 
-from refattn.routing.normalize import check_normalize, check_normalize_vjp
+from refattn.routing.normalize import OVERFLOWS, check_normalize, check_normalize_vjp
 from refattn.routing.profiles import Profile
 
 from .. import device
@@ -60,7 +60,7 @@ def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> Any:
     """:func:`refattn.routing.normalize_vjp` on the device."""
     call, (x, dx_hat, profile) = intake(check_normalize_vjp, x, dx_hat, profile)
     dx = normalize_vjp_core(call, x, dx_hat, profile=profile)
-    call.watch(dx, "the gradient of the normalization", dx_hat=dx_hat)
+    call.watch_rules(dx, OVERFLOWS["normalize_vjp"], dx_hat=dx_hat)
     return call.out(dx)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from numba import cuda
 
-from refattn.routing.similarity import check_similarity, check_similarity_vjp
+from refattn.routing.similarity import OVERFLOWS, check_similarity, check_similarity_vjp
 
 from .. import device
 from ..device import GEMM, GEMM_SLAB
@@ -47,7 +47,7 @@ def similarity(x_hat: Any, centroids: Any) -> Any:
     """:func:`refattn.routing.similarity` on the device."""
     call, (x_hat, centroids) = intake(check_similarity, x_hat, centroids)
     s = similarity_core(call, x_hat, centroids)
-    call.watch(s, "the similarity", x_hat=x_hat, centroids=centroids)
+    call.watch_rules(s, OVERFLOWS["similarity"], x_hat=x_hat, centroids=centroids)
     return call.out(s)
 
 
@@ -68,8 +68,7 @@ def similarity_vjp(x_hat: Any, centroids: Any, ds: Any) -> tuple[Any, Any]:
     """:func:`refattn.routing.similarity_vjp` on the device."""
     call, (x_hat, centroids, ds) = intake(check_similarity_vjp, x_hat, centroids, ds)
     dx, dmu = similarity_vjp_core(call, x_hat, centroids, ds)
-    call.watch(dx, "the gradient of the similarity", ds=ds, centroids=centroids)
-    call.watch(dmu, "the gradient of the similarity", ds=ds, x_hat=x_hat)
+    call.watch_rules((dx, dmu), OVERFLOWS["similarity_vjp"], x_hat=x_hat, centroids=centroids, ds=ds)
     return call.out(dx, dmu)
 
 
