@@ -14,6 +14,7 @@ from refattn.checks import as_float64
 from .cross import cross_core, cross_vjp_core
 from .estimate import estimate_core, estimate_vjp_core
 from .select import select_core
+from .sparse_attention import OVERFLOWS as SPARSE_OVERFLOWS
 from .sparse_attention import sparse_attention_core, sparse_attention_vjp_core
 
 __all__ = [
@@ -113,7 +114,7 @@ def attention_core(
     offsets, bias = plan.offsets, plan.bias
     del plan  # frees the (B, H, 2L - 1, Dc) cross before the attention runs
     out, lse = sparse_attention_core(q, k, v, offsets, bias, causal=causal, key_padding_mask=key_padding_mask)
-    checks.check_overflow(lse, "the sparse attention", allow_neg_inf=True, q=q, k=k)
+    checks.check_overflows((out, lse), SPARSE_OVERFLOWS["sparse_attention"], q=q, k=k)
     return out
 
 

@@ -14,11 +14,11 @@ import numpy as np
 from refattn import checks
 from refattn.fsat.cross import cross_core, cross_vjp_core
 from refattn.fsat.estimate import estimate_vjp_core
+from refattn.fsat.sparse_attention import OVERFLOWS as SPARSE_OVERFLOWS
 
 from .. import memory
 from ..device import cast, compute_dtype, mirror, result_dtype
 from .sparse_attention import backward, forward
-from .sparse_attention import reference as sparse_reference
 
 reference = importlib.import_module("refattn.fsat.attention")
 FSATGrads = reference.FSATGrads
@@ -50,7 +50,7 @@ def _attention(q: Any, k: Any, v: Any, w: Any, top_k: int, *, causal: bool, key_
                cross_q: Any, cross_k: Any) -> Any:
     offsets, bias = _plan(q, k, w, top_k, causal, key_padding_mask, noise, cross_q, cross_k, gradient=False)
     out, lse = forward(q, k, v, offsets, bias, causal=causal, key_padding_mask=key_padding_mask)
-    checks.check_overflows((out, lse), sparse_reference.OVERFLOWS["sparse_attention"], q=q, k=k)
+    checks.check_overflows((out, lse), SPARSE_OVERFLOWS["sparse_attention"], q=q, k=k)
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from numba import cuda
 
 from refattn.fsat.attention import OVERFLOWS, FSATGrads, Plan, check_attention, check_attention_vjp
+from refattn.fsat.sparse_attention import OVERFLOWS as SPARSE_OVERFLOWS
 
 from ..device import unravel3
 from ..kernels import KernelTable, registry
@@ -48,7 +49,7 @@ def attention_core(call: Call, q: Any, k: Any, v: Any, w: Any, top_k: int, *, ca
     offsets, bias = plan.offsets, plan.bias
     del plan  # frees the (B, H, 2L - 1, Dc) cross before the attention runs
     out, lse = sparse_forward(call, q, k, v, offsets, bias, causal, counts.valid)
-    call.watch(lse, "the sparse attention", allow_neg_inf=True, q=q, k=k)
+    call.watch_rules((out, lse), SPARSE_OVERFLOWS["sparse_attention"], q=q, k=k)
     return out
 
 
@@ -77,7 +78,7 @@ def attention_vjp_core(call: Call, q: Any, k: Any, v: Any, w: Any, top_k: int, d
         return FSATGrads(dq, dk, dv, dw, None, None)
     del plan
     da, db = cross_vjp_core(call, cross_q, cross_k, dc, counts)
-    call.watch_rules((None, None, None, None, da, db), rules, v=v, w=w, dout=dout, cross_q=cross_q, cross_k=cross_k)
+    call.watch_rules((da, db), rules[4:], v=v, w=w, dout=dout, cross_q=cross_q, cross_k=cross_k)
     return FSATGrads(dq, dk, dv, dw, da, db)
 
 
