@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from refattn.backends import Backend, Strategy
+from refattn.checks import check_overflows
 from refattn.conformance import tolerances
 from refattn.conformance.gradcheck import Projection
 from refattn.conformance.report import Result
@@ -124,6 +125,35 @@ def padding(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
     return mask
 
 
+HUGE = 1e160  # a product of two is 1e320, beyond float64; each alone is finite
+
+
+def overflowing(kind: str, rng: np.random.Generator, shape: tuple[int, int, int, int], row: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(q, k) of ``shape`` (B, H, L, D) whose logits of query ``row`` overflow float64 (in every batch and
+    head), the other queries' logits about 1e-10 (q about 1e-170, the keys of order one or HUGE):
+
+    - ``"nan"``: q_row = HUGE (1, 1, ...) and every key HUGE (1, -1, 1, ...): q_row . k_j = inf - inf;
+    - ``"inf"``: q_row = k_row = HUGE (1, 1, ...): its logit with its own key is +inf, the others finite;
+    - ``"neg_inf"``: q_row = -HUGE (1, 1, ...): its logit with a key the caller sets to HUGE (1, 1, ...)
+      is -inf.
+    """
+    dim = shape[3]
+    q = 1e-170 * rng.standard_normal(shape)
+    k = rng.standard_normal(shape)
+    ones = np.ones(dim)
+    if kind == "nan":
+        q[:, :, row] = HUGE * ones
+        k[:] = HUGE * np.resize([1.0, -1.0], dim)
+    elif kind == "inf":
+        q[:, :, row] = k[:, :, row] = HUGE * ones
+    elif kind == "neg_inf":
+        q[:, :, row] = -HUGE * ones
+    else:
+        raise ValueError(f"kind: expected 'nan', 'inf' or 'neg_inf', got {kind!r}")
+    return q, k
+
+
 NO_ERROR = "no error"
 
 
@@ -136,6 +166,19 @@ def error_of(call: Callable[[], Any]) -> str:
     except ValueError as error:
         return f"ValueError: {error}"
     return NO_ERROR
+
+
+def overflow_error(results: Callable[[], Any], rules: Sequence[Any], **operands: Any) -> str:
+    """The error an oracle's ``results()`` call for (:func:`error_of`): the reference's overflow ``rules`` (a
+    step module's ``OVERFLOWS`` entry) applied to them, ``operands`` named as the reference names its
+    arguments; a NaN or +inf result from finite inputs (an overflow) gives the reference's ValueError."""
+    return error_of(lambda: check_overflows(results(), rules, **operands))
+
+
+def nan_rows(like: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """An array shaped as ``like`` (B, H, L, F): NaN on the rows where ``rows`` (B, H, L) is True, 0 elsewhere.
+    A gradient as far as an overflow decides it: a row of NaN softmax weights makes dz and dq_i NaN."""
+    return np.broadcast_to(np.where(rows[..., None], np.nan, 0.0), like.shape)
 
 
 def _outputs(value: Any) -> tuple[Any, ...]:

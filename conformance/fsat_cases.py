@@ -32,9 +32,19 @@ from typing import Any
 import numpy as np
 
 import refattn.fsat as fsat_reference
-from refattn.checks import check_overflows
 from refattn.conformance import tolerances
-from refattn.conformance.checks import Autodiff, Check, Inputs, error_of, flag_grid, padding, seed_for
+from refattn.conformance.checks import (
+    HUGE,
+    Autodiff,
+    Check,
+    Inputs,
+    flag_grid,
+    nan_rows,
+    overflow_error,
+    overflowing,
+    padding,
+    seed_for,
+)
 from refattn.conformance.gradcheck import Projection, directional_vjp, numerical_vjp
 from refattn.conformance.oracles import fsat as oracle
 from refattn.fsat.attention import OVERFLOWS as ATTENTION_OVERFLOWS
@@ -455,21 +465,15 @@ def _extreme_checks(dtype) -> Iterator[Check]:
         yield from _overflow_checks()
 
 
-# q . k of these overflows float64 (a term of 1e320), yet each operand is finite
-HUGE = 1e160
 OVERFLOW_SHAPE = (2, 1, 5, 4, 4)
 OVERFLOW_ROW = 2  # the query whose logits overflow, in both batch rows
 OVERFLOW_OFFSETS = (-1, 0, 2)  # tau = -1 first: the row's first pair already overflows
 
 
 def _overflow_inputs(kind: str, crossed: bool) -> Inputs:
-    """Inputs whose row OVERFLOW_ROW of logits overflows, the other rows' logits about 1e-10:
-
-    - ``nan``: q_i = HUGE (1, 1, 1, 1) and every key HUGE (1, -1, 1, -1): q_i . k_j = inf - inf;
-    - ``inf``: q_i = k_i = HUGE (1, 1, 1, 1): z_ii = +inf (tau = 0 is always selected), its other
-      keys of order one;
-    - ``neg_inf``: q_i = -HUGE (1, 1, 1, 1), k_(i-1) = k_(i+2) = HUGE (1, 1, 1, 1): z = -inf there,
-      weight 0, and the row attends to its own key alone.
+    """Inputs whose row OVERFLOW_ROW of logits overflows (:func:`~refattn.conformance.checks.overflowing`:
+    ``nan``, ``inf``; ``neg_inf`` with k_(i-1) = k_(i+2) = HUGE (1, 1, 1, 1), whose logits of -inf get weight
+    0, the row attending to its own key alone).
 
     Padding masks position 4 of batch row 0 and 0 of batch row 1 (rows with lse -inf, out 0). With
     ``crossed``, cross inputs of order one, w and padding from :func:`_attention_inputs` (a tie-free selection).
@@ -483,35 +487,25 @@ def _overflow_inputs(kind: str, crossed: bool) -> Inputs:
         x = {"mask": np.zeros((batch, length), dtype=bool)}
         x["mask"][0, length - 1] = x["mask"][1, 0] = True
     rng = np.random.default_rng(seed_for("fsat overflow", kind))
-    q = 1e-170 * rng.standard_normal((batch, heads, length, dim))
-    k = rng.standard_normal((batch, heads, length, dim))
-    ones = np.ones(dim)
     i = OVERFLOW_ROW
-    if kind == "nan":
-        q[:, :, i] = HUGE * ones
-        k[:] = HUGE * np.resize([1.0, -1.0], dim)
-    elif kind == "inf":
-        q[:, :, i] = k[:, :, i] = HUGE * ones
-    else:
-        q[:, :, i] = -HUGE * ones
-        k[:, :, i - 1] = k[:, :, i + 2] = HUGE * ones
+    q, k = overflowing(kind, rng, (batch, heads, length, dim), i)
+    if kind == "neg_inf":
+        k[:, :, i - 1] = k[:, :, i + 2] = HUGE
     x.update(q=q, k=k, v=rng.standard_normal((batch, heads, length, dim_v)), bias=None,
              offsets=np.broadcast_to(np.array(OVERFLOW_OFFSETS), (batch, heads, 3)).copy(),
              dout=rng.standard_normal((batch, heads, length, dim_v)), dlse=rng.standard_normal((batch, heads, length)))
     return x
 
 
-def _overflow_error(results: Callable[[], Any], rules: Any, x: Inputs) -> str:
-    """The error an oracle's ``results()`` call for: the reference's overflow ``rules`` (its ``OVERFLOWS``) applied
-    to them, a NaN or +inf result (from finite inputs: an overflow) being the reference's ValueError."""
-    operands = {name: x.get(name) for name in ("q", "k", "v", "w", "dout", "cross_q", "cross_k")}
-    return error_of(lambda: check_overflows(results(), rules, **operands))
+def _operands(x: Inputs) -> dict[str, Any]:
+    """The arguments an overflow rule of ``sparse_attention`` or ``attention`` may name."""
+    return {name: x.get(name) for name in ("q", "k", "v", "w", "dout", "cross_q", "cross_k")}
 
 
-def _overflowed_dq(q: np.ndarray, lse: np.ndarray) -> np.ndarray:
-    """dq as far as an overflow decides it: NaN on the rows whose naive lse is NaN or +inf (their softmax
-    weights are NaN, so are dz and dq_i = s sum_m dz_im k_j), 0 elsewhere."""
-    return np.broadcast_to(np.where((np.isnan(lse) | (lse == np.inf))[..., None], np.nan, 0.0), q.shape)
+def _overflowed_dq(x: Inputs, naive: Callable[[Inputs], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """dq as far as an overflow decides it: NaN on the rows whose ``naive`` lse is NaN or +inf."""
+    lse = naive(x)[1]
+    return nan_rows(x["q"], np.isnan(lse) | (lse == np.inf))
 
 
 def _naive_sparse(x: Inputs) -> tuple[np.ndarray, np.ndarray]:
@@ -536,21 +530,22 @@ def _overflow_checks() -> Iterator[Check]:
         label = _label(OVERFLOW_SHAPE, padded=True) + logits
         yield Check("fsat", "sparse_attention", label, "float64", x, part="extreme", error=True,
                     call=lambda ns, x: _sparse_forward(ns, x, False), oracle_kind="naive O(L^2)",
-                    oracle=lambda x: _overflow_error(lambda: _naive_sparse(x), SPARSE_OVERFLOWS["sparse_attention"], x))
+                    oracle=lambda x: overflow_error(lambda: _naive_sparse(x), SPARSE_OVERFLOWS["sparse_attention"],
+                                                    **_operands(x)))
         yield Check("fsat", "sparse_attention_vjp", label, "float64", x, part="extreme", error=True, gradient=True,
                     call=lambda ns, x: _sparse_vjp(ns, x, False), oracle_kind="naive O(L^2)",
-                    oracle=lambda x: _overflow_error(lambda: (_overflowed_dq(x["q"], _naive_sparse(x)[1]),),
-                                                     SPARSE_OVERFLOWS["sparse_attention_vjp"], x))
+                    oracle=lambda x: overflow_error(lambda: (_overflowed_dq(x, _naive_sparse),),
+                                                    SPARSE_OVERFLOWS["sparse_attention_vjp"], **_operands(x)))
         x = _overflow_inputs(kind, True)
         label = _label(OVERFLOW_SHAPE, padded=True, cross=True) + logits
         yield Check("fsat", "attention", label, "float64", x, part="extreme", error=True,
                     call=lambda ns, x: _attention_forward(ns, x, False), oracle_kind="naive O(L^2)",
-                    oracle=lambda x: _overflow_error(lambda: _naive_attention(x), SPARSE_OVERFLOWS["sparse_attention"],
-                                                     x))
+                    oracle=lambda x: overflow_error(lambda: _naive_attention(x), SPARSE_OVERFLOWS["sparse_attention"],
+                                                    **_operands(x)))
         yield Check("fsat", "attention_vjp", label, "float64", x, part="extreme", error=True, gradient=True,
                     call=lambda ns, x: _attention_vjp(ns, x, False), oracle_kind="naive O(L^2)",
-                    oracle=lambda x: _overflow_error(lambda: (_overflowed_dq(x["q"], _naive_attention(x)[1]),),
-                                                     ATTENTION_OVERFLOWS["attention_vjp"], x))
+                    oracle=lambda x: overflow_error(lambda: (_overflowed_dq(x, _naive_attention),),
+                                                    ATTENTION_OVERFLOWS["attention_vjp"], **_operands(x)))
     x = _overflow_inputs("neg_inf", False)
     yield Check("fsat", "sparse_attention", _label(OVERFLOW_SHAPE, padded=True) + " logits -inf", "float64", x,
                 part="extreme", call=lambda ns, x: _sparse_forward(ns, x, False), oracle=_naive_sparse,
