@@ -524,28 +524,23 @@ def _overflow_checks() -> Iterator[Check]:
     """float64 only: the reference computes in float64 and a backend in its dtype, so in a narrower dtype they
     overflow at different magnitudes (and HUGE itself overflows float32). The expected error: the naive
     attention's lse, or the dq it implies, by the reference's overflow rules."""
+    # (function, cross inputs, forward, gradient, naive (out, lse), the gradient's overflow rules)
+    variants = (("sparse_attention", False, _sparse_forward, _sparse_vjp, _naive_sparse,
+                 SPARSE_OVERFLOWS["sparse_attention_vjp"]),
+                ("attention", True, _attention_forward, _attention_vjp, _naive_attention,
+                 ATTENTION_OVERFLOWS["attention_vjp"]))
     for kind in ("nan", "inf"):
-        logits = f" logits {'NaN' if kind == 'nan' else '+inf'}"
-        x = _overflow_inputs(kind, False)
-        label = _label(OVERFLOW_SHAPE, padded=True) + logits
-        yield Check("fsat", "sparse_attention", label, "float64", x, part="extreme", error=True,
-                    call=lambda ns, x: _sparse_forward(ns, x, False), oracle_kind="naive O(L^2)",
-                    oracle=lambda x: overflow_error(lambda: _naive_sparse(x), SPARSE_OVERFLOWS["sparse_attention"],
-                                                    **_operands(x)))
-        yield Check("fsat", "sparse_attention_vjp", label, "float64", x, part="extreme", error=True, gradient=True,
-                    call=lambda ns, x: _sparse_vjp(ns, x, False), oracle_kind="naive O(L^2)",
-                    oracle=lambda x: overflow_error(lambda: (_overflowed_dq(x, _naive_sparse),),
-                                                    SPARSE_OVERFLOWS["sparse_attention_vjp"], **_operands(x)))
-        x = _overflow_inputs(kind, True)
-        label = _label(OVERFLOW_SHAPE, padded=True, cross=True) + logits
-        yield Check("fsat", "attention", label, "float64", x, part="extreme", error=True,
-                    call=lambda ns, x: _attention_forward(ns, x, False), oracle_kind="naive O(L^2)",
-                    oracle=lambda x: overflow_error(lambda: _naive_attention(x), SPARSE_OVERFLOWS["sparse_attention"],
-                                                    **_operands(x)))
-        yield Check("fsat", "attention_vjp", label, "float64", x, part="extreme", error=True, gradient=True,
-                    call=lambda ns, x: _attention_vjp(ns, x, False), oracle_kind="naive O(L^2)",
-                    oracle=lambda x: overflow_error(lambda: (_overflowed_dq(x, _naive_attention),),
-                                                    ATTENTION_OVERFLOWS["attention_vjp"], **_operands(x)))
+        for function, crossed, forward, vjp, naive, gradient_rules in variants:
+            x = _overflow_inputs(kind, crossed)
+            label = _label(OVERFLOW_SHAPE, padded=True, cross=crossed) + f" logits {'NaN' if kind == 'nan' else '+inf'}"
+            yield Check("fsat", function, label, "float64", x, part="extreme", error=True,
+                        call=lambda ns, x, f=forward: f(ns, x, False), oracle_kind="naive O(L^2)",
+                        oracle=lambda x, n=naive: overflow_error(lambda: n(x), SPARSE_OVERFLOWS["sparse_attention"],
+                                                                 **_operands(x)))
+            yield Check("fsat", f"{function}_vjp", label, "float64", x, part="extreme", error=True, gradient=True,
+                        call=lambda ns, x, f=vjp: f(ns, x, False), oracle_kind="naive O(L^2)",
+                        oracle=lambda x, n=naive, r=gradient_rules: overflow_error(lambda: (_overflowed_dq(x, n),), r,
+                                                                                   **_operands(x)))
     x = _overflow_inputs("neg_inf", False)
     yield Check("fsat", "sparse_attention", _label(OVERFLOW_SHAPE, padded=True) + " logits -inf", "float64", x,
                 part="extreme", call=lambda ns, x: _sparse_forward(ns, x, False), oracle=_naive_sparse,
