@@ -10,6 +10,9 @@ and shape are checked too: floating outputs in the inputs' dtype, discrete ones 
 
 An autograd check (``autodiff`` set) differentiates ``call`` itself, the forward, through the
 backend's ``autodiff`` hook, and compares with the reference's ``*_vjp``.
+
+An error check (``error`` set) gives inputs the function must reject (values whose results overflow
+the dtype): the backend must raise the ValueError the reference raises, message for message.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from refattn.backends import Backend, Strategy
+from refattn.checks import check_overflows
 from refattn.conformance import tolerances
 from refattn.conformance.gradcheck import Projection
 from refattn.conformance.report import Result
@@ -65,6 +69,8 @@ class Check:
     oracle is for the report; ``part`` is one of :data:`PARTS`; ``autodiff`` makes it an autograd check.
     ``fft(inputs)``, for outputs computed through an FFT, gives per output the FFT's error bound
     (:func:`~refattn.conformance.tolerances.fft_bound`, None for the others), added to the table's.
+    ``error`` makes it an error check: ``call`` must raise ValueError with the reference's message
+    (:func:`error_of` of each), and ``oracle(inputs)`` returns the message the reference itself must raise.
     """
 
     algorithm: str
@@ -81,6 +87,7 @@ class Check:
     part: str = "base"
     autodiff: Autodiff | None = None
     fft: Callable[[Inputs], tuple[Any, ...]] | None = None
+    error: bool = False
 
     @property
     def calls(self) -> frozenset[str]:
@@ -116,6 +123,62 @@ def padding(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
         mask[0, length - max(1, length // 3):] = True
         mask[1:, rng.permutation(length)[: length // 3]] = True
     return mask
+
+
+HUGE = 1e160  # a product of two is 1e320, beyond float64; each alone is finite
+
+
+def overflowing(kind: str, rng: np.random.Generator, shape: tuple[int, int, int, int], row: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(q, k) of ``shape`` (B, H, L, D) whose logits of query ``row`` overflow float64 (in every batch and
+    head), the other queries' logits about 1e-10 (q about 1e-170, the keys of order one or HUGE):
+
+    - ``"nan"``: q_row = HUGE (1, 1, ...) and every key HUGE (1, -1, 1, ...): q_row . k_j = inf - inf;
+    - ``"inf"``: q_row = k_row = HUGE (1, 1, ...): its logit with its own key is +inf, the others finite;
+    - ``"neg_inf"``: q_row = -HUGE (1, 1, ...): its logit with a key the caller sets to HUGE (1, 1, ...)
+      is -inf.
+    """
+    dim = shape[3]
+    q = 1e-170 * rng.standard_normal(shape)
+    k = rng.standard_normal(shape)
+    ones = np.ones(dim)
+    if kind == "nan":
+        q[:, :, row] = HUGE * ones
+        k[:] = HUGE * np.resize([1.0, -1.0], dim)
+    elif kind == "inf":
+        q[:, :, row] = k[:, :, row] = HUGE * ones
+    elif kind == "neg_inf":
+        q[:, :, row] = -HUGE * ones
+    else:
+        raise ValueError(f"kind: expected 'nan', 'inf' or 'neg_inf', got {kind!r}")
+    return q, k
+
+
+NO_ERROR = "no error"
+
+
+def error_of(call: Callable[[], Any]) -> str:
+    """What ``call()`` raises, as an error check compares it: ``"ValueError: <message>"``, or :data:`NO_ERROR`
+    (any other exception propagates: a failure of the check)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow under test warns on its way to the error
+            call()
+    except ValueError as error:
+        return f"ValueError: {error}"
+    return NO_ERROR
+
+
+def overflow_error(results: Callable[[], Any], rules: Sequence[Any], **operands: Any) -> str:
+    """The error an oracle's ``results()`` call for (:func:`error_of`): the reference's overflow ``rules`` (a
+    step module's ``OVERFLOWS`` entry) applied to them, ``operands`` named as the reference names its
+    arguments; a NaN or +inf result from finite inputs (an overflow) gives the reference's ValueError."""
+    return error_of(lambda: check_overflows(results(), rules, **operands))
+
+
+def nan_rows(like: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """An array shaped as ``like`` (B, H, L, F): NaN on the rows where ``rows`` (B, H, L) is True, 0 elsewhere.
+    A gradient as far as an overflow decides it: a row of NaN softmax weights makes dz and dq_i NaN."""
+    return np.broadcast_to(np.where(rows[..., None], np.nan, 0.0), like.shape)
 
 
 def _outputs(value: Any) -> tuple[Any, ...]:
@@ -181,15 +244,28 @@ def run(check: Check, backend: Backend, reference: Backend, *, device: str | Non
             for name, value in check.inputs.items()
         }
         with strategy.force() if strategy else contextlib.nullcontext():
-            actual = _outputs(_compute(check, backend, getattr(backend, check.algorithm), converted))
+            if check.error:
+                actual = (error_of(lambda: _compute(check, backend, getattr(backend, check.algorithm), converted)),)
+            else:
+                actual = _outputs(_compute(check, backend, getattr(backend, check.algorithm), converted))
         if is_reference:
             expected = _outputs(check.oracle(rounded))
         else:
             namespace = getattr(reference, check.algorithm)
-            expected = _outputs(check.autodiff.reference(namespace, rounded) if check.autodiff
-                                else check.call(namespace, rounded))
+            if check.error:
+                expected = (error_of(lambda: check.call(namespace, rounded)),)
+            else:
+                expected = _outputs(check.autodiff.reference(namespace, rounded) if check.autodiff
+                                    else check.call(namespace, rounded))
     except Exception as error:  # a backend that raises fails the check, and the run goes on
         return Result(**row, against=against, status="fail", detail=f"{type(error).__name__}: {error}")
+    if check.error:
+        raised, wanted = actual[0], expected[0]
+        if wanted == NO_ERROR:
+            return Result(**row, against=against, status="fail",
+                          detail=f"{'the oracle' if is_reference else 'the reference'} expects no error here")
+        return Result(**row, against=against, status="pass" if raised == wanted else "fail",
+                      detail="" if raised == wanted else f"raised {raised!r}, expected {wanted!r}")
     if is_reference and len(expected) == 1 and isinstance(expected[0], Projection):
         return _projected(backend, actual, expected[0], row, against)
     if len(actual) != len(expected):

@@ -11,7 +11,10 @@ The grid has the four parts of :data:`refattn.conformance.checks.PARTS`:
 - ``ties``: ``select`` on integer-valued scores and noise, with offsets that have no pair (-inf),
   causal or not: the tie rule of spec/interface.md decides most choices.
 - ``extreme``: logits up to about 100 (beyond float32's exp unless the maximum is subtracted first)
-  and cross inputs whose products reach 1.6e4 (float16 sums of a few of them overflow).
+  and cross inputs whose products reach 1.6e4 (float16 sums of a few of them overflow); in float64,
+  q and k whose logits overflow: a row of NaN logits, or one of +inf, must raise the reference's
+  overflow error (an error check) next to legitimately empty (padded) rows, and a row whose other
+  logits overflow to -inf gives them weight 0.
 - ``large`` (full grid only): L = 64, D = 32, where accumulating in half precision shows; the
   reference's gradients are checked there along a random direction
   (:func:`~refattn.conformance.gradcheck.directional_vjp`).
@@ -23,16 +26,29 @@ Each differentiable function is also differentiated through the backend's autogr
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 import refattn.fsat as fsat_reference
 from refattn.conformance import tolerances
-from refattn.conformance.checks import Autodiff, Check, Inputs, flag_grid, padding, seed_for
+from refattn.conformance.checks import (
+    HUGE,
+    Autodiff,
+    Check,
+    Inputs,
+    flag_grid,
+    nan_rows,
+    overflow_error,
+    overflowing,
+    padding,
+    seed_for,
+)
 from refattn.conformance.gradcheck import Projection, directional_vjp, numerical_vjp
 from refattn.conformance.oracles import fsat as oracle
+from refattn.fsat.attention import OVERFLOWS as ATTENTION_OVERFLOWS
+from refattn.fsat.sparse_attention import OVERFLOWS as SPARSE_OVERFLOWS
 
 # (B, H, L, D, Dv)
 SHAPES = [(2, 2, 1, 3, 3), (2, 2, 2, 4, 4), (2, 2, 5, 3, 2), (2, 3, 7, 5, 5), (2, 2, 8, 4, 6)]
@@ -333,6 +349,16 @@ def _attention_vjp(ns, x, causal):
     return tuple(ns.attention_vjp(x["q"], x["k"], x["v"], x["w"], TOP_K, x["dout"], **_attention_kwargs(x, causal)))
 
 
+def _oracle_plan(x: Inputs, causal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, bias) the oracles select for ``attention``'s inputs."""
+    length = x["q"].shape[2]
+    a = x["q"] if x["cross_q"] is None else x["cross_q"]
+    b = x["k"] if x["cross_k"] is None else x["cross_k"]
+    s = oracle.estimate(oracle.cross(a, b, x["mask"]), x["w"], x["mask"])
+    offsets = oracle.select(s, TOP_K, causal, x["noise"])
+    return offsets, np.take_along_axis(s, offsets + length - 1, axis=2)
+
+
 def _attention_gradient_oracle(x: Inputs, causal: bool, directional: bool) -> Any:
     """FSAT's truncated gradient from finite differences of the naive oracles.
 
@@ -340,12 +366,7 @@ def _attention_gradient_oracle(x: Inputs, causal: bool, directional: bool) -> An
     (the cross path is cut). w and the cross inputs: differences of the whole oracle forward (the
     selection is locally constant because the inputs are tie-free).
     """
-    length = x["q"].shape[2]
-    a = x["q"] if x["cross_q"] is None else x["cross_q"]
-    b = x["k"] if x["cross_k"] is None else x["cross_k"]
-    s = oracle.estimate(oracle.cross(a, b, x["mask"]), x["w"], x["mask"])
-    offsets = oracle.select(s, TOP_K, causal, x["noise"])
-    bias = np.take_along_axis(s, offsets + length - 1, axis=2)
+    offsets, bias = _oracle_plan(x, causal)
     crossed = x["cross_q"] is not None
 
     def attended(q, k, v):
@@ -440,6 +461,90 @@ def _extreme_checks(dtype) -> Iterator[Check]:
         # q, k ~ 4 N(0, 1) and w ~ 4: scores (the bias) and logits of several tens
         x = _attention_inputs(shape, dtype, flags, "attention extreme", scale=4.0)
         yield from _attention_case_checks(shape, flags, dtype, "extreme", x, True)
+    if dtype == "float64":
+        yield from _overflow_checks()
+
+
+OVERFLOW_SHAPE = (2, 1, 5, 4, 4)
+OVERFLOW_ROW = 2  # the query whose logits overflow, in both batch rows
+OVERFLOW_OFFSETS = (-1, 0, 2)  # tau = -1 first: the row's first pair already overflows
+
+
+def _overflow_inputs(kind: str, crossed: bool) -> Inputs:
+    """Inputs whose row OVERFLOW_ROW of logits overflows (:func:`~refattn.conformance.checks.overflowing`:
+    ``nan``, ``inf``; ``neg_inf`` with k_(i-1) = k_(i+2) = HUGE (1, 1, 1, 1), whose logits of -inf get weight
+    0, the row attending to its own key alone).
+
+    Padding masks position 4 of batch row 0 and 0 of batch row 1 (rows with lse -inf, out 0). With
+    ``crossed``, cross inputs of order one, w and padding from :func:`_attention_inputs` (a tie-free selection).
+    """
+    shape = OVERFLOW_SHAPE
+    batch, heads, length, dim, dim_v = shape
+    if crossed:
+        flags = {"causal": False, "padded": True, "noise": False, "cross": True}
+        x = _attention_inputs(shape, "float64", flags, f"attention overflow {kind}")
+    else:
+        x = {"mask": np.zeros((batch, length), dtype=bool)}
+        x["mask"][0, length - 1] = x["mask"][1, 0] = True
+    rng = np.random.default_rng(seed_for("fsat overflow", kind))
+    i = OVERFLOW_ROW
+    q, k = overflowing(kind, rng, (batch, heads, length, dim), i)
+    if kind == "neg_inf":
+        k[:, :, i - 1] = k[:, :, i + 2] = HUGE
+    x.update(q=q, k=k, v=rng.standard_normal((batch, heads, length, dim_v)), bias=None,
+             offsets=np.broadcast_to(np.array(OVERFLOW_OFFSETS), (batch, heads, 3)).copy(),
+             dout=rng.standard_normal((batch, heads, length, dim_v)), dlse=rng.standard_normal((batch, heads, length)))
+    return x
+
+
+def _operands(x: Inputs) -> dict[str, Any]:
+    """The arguments an overflow rule of ``sparse_attention`` or ``attention`` may name."""
+    return {name: x.get(name) for name in ("q", "k", "v", "w", "dout", "cross_q", "cross_k")}
+
+
+def _overflowed_dq(x: Inputs, naive: Callable[[Inputs], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """dq as far as an overflow decides it: NaN on the rows whose ``naive`` lse is NaN or +inf."""
+    lse = naive(x)[1]
+    return nan_rows(x["q"], np.isnan(lse) | (lse == np.inf))
+
+
+def _naive_sparse(x: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle's (out, lse) of ``sparse_attention`` on the overflow inputs."""
+    with np.errstate(over="ignore", invalid="ignore"):  # q . k overflows on purpose
+        return oracle.sparse_attention(x["q"], x["k"], x["v"], x["offsets"], None, False, x["mask"])
+
+
+def _naive_attention(x: Inputs) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle's (out, lse) of ``attention`` on the overflow inputs: the dense attention at its selection."""
+    with np.errstate(over="ignore", invalid="ignore"):  # q . k overflows on purpose
+        return oracle.sparse_attention(x["q"], x["k"], x["v"], *_oracle_plan(x, False), False, x["mask"])
+
+
+def _overflow_checks() -> Iterator[Check]:
+    """float64 only: the reference computes in float64 and a backend in its dtype, so in a narrower dtype they
+    overflow at different magnitudes (and HUGE itself overflows float32). The expected error: the naive
+    attention's lse, or the dq it implies, by the reference's overflow rules."""
+    # (function, cross inputs, forward, gradient, naive (out, lse), the gradient's overflow rules)
+    variants = (("sparse_attention", False, _sparse_forward, _sparse_vjp, _naive_sparse,
+                 SPARSE_OVERFLOWS["sparse_attention_vjp"]),
+                ("attention", True, _attention_forward, _attention_vjp, _naive_attention,
+                 ATTENTION_OVERFLOWS["attention_vjp"]))
+    for kind in ("nan", "inf"):
+        for function, crossed, forward, vjp, naive, gradient_rules in variants:
+            x = _overflow_inputs(kind, crossed)
+            label = _label(OVERFLOW_SHAPE, padded=True, cross=crossed) + f" logits {'NaN' if kind == 'nan' else '+inf'}"
+            yield Check("fsat", function, label, "float64", x, part="extreme", error=True,
+                        call=lambda ns, x, f=forward: f(ns, x, False), oracle_kind="naive O(L^2)",
+                        oracle=lambda x, n=naive: overflow_error(lambda: n(x), SPARSE_OVERFLOWS["sparse_attention"],
+                                                                 **_operands(x)))
+            yield Check("fsat", f"{function}_vjp", label, "float64", x, part="extreme", error=True, gradient=True,
+                        call=lambda ns, x, f=vjp: f(ns, x, False), oracle_kind="naive O(L^2)",
+                        oracle=lambda x, n=naive, r=gradient_rules: overflow_error(lambda: (_overflowed_dq(x, n),), r,
+                                                                                   **_operands(x)))
+    x = _overflow_inputs("neg_inf", False)
+    yield Check("fsat", "sparse_attention", _label(OVERFLOW_SHAPE, padded=True) + " logits -inf", "float64", x,
+                part="extreme", call=lambda ns, x: _sparse_forward(ns, x, False), oracle=_naive_sparse,
+                oracle_kind="naive O(L^2)")
 
 
 def _large_checks(dtype) -> Iterator[Check]:

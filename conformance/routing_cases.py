@@ -14,7 +14,9 @@ The grid has the four parts of :data:`refattn.conformance.checks.PARTS`:
   of spec/interface.md decide.
 - ``extreme``: the lucidrains profile's shared-QK self logit of -5e4 against other logits of -5e4
   (built exactly, so that it decides the output), features near 3e4 (float16 squares overflow) and
-  logits near 100.
+  logits near 100; in float64, q and k whose logits overflow to NaN or +inf for one query, in local
+  attention (next to padded rows) and in cluster attention's lucidrains profile, which must raise the
+  reference's overflow error (an error check).
 - ``large`` (full grid only): L = 64, D = 32, where accumulating in half precision shows; the
   reference's gradients are checked there along a random direction.
 
@@ -32,9 +34,11 @@ from typing import Any
 import numpy as np
 
 from refattn.conformance import tolerances
-from refattn.conformance.checks import Autodiff, Check, Inputs, padding, seed_for
+from refattn.conformance.checks import Autodiff, Check, Inputs, nan_rows, overflow_error, overflowing, padding, seed_for
 from refattn.conformance.gradcheck import Projection, directional_vjp, numerical_vjp
 from refattn.conformance.oracles import routing as oracle
+from refattn.routing.cluster_attention import OVERFLOWS as CLUSTER_OVERFLOWS
+from refattn.routing.local_attention import OVERFLOWS as LOCAL_OVERFLOWS
 
 # (B, H, L, D, Dv, C, W)
 SHAPES = [(2, 2, 1, 3, 3, 2, 1), (2, 2, 5, 3, 2, 2, 3), (2, 2, 7, 5, 5, 3, 2), (2, 3, 8, 4, 6, 3, 4)]
@@ -507,6 +511,85 @@ def _self_logit_inputs(dtype: str) -> Inputs:
             "mask": None, "dout": rng.standard_normal((2, 2, 4, 3))}
 
 
+def _local_overflow_checks() -> Iterator[Check]:
+    """float64 only (the reference computes in float64, a backend in its dtype): local attention whose row 2
+    of logits overflows (:func:`~refattn.conformance.checks.overflowing`), padding at position 3 of batch row
+    0 and 0 of batch row 1. The expected error: the naive attention's out, or the dq it implies (NaN on the
+    rows where out is), by the reference's overflow rules."""
+    shape = (2, 1, 4, 4, 4, 1, 4)
+    batch, heads, length, dim, dim_v = shape[:5]
+    mask = np.zeros((batch, length), dtype=bool)
+    mask[0, length - 1] = mask[1, 0] = True
+
+    def naive(x):
+        with np.errstate(over="ignore", invalid="ignore"):  # q . k overflows on purpose
+            return oracle.local_attention(x["q"], x["k"], x["v"], BLOCK, key_padding_mask=x["mask"])
+
+    def operands(x):
+        return {name: x[name] for name in ("q", "k", "v", "dout")}
+
+    for kind in ("nan", "inf"):
+        rng = np.random.default_rng(seed_for("local overflow", kind))
+        q, k = overflowing(kind, rng, (batch, heads, length, dim), 2)
+        x = {"q": q, "k": k, "v": rng.standard_normal((batch, heads, length, dim_v)), "mask": mask,
+             "dout": rng.standard_normal((batch, heads, length, dim_v))}
+        label = _label(shape, padded=True) + f" block{BLOCK} logits {'NaN' if kind == 'nan' else '+inf'}"
+        yield Check("routing", "local_attention", label, "float64", x, part="extreme", error=True,
+                    oracle_kind="naive O(L^2)",
+                    call=lambda ns, x: ns.local_attention(x["q"], x["k"], x["v"], BLOCK, key_padding_mask=x["mask"]),
+                    oracle=lambda x: overflow_error(lambda: naive(x), LOCAL_OVERFLOWS["local_attention"],
+                                                    **operands(x)))
+        yield Check("routing", "local_attention_vjp", label, "float64", x, part="extreme", error=True, gradient=True,
+                    oracle_kind="naive O(L^2)",
+                    call=lambda ns, x: ns.local_attention_vjp(x["q"], x["k"], x["v"], BLOCK, x["dout"],
+                                                              key_padding_mask=x["mask"]),
+                    oracle=lambda x: overflow_error(lambda: (nan_rows(x["q"], ~np.isfinite(naive(x)).all(axis=-1)),),
+                                                    LOCAL_OVERFLOWS["local_attention_vjp"], **operands(x)))
+
+
+def _cluster_overflow_checks() -> Iterator[Check]:
+    """float64 only, as :func:`_local_overflow_checks`: cluster attention in the lucidrains profile (raw
+    q . k / sqrt(D); the tacl profile normalizes q and k first) whose token 2, in cluster 0, has logits that
+    overflow. The expected error: the naive cluster outputs, or the dq they imply (NaN at the tokens of
+    non-finite slots), by the reference's overflow rules."""
+    shape = (2, 1, 8, 4, 4, 2, 4)
+    batch, heads, length, dim, dim_v, clusters, window = shape
+    members = np.broadcast_to(np.arange(length).reshape(clusters, window), (batch, heads, clusters, window)).copy()
+
+    def naive(x):
+        with np.errstate(over="ignore", invalid="ignore"):  # q . k overflows on purpose
+            return oracle.cluster_attention(x["q"], x["k"], x["v"], x["qm"], x["km"], profile="lucidrains")
+
+    def overflowed_dq(x):
+        slots = ~np.isfinite(naive(x)).all(axis=-1)  # (B, H, C, W)
+        rows = np.zeros(x["q"].shape[:3], dtype=bool)
+        b, h, _, _ = np.nonzero(slots)
+        rows[b, h, x["qm"][slots]] = True
+        return nan_rows(x["q"], rows)
+
+    def operands(x):
+        return {name: x[name] for name in ("q", "k", "v", "do")}
+
+    for kind in ("nan", "inf"):
+        rng = np.random.default_rng(seed_for("cluster overflow", kind))
+        q, k = overflowing(kind, rng, (batch, heads, length, dim), 2)
+        x = {"q": q, "k": k, "v": rng.standard_normal((batch, heads, length, dim_v)), "qm": members, "km": members,
+             "do": rng.standard_normal((batch, heads, clusters, window, dim_v))}
+        label = _label(shape, profile="lucidrains") + f" logits {'NaN' if kind == 'nan' else '+inf'}"
+        yield Check("routing", "cluster_attention", label, "float64", x, part="extreme", error=True,
+                    oracle_kind="naive loops",
+                    call=lambda ns, x: ns.cluster_attention(x["q"], x["k"], x["v"], x["qm"], x["km"],
+                                                            profile="lucidrains"),
+                    oracle=lambda x: overflow_error(lambda: naive(x), CLUSTER_OVERFLOWS["cluster_attention"],
+                                                    **operands(x)))
+        yield Check("routing", "cluster_attention_vjp", label, "float64", x, part="extreme", error=True,
+                    gradient=True, oracle_kind="naive loops",
+                    call=lambda ns, x: ns.cluster_attention_vjp(x["q"], x["k"], x["v"], x["qm"], x["km"], x["do"],
+                                                                profile="lucidrains"),
+                    oracle=lambda x: overflow_error(lambda: (overflowed_dq(x),),
+                                                    CLUSTER_OVERFLOWS["cluster_attention_vjp"], **operands(x)))
+
+
 def _extreme_checks(dtype) -> Iterator[Check]:
     shape = (2, 2, 4, 4, 3, 2, 4)  # C W >= L: every token in every cluster, no routing decision
     for causal in (False, True):
@@ -526,6 +609,9 @@ def _extreme_checks(dtype) -> Iterator[Check]:
             yield from _attention_case_checks(shape, "lucidrains", causal, False, True, dtype, "extreme", x, True)
         x = _inputs(shape, dtype, "tacl", causal, False, True, "local extreme", scale=6.0)
         yield from _local_case_checks(shape, causal, True, BLOCK, dtype, "extreme", x, True)
+    if dtype == "float64":
+        yield from _local_overflow_checks()
+        yield from _cluster_overflow_checks()
 
 
 def _large_checks(dtype) -> Iterator[Check]:

@@ -19,6 +19,7 @@ import pytest
 import refattn
 from refattn.backends import Backend, Capabilities, Strategy
 from refattn.conformance import checks, fsat_cases, gradcheck, report, routing_cases, runner, tolerances
+from refattn.fsat.sparse_attention import sparse_attention_core
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,6 +85,28 @@ def test_a_backend_off_by_one_part_in_ten_million_fails() -> None:
             results.setdefault(check.function, []).append(checks.run(check, broken, reference).status)
     assert set(results["cross"]) == {"fail"}
     assert set(results["sparse_attention"]) == {"pass"}
+
+
+def test_a_backend_that_returns_an_overflow_silently_fails_the_error_checks() -> None:
+    """The overflow cases (q . k beyond float64) pass the reference against the naive oracle and fail a
+    sparse attention that returns its NaN instead of raising; an error check of good inputs fails too."""
+    reference = refattn.get_backend("numpy")
+    namespace = SimpleNamespace(**{name: getattr(refattn.fsat, name) for name in refattn.fsat.__all__})
+    namespace.sparse_attention = sparse_attention_core  # the reference without its checks
+    silent = Backend(name="silent", fsat=namespace, routing=refattn.routing,
+                     capabilities=Capabilities(dtypes=("float64",), devices=("cpu",)))
+    errors = [check for check in fsat_cases.checks("float64", quick=True) if check.error]
+    assert {check.function for check in errors} == {"sparse_attention", "sparse_attention_vjp", "attention",
+                                                    "attention_vjp"}
+    assert {checks.run(check, reference, reference).status for check in errors} == {"pass"}
+    failed = [checks.run(check, silent, reference) for check in errors if check.function == "sparse_attention"]
+    assert len(failed) == 2 and {row.status for row in failed} == {"fail"}
+    expected = ("raised 'no error', expected 'ValueError: q and k overflow float64 in the sparse attention: "
+                "|q|·|k| up to 1.0e+320'")
+    assert {row.detail for row in failed} == {expected}
+    fine = dataclasses.replace(errors[0], inputs=dict(errors[0].inputs, q=np.zeros((2, 1, 5, 4))))
+    assert checks.run(fine, reference, reference).detail == "the oracle expects no error here"
+    assert checks.run(fine, silent, reference).detail == "the reference expects no error here"
 
 
 def test_a_backend_with_the_wrong_tie_break_fails_select() -> None:

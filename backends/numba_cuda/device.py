@@ -170,10 +170,17 @@ def functions(dt: Any) -> SimpleNamespace:
         cuda.syncthreads()
 
     @cuda.jit(device=True, inline=True)
+    def nan_max(a, b):
+        """The larger of a and b, NaN when either is NaN. (Python's max, and Numba's, return their first
+        argument when the second is NaN: a logit that overflowed to NaN would drop out of a running maximum.)"""
+        return b if b > a or b != b else a
+
+    @cuda.jit(device=True, inline=True)
     def rescale(run_max, new_max):
         """(max(run_max, new_max), exp(run_max - that)): the online softmax's new running maximum and the
-        factor its running sum and output take (1 when neither is finite: nothing to rescale)."""
-        top = max(run_max, new_max)
+        factor its running sum and output take (1 when both are -inf: nothing to rescale; NaN once either
+        is NaN, so that an overflowed logit reaches the running sum and lse)."""
+        top = nan_max(run_max, new_max)
         if top == NEG_INF:
             return top, dt(1.0)
         return top, math.exp(run_max - top)
@@ -224,7 +231,8 @@ def functions(dt: Any) -> SimpleNamespace:
     def softmax_tile(weights, first, count, tile_max, run_max, run_sum):
         """The online softmax over one tile of logits weights[(first + r) * LIST_ROWS + threadIdx.x] (r < count,
         their maximum ``tile_max``): the logits become exp(z - new maximum); returns (live, the factor the
-        running output takes, the new running maximum and sum). Nothing changes without a finite logit."""
+        running output takes, the new running maximum and sum). Nothing changes when every logit is -inf
+        (no key); a NaN ``tile_max`` (:func:`nan_max` of an overflowed logit) makes the sum NaN."""
         t = cuda.threadIdx.x
         if tile_max == NEG_INF:
             return False, dt(1.0), run_max, run_sum
@@ -244,9 +252,13 @@ def functions(dt: Any) -> SimpleNamespace:
 
     @cuda.jit(device=True, inline=True)
     def finish_row(out, lse, b, h, row, run_max, run_sum, active):
-        """out[b, h, row] /= the running sum, lse[b, h, row] = its log-sum-exp (-inf, out left 0, with none)."""
+        """out[b, h, row] /= the running sum, lse[b, h, row] = its log-sum-exp (-inf, out left 0, with none).
+
+        The sum is 0 only without a counted key (the key at the running maximum adds exp(0) = 1); NaN, from
+        a logit that overflowed to +inf or NaN, goes on into out and lse for the caller's overflow check
+        (a test ``run_sum > 0`` would read it as "no key": lse -inf, which that check allows)."""
         if active:
-            if run_sum > ZERO:
+            if run_sum != ZERO:
                 inverse = dt(1.0) / run_sum
                 for d in range(out.shape[3]):
                     out[b, h, row, d] *= inverse
@@ -330,5 +342,6 @@ def functions(dt: Any) -> SimpleNamespace:
                            stage_listed_rows=stage_listed_rows, gemm=gemm,
                            listed_products=listed_products, listed_accumulate=listed_accumulate,
                            softmax_tile=softmax_tile, clear_row=clear_row, finish_row=finish_row, row_dot=row_dot,
-                           lane_dot=lane_dot, lane_axpy=lane_axpy, rescale=rescale, padded_stride=padded_stride,
+                           lane_dot=lane_dot, lane_axpy=lane_axpy, nan_max=nan_max, rescale=rescale,
+                           padded_stride=padded_stride,
                            twiddle=twiddle)

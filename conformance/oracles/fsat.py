@@ -112,7 +112,8 @@ def select(s, top_k: int, causal: bool = False, noise=None) -> np.ndarray:
 def sparse_attention(q, k, v, offsets, bias=None, causal=False, key_padding_mask=None):
     """Dense masked attention: logits q_i . k_j / sqrt(D) + bias(j - i) on an L x L grid, allowed
     only where j - i is a selected offset, j <= i if causal, i and j unpadded; row softmax over the
-    allowed entries; a row with none allowed (or all at -inf) gives zeros and lse -inf.
+    allowed entries; a row with none allowed (or all at -inf) gives zeros and lse -inf, one with a logit of
+    +inf or NaN (q_i . k_j overflowed) NaN.
     """
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     offsets = np.asarray(offsets)
@@ -137,7 +138,7 @@ def sparse_attention(q, k, v, offsets, bias=None, causal=False, key_padding_mask
             logits = np.where(allowed, logits + bias_grid, -math.inf)
             for i in range(length):
                 row = logits[i]
-                if not np.any(np.isfinite(row)):
+                if np.all(row == -math.inf):
                     continue
                 top = row.max()
                 weights = np.exp(row - top)

@@ -232,7 +232,13 @@ def kernels(dt: Any) -> KernelTable:
     def sparse_forward_k(q, k, v, offsets, bias, has_bias, causal, valid, scale, out, lse):
         """out_i = sum_m softmax_m(z_im) v_(i + tau_m), z_im = scale q_i . k_(i + tau_m) + bias_m over the valid
         pairs, lse_i = log sum_m exp(z_im) (-inf, and out 0, for a row with none). Online softmax over the
-        offsets, the output block rescaled in shared memory."""
+        offsets, the output block rescaled in shared memory.
+
+        As in the reference, a logit of -inf (q . k overflowed below the dtype's range) gets weight 0, and
+        one of +inf or NaN (an overflow the other way) makes the row's sum, out and lse NaN for the caller's
+        overflow check: the sum is 0 only for a row without a counted pair (the pair at the running maximum
+        adds exp(0) = 1), so the row's finish tests ``run_sum != 0`` (``run_sum > 0`` would read NaN as no
+        pair, lse -inf, which the check allows)."""
         qs, ks, acc, red, row_scale = query_tiles()
         heads, length, dim, dim_v = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
         b, h, i0, stride, astride = tile_of(length, heads)
@@ -249,15 +255,15 @@ def kernels(dt: Any) -> KernelTable:
                 z = shifted_dot(qs, ks, stride, red, q, i0, k, i0 + tau, b, h, dim) * scale + shift
                 decay = ONE
                 weight = ZERO
-                if pair_ok(valid, b, i, i + tau, length, shift, causal, tau):
+                if pair_ok(valid, b, i, i + tau, length, shift, causal, tau) and z != NEG_INF:
                     run_max, decay = rescale(run_max, z)
                     weight = math.exp(z - run_max)
                     run_sum = run_sum * decay + weight
                 accumulate(acc, astride, c0, columns, ks, stride, v, b, h, i0 + tau, decay, weight)
             if cuda.threadIdx.x == 0:
-                row_scale[r] = ONE / run_sum if run_sum > ZERO else ZERO
+                row_scale[r] = ONE / run_sum if run_sum != ZERO else ZERO
                 if c0 == 0 and i < length:
-                    lse[b, h, i] = run_max + math.log(run_sum) if run_sum > ZERO else NEG_INF
+                    lse[b, h, i] = run_max + math.log(run_sum) if run_sum != ZERO else NEG_INF
             store(acc, astride, row_scale, out, b, h, i0, c0, columns)
 
     @kernel("F4 F4 F4 I3 F3 i i F2 f F4 F3 F4 F3 i F4 F4 F4", shared=SHARED)
@@ -283,11 +289,12 @@ def kernels(dt: Any) -> KernelTable:
             for m in range(offsets.shape[2]):
                 tau = offsets[b, h, m]
                 shift = bias[b, h, m] if has_bias else ZERO
-                z = shifted_dot(qs, ks, stride, red, q, i0, k, i0 + tau, b, h, dim)
+                z = shifted_dot(qs, ks, stride, red, q, i0, k, i0 + tau, b, h, dim) * scale + shift
                 dp = shifted_dot(qs, ks, stride, red, dout, i0, v, i0 + tau, b, h, dim_v)
                 p = ZERO
-                if row_lse > NEG_INF and pair_ok(valid, b, i, i + tau, length, shift, causal, tau):
-                    p = math.exp(z * scale + shift - row_lse)
+                # The forward's pairs (a NaN lse, an overflow, gives NaN weights: the gradients' check reports it).
+                if row_lse != NEG_INF and pair_ok(valid, b, i, i + tau, length, shift, causal, tau) and z != NEG_INF:
+                    p = math.exp(z - row_lse)
                 g = p * (dp - delta)
                 if c0 == 0 and cuda.threadIdx.x == 0 and i < length:
                     probs[b, h, i, m] = p

@@ -184,7 +184,7 @@ def kernels(dt: Any) -> KernelTable:
     size = dt.bitwidth // 8
     fn = device.functions(dt)
     listed_products, listed_accumulate, softmax_tile = fn.listed_products, fn.listed_accumulate, fn.softmax_tile
-    clear_row, finish_row, row_dot = fn.clear_row, fn.finish_row, fn.row_dot
+    clear_row, finish_row, row_dot, nan_max = fn.clear_row, fn.finish_row, fn.row_dot, fn.nan_max
     table, kernel = registry()
 
     @cuda.jit(device=True, inline=True)
@@ -249,7 +249,7 @@ def kernels(dt: Any) -> KernelTable:
                         z = self_logit if (self_masked and j == i) else logits[(first + r) * TILE + cuda.threadIdx.x] \
                             * scale
                     logits[(first + r) * TILE + cuda.threadIdx.x] = z
-                    tile_max = max(tile_max, z)
+                    tile_max = nan_max(tile_max, z)  # an overflowed (NaN) logit stays in
             live, decay, run_max, run_sum = softmax_tile(logits, first, count, tile_max, run_max, run_sum)
             listed_accumulate(o, b, h, c * wq + w, logits, first, count, slab, v, keys, cuda.blockDim.y * count,
                               decay, ONE, live, False)
@@ -274,7 +274,9 @@ def kernels(dt: Any) -> KernelTable:
             row_delta = row_dot(do, o, b, h, c * wq + w)
             delta[b, h, c * wq + w] = row_delta
             row_lse = lse[b, h, c * wq + w]
-        live = i >= 0 and row_lse > NEG_INF  # a query with no valid key has no gradient
+        # A query with no valid key has no gradient; a NaN lse (an overflow) stays in, and its NaN gradient
+        # reaches the overflow check.
+        live = i >= 0 and row_lse != NEG_INF
         for u0 in range(0, wk, TILE):
             count = min(TILE, wk - u0)
             first = cuda.threadIdx.y * count
@@ -327,7 +329,7 @@ def kernels(dt: Any) -> KernelTable:
                 for r in range(count):
                     i = queries[first + r] - row0  # < 0 for an empty query slot
                     p = ZERO
-                    if i >= 0 and row_lse[first + r] > NEG_INF and not (causal and j > i):
+                    if i >= 0 and row_lse[first + r] != NEG_INF and not (causal and j > i):
                         z = self_logit if (self_masked and j == i) else probs[(first + r) * TILE + cuda.threadIdx.x] \
                             * scale
                         p = math.exp(z - row_lse[first + r])

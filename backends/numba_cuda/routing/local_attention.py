@@ -105,7 +105,7 @@ def kernels(dt: Any) -> KernelTable:
     ZERO, ONE, NEG_INF, size = dt(0.0), dt(1.0), dt(-math.inf), dt.bitwidth // 8
     fn = device.functions(dt)
     listed_products, listed_accumulate, softmax_tile = fn.listed_products, fn.listed_accumulate, fn.softmax_tile
-    clear_row, finish_row, row_dot = fn.clear_row, fn.finish_row, fn.row_dot
+    clear_row, finish_row, row_dot, nan_max = fn.clear_row, fn.finish_row, fn.row_dot, fn.nan_max
     table, kernel = registry()
 
     @cuda.jit(device=True, inline=True)
@@ -170,7 +170,7 @@ def kernels(dt: Any) -> KernelTable:
                     z = logits[r * TILE + cuda.threadIdx.x] * scale if visible(i, j0 + r, block, causal, padded,
                                                                                 bp) else NEG_INF
                     logits[r * TILE + cuda.threadIdx.x] = z
-                    tile_max = max(tile_max, z)
+                    tile_max = nan_max(tile_max, z)  # an overflowed (NaN) logit stays in
             live, decay, run_max, run_sum = softmax_tile(logits, 0, count, tile_max, run_max, run_sum)
             listed_accumulate(out, b, h, i, logits, 0, count, slab, v, keys, count, decay, ONE, live, False)
         finish_row(out, lse, b, h, i, run_max, run_sum, inside)
@@ -192,7 +192,9 @@ def kernels(dt: Any) -> KernelTable:
             delta[b, h, i] = row_delta
             row_lse = lse[b, h, i]
         clear_row(dq, b, h, i, inside)
-        live = row_lse > NEG_INF  # excludes padded queries and queries with no visible key
+        # Excludes padded queries and queries with no visible key; a NaN lse (an overflow) stays in, and its
+        # NaN gradient reaches the overflow check.
+        live = row_lse != NEG_INF
         for j0 in range(lo, hi, TILE):
             count = min(TILE, hi - j0)
             list_range(keys, count, row0 + j0)
@@ -238,7 +240,7 @@ def kernels(dt: Any) -> KernelTable:
                 for r in range(count):
                     i = i0 + r
                     p = ZERO
-                    if row_lse[r] > NEG_INF and visible(i, j, block, causal, padded, bp) and padded[bp, i] == 0:
+                    if row_lse[r] != NEG_INF and visible(i, j, block, causal, padded, bp) and padded[bp, i] == 0:
                         p = math.exp(probs[r * TILE + cuda.threadIdx.x] * scale - row_lse[r])
                     probs[r * TILE + cuda.threadIdx.x] = p
             listed_products(grads, 0, count, slab, dout, queries, count, v, b, h, j, active)
