@@ -286,6 +286,22 @@ def test_route_chunks_equal_one_pass(monkeypatch):
     np.testing.assert_array_equal(N(whole), ref.route(s, 5, key_padding_mask=mask))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scatter_adds_each_row_in_order(threads):
+    """The scatters of the gradients and of the combination add each token's rows in slot order, as the
+    reference's loop does: bitwise, with terms whose float32 sum depends on the order, with one or two
+    threads (on a CPU, ``index_add_`` sorts the rows; the sort must be stable)."""
+    indexing = importlib.import_module("refattn.backends.torch.routing.indexing")
+    rng = np.random.default_rng(5)
+    rows = torch.from_numpy(rng.integers(0, 37, size=5000))
+    values = torch.from_numpy(rng.choice([1e8, 1.0, -1e8, 3.0, 0.5], size=(5000, 3)).astype(np.float32))
+    expected = torch.zeros(37, 3)
+    for i in range(len(rows)):
+        expected[rows[i]] += values[i]
+    torch.set_num_threads(threads)
+    assert torch.equal(indexing.add_rows(37, rows, values), expected)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_route_and_assign_random(dtype):
     for padded in (False, True):

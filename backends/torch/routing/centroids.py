@@ -9,6 +9,8 @@ Differs from the reference:
   ``centroid_statistics`` (the batch's counts and sums, which ranks all-reduce) and
   ``apply_centroid_statistics`` (the update); ``update_centroids`` is the two in a row. The state
   may be kept in a wider dtype than the tokens (a layer's float32 state under bfloat16 autocast).
+- A cluster's sum S_c adds its tokens in token order on every device (:func:`.indexing.add_rows`), so
+  the update is the same from run to run on a GPU too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from refattn.routing import CentroidState
 from refattn.routing.profiles import Profile, get_profile
 
 from ..tensors import check_overflow, checked, compute_dtype, tensors
+from .indexing import add_rows
 from .normalize import normalize_core
 from .similarity import check_similarity, similarity_core
 
@@ -118,7 +121,7 @@ def statistics_core(x_hat: torch.Tensor, means: torch.Tensor,
     weight = keep.reshape(-1).to(means.dtype)
     counts = torch.zeros(heads * clusters, dtype=means.dtype, device=means.device).scatter_add(0, flat, weight)
     rows = x_hat.detach().to(means.dtype).reshape(-1, dim) * weight.unsqueeze(-1)
-    sums = torch.zeros(heads * clusters, dim, dtype=means.dtype, device=means.device).index_add(0, flat, rows)
+    sums = add_rows(heads * clusters, flat, rows)  # in token order on every device (CUDA's index_add is atomic)
     return counts.reshape(heads, clusters), sums.reshape(heads, clusters, dim)
 
 

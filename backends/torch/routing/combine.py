@@ -1,7 +1,7 @@
 """Routing step 5 on tensors (reference: :mod:`refattn.routing.combine`).
 
 Differs from the reference: the scatter is :func:`~refattn.backends.torch.routing.indexing.scatter_add`
-(``index_put_`` with accumulation), differentiable with autograd.
+(rows added in order, deterministically), differentiable with autograd.
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 :mod:`refattn.routing.indexing`).
 
 Differs from the reference: the gather is an autograd function whose backward adds the rows back
-with ``index_put_(accumulate=True)`` (serial on a CPU, sorted and deterministic on CUDA), not
-``index_add_``: a CPU runs that as a parallel radix sort of about ten parallel regions, each of which
-waits for a descheduled thread on a busy machine (2.4 ms with one thread, 132 ms with two at load 5,
-where ``index_put_`` took 35 ms), and CUDA adds atomically, in no fixed order; the scatter is its
-mirror, whose backward gathers with ``index_select`` (several times faster on a CPU than the
-advanced indexing of ``index_put_``'s own backward); scatters skip the masking of empty slots when
-there are none.
+(:func:`add_rows_into`): ``index_add_`` on a CPU (a scatter over a stable sort of the rows: parallel,
+each row's terms added in slot order, deterministic; 1.1 ms for 32,768 rows of 64 floats with two
+threads where the serial ``index_put_(accumulate=True)`` takes 4.9 ms), ``index_put_(accumulate=True)``
+elsewhere (sorted and deterministic on CUDA, where ``index_add_`` adds atomically, in no fixed order);
+the scatter is its mirror, whose backward gathers with ``index_select`` (several times faster on a CPU
+than the advanced indexing of ``index_put_``'s own backward); scatters skip the masking of empty slots
+when there are none.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def all_slots_filled(*memberships: torch.Tensor) -> bool:
 
 def add_rows_into(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """out[rows[i]] += values[i] in place, in the order of i; returns out."""
+    if out.device.type == "cpu":
+        return out.index_add_(0, rows, values)
     return out.index_put_((rows,), values, accumulate=True)
 
 
