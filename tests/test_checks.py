@@ -222,6 +222,15 @@ def test_routing_overflow_names_q_and_k(data):
         routing.attention(q, k, v, mu * 1e308)
 
 
+def test_routing_overflow_in_the_normalization_names_x():
+    """Finite x near float64's largest value: tacl's mean overflows, and x̂ would be NaN."""
+    x = np.random.default_rng(0).uniform(-1.0, 1.0, (1, 1, 4, 8)) * 1.5e308
+    with np.errstate(over="ignore", invalid="ignore"):
+        with pytest.raises(ValueError, match=r"^x overflows float64 in the normalization: \|x\| up to 1\.\de\+308$"):
+            routing.normalize(x)
+        np.testing.assert_allclose(np.linalg.norm(routing.normalize(x * 1e-160), axis=-1), np.sqrt(8), rtol=1e-12)
+
+
 def test_overflow_check_on_a_backend_dtype():
     x = np.full((4,), 1e20, dtype=np.float32)
     with pytest.raises(ValueError, match=r"^q and k overflow float32 in the cross: \|q\|·\|k\| up to 1\.0e\+40$"):
@@ -279,7 +288,7 @@ def test_every_step_module_states_overflow_rules_of_its_own_functions_and_argume
             for rule in filter(None, rules):
                 assert set(rule.operands) <= set(parameters), (module.__name__, name, rule)
                 stated += 1
-    assert stated == 36  # every result check the step modules make
+    assert stated == 37  # every result check the step modules make
 
 
 def test_overflow_check_passes_finite_results_whose_sum_overflows():

@@ -186,6 +186,8 @@ VALIDATION = [
      ValueError, "w: expected shape"),
     ("routing profile", lambda: routing.normalize(_q(), profile="tf"),
      ValueError, "profile: expected one of"),
+    ("routing normalization overflow", lambda: routing.normalize(_rng().uniform(0.5, 1.0, (1, 1, 2, 8)) * 1.5e308),
+     ValueError, r"^x overflows float64 in the normalization: \|x\| up to 1\.\de\+308$"),
     ("routing shared k", lambda: routing.attention(_q(), _q(), _q(), _q((2, 2, 3)), shared_qk=True),
      ValueError, "k: expected None with shared_qk"),
     ("routing lucidrains causal unshared",
