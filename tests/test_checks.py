@@ -254,6 +254,74 @@ def test_overflow_check_on_torch_tensors():
         checks.float_array(torch.tensor([0.0, float("nan")]), "x")
 
 
+def _overflow_cases():
+    """(name, call(namespace, arrays)) of float64 inputs that overflow one result of each step with a rule."""
+    rng = np.random.default_rng(1)
+    q, k, v = rng.standard_normal((3, 1, 2, 8, 4))
+    c, ds = rng.standard_normal((1, 2, 15, 4)), rng.standard_normal((1, 2, 15))
+    w, mu = np.ones((2, 4)), rng.standard_normal((2, 3, 4))
+    offsets = np.broadcast_to(np.array([-1, 0, 1]), (1, 2, 3)).copy()
+    x_hat = routing.normalize(q)
+    members = np.broadcast_to(np.arange(8).reshape(2, 4), (1, 2, 2, 4)).copy()
+    do, dscores = rng.standard_normal((1, 2, 2, 4, 4)), rng.standard_normal((1, 2, 8, 3))
+    huge, huge_o = rng.uniform(0.5, 1.0, (1, 2, 8, 4)) * 1.5e308, rng.uniform(0.5, 1.0, (1, 2, 2, 4, 4)) * 1.5e308
+    shared = np.array([[0, 1, 2, 3], [0, 4, 5, 6]])[None, None].repeat(2, 1)  # token 0 in both clusters
+    state = routing.CentroidState(mu, np.ones((2, 3)), rng.standard_normal((2, 3, 4)))
+    big = 1e160
+    return {
+        "fsat.cross": lambda ns, t: ns.cross(t(q * big), t(k * big)),
+        "fsat.cross_vjp": lambda ns, t: ns.cross_vjp(t(q), t(k * big), t(c * big)),
+        "fsat.estimate": lambda ns, t: ns.estimate(t(c * 1e200), t(w * 1e200)),
+        "fsat.estimate_vjp": lambda ns, t: ns.estimate_vjp(t(c), t(w * 1e200), t(ds * 1e200)),
+        "fsat.sparse_attention": lambda ns, t: ns.sparse_attention(t(q * big), t(k * big), t(v), t(offsets)),
+        "fsat.sparse_attention_vjp": lambda ns, t: ns.sparse_attention_vjp(t(q), t(k), t(v * big), t(offsets), None,
+                                                                         t(v * big)),
+        "fsat.attention cross": lambda ns, t: ns.attention(t(q), t(k), t(v), t(w), 3, cross_q=t(q * big),
+                                                           cross_k=t(k * big)),
+        "fsat.attention estimate": lambda ns, t: ns.attention(t(q * 1e100), t(k * 1e100), t(v), t(w * 1e200), 3),
+        "fsat.attention logits": lambda ns, t: ns.attention(t(q * big), t(k * big), t(v), t(w), 3, cross_q=t(q),
+                                                            cross_k=t(k)),
+        "fsat.attention_vjp": lambda ns, t: ns.attention_vjp(t(q), t(k), t(v * big), t(w), 3, t(v * big)),
+        "routing.normalize": lambda ns, t: ns.normalize(t(huge)),
+        "routing.normalize_vjp": lambda ns, t: ns.normalize_vjp(t(q * 1e-10), t(q * 1e306)),
+        "routing.similarity": lambda ns, t: ns.similarity(t(x_hat * 1e200), t(mu * 1e200)),
+        "routing.similarity_vjp": lambda ns, t: ns.similarity_vjp(t(x_hat), t(mu * 1e200), t(dscores * 1e200)),
+        "routing.local_attention": lambda ns, t: ns.local_attention(t(q * big), t(k * big), t(v), 4),
+        "routing.local_attention_vjp": lambda ns, t: ns.local_attention_vjp(t(q), t(k), t(v * big), 4, t(v * big)),
+        "routing.cluster_attention": lambda ns, t: ns.cluster_attention(t(q * big), t(k * big), t(v), t(members),
+                                                                      t(members), profile="lucidrains"),
+        "routing.cluster_attention_vjp": lambda ns, t: ns.cluster_attention_vjp(t(q), t(k), t(v * big), t(members),
+                                                                              t(members), t(do * big)),
+        "routing.combine": lambda ns, t: ns.combine(t(huge_o), t(shared), 8),
+        "routing.update_centroids": lambda ns, t: ns.update_centroids(routing.CentroidState(*map(t, state)), t(huge)),
+        "routing.commitment_loss": lambda ns, t: ns.commitment_loss(t(x_hat * 1e200), t(mu)),
+        "routing.commitment_loss_vjp": lambda ns, t: ns.commitment_loss_vjp(t(x_hat * 1e200), t(mu), 1e200),
+        "routing.attention logits": lambda ns, t: ns.attention(t(q * big), t(k * big), t(v), t(mu),
+                                                               profile="lucidrains"),
+        "routing.attention similarity": lambda ns, t: ns.attention(t(q), t(k), t(v), t(mu * 1e308)),
+        "routing.attention_vjp": lambda ns, t: ns.attention_vjp(t(q), t(k), t(v * big), t(mu), t(v * big)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_overflow_cases()))
+def test_torch_reports_an_overflow_as_the_reference_does(name):
+    """The torch backend applies the reference's OVERFLOWS rules (and its composites' checks): in float64,
+    the same inputs overflow the same result, with the same message."""
+    torch = pytest.importorskip("torch", reason="the case compares the torch backend with the reference")
+    import refattn
+
+    backend = refattn.get_backend("torch")
+    call = _overflow_cases()[name]
+    namespace = name.split(".")[0]
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match="overflow") as expected:
+            call(getattr(refattn, namespace), lambda x: x)
+        with pytest.raises(ValueError, match="overflow") as got:
+            call(getattr(backend, namespace), torch.from_numpy)
+    assert str(got.value) == str(expected.value)
+
+
 def test_overflow_rules_check_each_result_by_the_rule_at_its_position():
     """checks.check_overflows: a step module's OVERFLOWS rules, each on the result at its position, its operands
     picked by name in the rule's order; a None rule or result is skipped; one rule covers the whole result."""

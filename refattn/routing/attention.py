@@ -20,6 +20,7 @@ import numpy as np
 from refattn import checks
 from refattn.checks import as_float64
 
+from .cluster_attention import OVERFLOWS as CLUSTER_OVERFLOWS
 from .cluster_attention import cluster_attention_core, cluster_attention_vjp_core, routed_inputs
 from .combine import combine_core, combine_vjp_core
 from .normalize import normalize_core
@@ -96,7 +97,7 @@ def attention_core(
     and returned in that dtype; raises ``ValueError`` when a step overflows it."""
     q_members, k_members = _members(q, k, centroids, window, shared_qk, profile, key_padding_mask)
     o = cluster_attention_core(q, k, v, q_members, k_members, causal=causal, shared_qk=shared_qk, profile=profile)
-    checks.check_overflow(o, "the cluster attention", q=q, k=k)
+    checks.check_overflows(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k)
     out = combine_core(o, q_members, q.shape[2], profile=profile)
     checks.check_overflow(out, "the combination of the cluster outputs", v=v)
     return out

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from refattn import checks
-from refattn.routing.attention import default_num_clusters, default_window
+from refattn.routing.attention import OVERFLOWS, default_num_clusters, default_window
+from refattn.routing.cluster_attention import OVERFLOWS as CLUSTER_OVERFLOWS
 from refattn.routing.profiles import Profile
 
-from ..tensors import check_overflow, checked, compute_dtype, tensors, vjp
+from ..tensors import check_overflow, check_overflows, checked, compute_dtype, tensors, vjp
 from .cluster_attention import attend, logit_scale, routed_inputs, unmasked, unmasked_attention
 from .combine import combine_core
 from .indexing import member_counts
@@ -95,10 +96,10 @@ def attention_core(q, k, v, centroids, window: int, causal: bool, shared_qk: boo
     if unmasked(q_members, k_members, causal, shared_qk, profile):  # attention and combination in one
         divisor = (member_counts(q_members, q.shape[2], q.dtype) + profile.combine_eps).unsqueeze(-1)
         out = unmasked_attention(f_q, f_k, v, q_members, k_members, logit_scale(profile, q.shape[-1]), divisor,
-                                 lambda o: check_overflow(o, "the cluster attention", q=q, k=k))
+                                 lambda o: check_overflows(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k))
     else:
         o = attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
-        check_overflow(o, "the cluster attention", q=q, k=k)
+        check_overflows(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k)
         out = combine_core(o, q_members, q.shape[2], profile)
     check_overflow(out, "the combination of the cluster outputs", v=v)
     return out
@@ -144,7 +145,5 @@ def attention_vjp(q: Any, k: Any, v: Any, centroids: Any, dout: Any, *, window: 
     else:
         dq, dk, dv = vjp(lambda a, b, c: attention_core(a, b, c, means, window, causal, False, profile, mask),
                          [qc, kc, vc], [doutc])
-    where = "the gradient of the routing attention"
-    check_overflow((dq, dk), where, dout=doutc, v=vc, q=qc, k=kc)
-    check_overflow(dv, where, dout=doutc)
+    check_overflows((dq, dk, dv), OVERFLOWS["attention_vjp"], q=qc, k=kc, v=vc, dout=doutc)
     return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), dv.to(v.dtype)
