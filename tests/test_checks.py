@@ -298,6 +298,7 @@ def _overflow_cases():
         "routing.commitment_loss_vjp": lambda ns, t: ns.commitment_loss_vjp(t(x_hat * 1e200), t(mu), 1e200),
         "routing.attention logits": lambda ns, t: ns.attention(t(q * big), t(k * big), t(v), t(mu),
                                                                profile="lucidrains"),
+        "routing.attention combination": lambda ns, t: ns.attention(t(q), t(k), t(huge), t(mu[:, :2]), window=8),
         "routing.attention similarity": lambda ns, t: ns.attention(t(q), t(k), t(v), t(mu * 1e308)),
         "routing.attention_vjp": lambda ns, t: ns.attention_vjp(t(q), t(k), t(v * big), t(mu), t(v * big)),
     }
@@ -356,7 +357,7 @@ def test_every_step_module_states_overflow_rules_of_its_own_functions_and_argume
             for rule in filter(None, rules):
                 assert set(rule.operands) <= set(parameters), (module.__name__, name, rule)
                 stated += 1
-    assert stated == 37  # every result check the step modules make
+    assert stated == 38  # every result check the step modules make
 
 
 def test_overflow_check_passes_finite_results_whose_sum_overflows():

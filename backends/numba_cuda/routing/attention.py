@@ -55,7 +55,7 @@ def attention_core(call: Call, q: Any, k: Any, v: Any, centroids: Any, *, window
     o, _ = cluster_forward(call, route, *features(call, route, q, k, q_hat, k_hat), v)
     call.watch_rules(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k)
     out = combine_core(call, o, route.q_members, q.shape[2], profile=profile)
-    call.watch(out, "the combination of the cluster outputs", v=v)
+    call.watch_rules(out, OVERFLOWS["attention"], v=v)
     return out
 
 

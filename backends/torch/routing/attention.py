@@ -101,7 +101,7 @@ def attention_core(q, k, v, centroids, window: int, causal: bool, shared_qk: boo
         o = attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
         check_overflows(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k)
         out = combine_core(o, q_members, q.shape[2], profile)
-    check_overflow(out, "the combination of the cluster outputs", v=v)
+    check_overflows(out, OVERFLOWS["attention"], v=v)
     return out
 
 
