@@ -301,6 +301,8 @@ def _overflow_cases():
         "routing.attention combination": lambda ns, t: ns.attention(t(q), t(k), t(huge), t(mu[:, :2]), window=8),
         "routing.attention similarity": lambda ns, t: ns.attention(t(q), t(k), t(v), t(mu * 1e308)),
         "routing.attention_vjp": lambda ns, t: ns.attention_vjp(t(q), t(k), t(v * big), t(mu), t(v * big)),
+        "routing.attention_vjp logits": lambda ns, t: ns.attention_vjp(t(q * big), t(k * big), t(v), t(mu), t(v),
+                                                                     profile="lucidrains"),
     }
 
 
@@ -321,6 +323,24 @@ def test_torch_reports_an_overflow_as_the_reference_does(name):
         with pytest.raises(ValueError, match="overflow") as got:
             call(getattr(backend, namespace), torch.from_numpy)
     assert str(got.value) == str(expected.value)
+
+
+def test_torch_gradient_of_the_routing_attention_skips_the_forward_checks_as_the_reference():
+    """Its out overflows (every token in both clusters, v near float64's largest value), its gradients do
+    not: attention raises, attention_vjp returns the reference's gradients."""
+    torch = pytest.importorskip("torch", reason="the case compares the torch backend with the reference")
+    import refattn
+
+    rng = np.random.default_rng(2)
+    q, k, dout = rng.standard_normal((3, 1, 2, 8, 4))
+    v, mu = rng.uniform(0.9, 1.0, (1, 2, 8, 4)) * 1.5e308, rng.standard_normal((2, 2, 4))
+    backend = refattn.get_backend("torch").routing
+    with np.errstate(over="ignore"), pytest.raises(ValueError, match="^v overflows float64 in the combination"):
+        backend.attention(*map(torch.from_numpy, (q, k, v, mu)), window=8)
+    want = routing.attention_vjp(q, k, v, mu, dout * 1e-300, window=8)
+    got = backend.attention_vjp(*map(torch.from_numpy, (q, k, v, mu, dout * 1e-300)), window=8)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-10, atol=0)
 
 
 def test_overflow_rules_check_each_result_by_the_rule_at_its_position():

@@ -78,9 +78,15 @@ def routed(x: torch.Tensor, centroids: torch.Tensor, window: int, mask: torch.Te
 
 
 def attention_core(q, k, v, centroids, window: int, causal: bool, shared_qk: bool, profile: Profile,
-                   mask: torch.Tensor | None) -> torch.Tensor:
-    """The pipeline on compute-dtype tensors (no checks); differentiable in q, k, v; ``ValueError`` when
-    a similarity, the cluster attention or the combination overflows."""
+                   mask: torch.Tensor | None, *, check_outputs: bool = True) -> torch.Tensor:
+    """The pipeline on compute-dtype tensors (no argument checks); differentiable in q, k, v; ``ValueError``
+    when a similarity overflows and, with ``check_outputs`` (the forward's), the cluster attention or the
+    combination. The gradient checks its results instead, as the reference's does (:func:`attention_vjp`)."""
+
+    def check_cluster_outputs(o: torch.Tensor) -> None:
+        if check_outputs:
+            check_overflows(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k)
+
     if profile.logits_use_normalized:  # the normalized tokens are the logits' features
         f_q = normalize_core(q, profile)
         f_k = f_q if shared_qk else normalize_core(k, profile)
@@ -96,12 +102,13 @@ def attention_core(q, k, v, centroids, window: int, causal: bool, shared_qk: boo
     if unmasked(q_members, k_members, causal, shared_qk, profile):  # attention and combination in one
         divisor = (member_counts(q_members, q.shape[2], q.dtype) + profile.combine_eps).unsqueeze(-1)
         out = unmasked_attention(f_q, f_k, v, q_members, k_members, logit_scale(profile, q.shape[-1]), divisor,
-                                 lambda o: check_overflows(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k))
+                                 check_cluster_outputs)
     else:
         o = attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
-        check_overflows(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k)
+        check_cluster_outputs(o)
         out = combine_core(o, q_members, q.shape[2], profile)
-    check_overflows(out, OVERFLOWS["attention"], v=v)
+    if check_outputs:
+        check_overflows(out, OVERFLOWS["attention"], v=v)
     return out
 
 
@@ -139,11 +146,11 @@ def attention_vjp(q: Any, k: Any, v: Any, centroids: Any, dout: Any, *, window: 
     means = centroids.to(cd)
     qc, kc, vc, doutc = q.to(cd), None if k is None else k.to(cd), v.to(cd), dout.to(cd)
     if shared_qk:
-        dq, dv = vjp(lambda a, c: attention_core(a, None, c, means, window, causal, True, profile, mask), [qc, vc],
-                     [doutc])
+        dq, dv = vjp(lambda a, c: attention_core(a, None, c, means, window, causal, True, profile, mask,
+                                                 check_outputs=False), [qc, vc], [doutc])
         dk = None
     else:
-        dq, dk, dv = vjp(lambda a, b, c: attention_core(a, b, c, means, window, causal, False, profile, mask),
-                         [qc, kc, vc], [doutc])
+        dq, dk, dv = vjp(lambda a, b, c: attention_core(a, b, c, means, window, causal, False, profile, mask,
+                                                        check_outputs=False), [qc, kc, vc], [doutc])
     check_overflows((dq, dk, dv), OVERFLOWS["attention_vjp"], q=qc, k=kc, v=vc, dout=doutc)
     return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), dv.to(v.dtype)
