@@ -222,6 +222,15 @@ def test_routing_overflow_names_q_and_k(data):
         routing.attention(q, k, v, mu * 1e308)
 
 
+def test_routing_overflow_in_the_normalization_names_x():
+    """Finite x near float64's largest value: tacl's mean overflows, and x̂ would be NaN."""
+    x = np.random.default_rng(0).uniform(-1.0, 1.0, (1, 1, 4, 8)) * 1.5e308
+    with np.errstate(over="ignore", invalid="ignore"):
+        with pytest.raises(ValueError, match=r"^x overflows float64 in the normalization: \|x\| up to 1\.\de\+308$"):
+            routing.normalize(x)
+        np.testing.assert_allclose(np.linalg.norm(routing.normalize(x * 1e-160), axis=-1), np.sqrt(8), rtol=1e-12)
+
+
 def test_overflow_check_on_a_backend_dtype():
     x = np.full((4,), 1e20, dtype=np.float32)
     with pytest.raises(ValueError, match=r"^q and k overflow float32 in the cross: \|q\|·\|k\| up to 1\.0e\+40$"):
@@ -243,6 +252,95 @@ def test_overflow_check_on_torch_tensors():
     checks.check_overflow(torch.empty(4, device="meta"), "the step", x=q)
     with pytest.raises(ValueError, match=r"^x: expected finite values, got 1 NaN or Inf entries"):
         checks.float_array(torch.tensor([0.0, float("nan")]), "x")
+
+
+def _overflow_cases():
+    """(name, call(namespace, arrays)) of float64 inputs that overflow one result of each step with a rule."""
+    rng = np.random.default_rng(1)
+    q, k, v = rng.standard_normal((3, 1, 2, 8, 4))
+    c, ds = rng.standard_normal((1, 2, 15, 4)), rng.standard_normal((1, 2, 15))
+    w, mu = np.ones((2, 4)), rng.standard_normal((2, 3, 4))
+    offsets = np.broadcast_to(np.array([-1, 0, 1]), (1, 2, 3)).copy()
+    x_hat = routing.normalize(q)
+    members = np.broadcast_to(np.arange(8).reshape(2, 4), (1, 2, 2, 4)).copy()
+    do, dscores = rng.standard_normal((1, 2, 2, 4, 4)), rng.standard_normal((1, 2, 8, 3))
+    huge, huge_o = rng.uniform(0.5, 1.0, (1, 2, 8, 4)) * 1.5e308, rng.uniform(0.5, 1.0, (1, 2, 2, 4, 4)) * 1.5e308
+    shared = np.array([[0, 1, 2, 3], [0, 4, 5, 6]])[None, None].repeat(2, 1)  # token 0 in both clusters
+    state = routing.CentroidState(mu, np.ones((2, 3)), rng.standard_normal((2, 3, 4)))
+    big = 1e160
+    return {
+        "fsat.cross": lambda ns, t: ns.cross(t(q * big), t(k * big)),
+        "fsat.cross_vjp": lambda ns, t: ns.cross_vjp(t(q), t(k * big), t(c * big)),
+        "fsat.estimate": lambda ns, t: ns.estimate(t(c * 1e200), t(w * 1e200)),
+        "fsat.estimate_vjp": lambda ns, t: ns.estimate_vjp(t(c), t(w * 1e200), t(ds * 1e200)),
+        "fsat.sparse_attention": lambda ns, t: ns.sparse_attention(t(q * big), t(k * big), t(v), t(offsets)),
+        "fsat.sparse_attention_vjp": lambda ns, t: ns.sparse_attention_vjp(t(q), t(k), t(v * big), t(offsets), None,
+                                                                         t(v * big)),
+        "fsat.attention cross": lambda ns, t: ns.attention(t(q), t(k), t(v), t(w), 3, cross_q=t(q * big),
+                                                           cross_k=t(k * big)),
+        "fsat.attention estimate": lambda ns, t: ns.attention(t(q * 1e100), t(k * 1e100), t(v), t(w * 1e200), 3),
+        "fsat.attention logits": lambda ns, t: ns.attention(t(q * big), t(k * big), t(v), t(w), 3, cross_q=t(q),
+                                                            cross_k=t(k)),
+        "fsat.attention_vjp": lambda ns, t: ns.attention_vjp(t(q), t(k), t(v * big), t(w), 3, t(v * big)),
+        "routing.normalize": lambda ns, t: ns.normalize(t(huge)),
+        "routing.normalize_vjp": lambda ns, t: ns.normalize_vjp(t(q * 1e-10), t(q * 1e306)),
+        "routing.similarity": lambda ns, t: ns.similarity(t(x_hat * 1e200), t(mu * 1e200)),
+        "routing.similarity_vjp": lambda ns, t: ns.similarity_vjp(t(x_hat), t(mu * 1e200), t(dscores * 1e200)),
+        "routing.local_attention": lambda ns, t: ns.local_attention(t(q * big), t(k * big), t(v), 4),
+        "routing.local_attention_vjp": lambda ns, t: ns.local_attention_vjp(t(q), t(k), t(v * big), 4, t(v * big)),
+        "routing.cluster_attention": lambda ns, t: ns.cluster_attention(t(q * big), t(k * big), t(v), t(members),
+                                                                      t(members), profile="lucidrains"),
+        "routing.cluster_attention_vjp": lambda ns, t: ns.cluster_attention_vjp(t(q), t(k), t(v * big), t(members),
+                                                                              t(members), t(do * big)),
+        "routing.combine": lambda ns, t: ns.combine(t(huge_o), t(shared), 8),
+        "routing.update_centroids": lambda ns, t: ns.update_centroids(routing.CentroidState(*map(t, state)), t(huge)),
+        "routing.commitment_loss": lambda ns, t: ns.commitment_loss(t(x_hat * 1e200), t(mu)),
+        "routing.commitment_loss_vjp": lambda ns, t: ns.commitment_loss_vjp(t(x_hat * 1e200), t(mu), 1e200),
+        "routing.attention logits": lambda ns, t: ns.attention(t(q * big), t(k * big), t(v), t(mu),
+                                                               profile="lucidrains"),
+        "routing.attention combination": lambda ns, t: ns.attention(t(q), t(k), t(huge), t(mu[:, :2]), window=8),
+        "routing.attention similarity": lambda ns, t: ns.attention(t(q), t(k), t(v), t(mu * 1e308)),
+        "routing.attention_vjp": lambda ns, t: ns.attention_vjp(t(q), t(k), t(v * big), t(mu), t(v * big)),
+        "routing.attention_vjp logits": lambda ns, t: ns.attention_vjp(t(q * big), t(k * big), t(v), t(mu), t(v),
+                                                                     profile="lucidrains"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_overflow_cases()))
+def test_torch_reports_an_overflow_as_the_reference_does(name):
+    """The torch backend applies the reference's OVERFLOWS rules (and its composites' checks): in float64,
+    the same inputs overflow the same result, with the same message."""
+    torch = pytest.importorskip("torch", reason="the case compares the torch backend with the reference")
+    import refattn
+
+    backend = refattn.get_backend("torch")
+    call = _overflow_cases()[name]
+    namespace = name.split(".")[0]
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match="overflow") as expected:
+            call(getattr(refattn, namespace), lambda x: x)
+        with pytest.raises(ValueError, match="overflow") as got:
+            call(getattr(backend, namespace), torch.from_numpy)
+    assert str(got.value) == str(expected.value)
+
+
+def test_torch_gradient_of_the_routing_attention_skips_the_forward_checks_as_the_reference():
+    """Its out overflows (every token in both clusters, v near float64's largest value), its gradients do
+    not: attention raises, attention_vjp returns the reference's gradients."""
+    torch = pytest.importorskip("torch", reason="the case compares the torch backend with the reference")
+    import refattn
+
+    rng = np.random.default_rng(2)
+    q, k, dout = rng.standard_normal((3, 1, 2, 8, 4))
+    v, mu = rng.uniform(0.9, 1.0, (1, 2, 8, 4)) * 1.5e308, rng.standard_normal((2, 2, 4))
+    backend = refattn.get_backend("torch").routing
+    with np.errstate(over="ignore"), pytest.raises(ValueError, match="^v overflows float64 in the combination"):
+        backend.attention(*map(torch.from_numpy, (q, k, v, mu)), window=8)
+    want = routing.attention_vjp(q, k, v, mu, dout * 1e-300, window=8)
+    got = backend.attention_vjp(*map(torch.from_numpy, (q, k, v, mu, dout * 1e-300)), window=8)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-10, atol=0)
 
 
 def test_overflow_rules_check_each_result_by_the_rule_at_its_position():
@@ -279,7 +377,7 @@ def test_every_step_module_states_overflow_rules_of_its_own_functions_and_argume
             for rule in filter(None, rules):
                 assert set(rule.operands) <= set(parameters), (module.__name__, name, rule)
                 stated += 1
-    assert stated == 36  # every result check the step modules make
+    assert stated == 38  # every result check the step modules make
 
 
 def test_overflow_check_passes_finite_results_whose_sum_overflows():

@@ -186,6 +186,11 @@ VALIDATION = [
      ValueError, "w: expected shape"),
     ("routing profile", lambda: routing.normalize(_q(), profile="tf"),
      ValueError, "profile: expected one of"),
+    ("routing normalization overflow", lambda: routing.normalize(_rng().uniform(0.5, 1.0, (1, 1, 2, 8)) * 1.5e308),
+     ValueError, r"^x overflows float64 in the normalization: \|x\| up to 1\.\de\+308$"),
+    ("routing combination overflow",  # W = L: every token in both clusters, the sum of its outputs overflows
+     lambda: routing.attention(_q(), _q(), _rng().uniform(0.9, 1.0, (2, 2, 5, 3)) * 1.5e308, _q((2, 2, 3)), window=5),
+     ValueError, r"^v overflows float64 in the combination of the cluster outputs: \|v\| up to 1\.\de\+308$"),
     ("routing shared k", lambda: routing.attention(_q(), _q(), _q(), _q((2, 2, 3)), shared_qk=True),
      ValueError, "k: expected None with shared_qk"),
     ("routing lucidrains causal unshared",

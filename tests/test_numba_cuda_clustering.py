@@ -231,6 +231,20 @@ def test_simulated_normalize_layouts_and_degenerate_rows():
 
 
 @simulated
+def test_simulated_normalize_overflow_is_the_reference_error():
+    """x near float64's largest value: the row's sum overflows in any order and tacl's x̂ is NaN; the
+    reference's rule, OVERFLOWS["normalize"], reports it with the reference's message."""
+    huge = np.random.default_rng(6).uniform(0.5, 1.0, (1, 2, 3, 8)) * 1.5e308
+    with np.errstate(over="ignore", invalid="ignore"):
+        with pytest.raises(ValueError) as expected:
+            reference.normalize(huge)
+        with pytest.raises(ValueError) as got:
+            clustering.normalize(huge)
+    assert str(got.value) == str(expected.value)
+    assert str(got.value).startswith("x overflows float64 in the normalization: |x| up to 1.5e+308")
+
+
+@simulated
 def test_simulated_update_centroids_edge_cases():
     """tacl: a first update on an all-padded batch keeps the means (n = 0); lucidrains: a centroid
     that no token chose keeps its mean. The input state is not modified; device in, device out."""

@@ -11,6 +11,11 @@ messages; this module adds what is particular to tensors:
 - the checks' reductions build no autograd graph (:func:`checked`, :func:`check_overflow`);
 - a layer's input: :func:`layer_input`.
 
+Overflow checks are the reference's: each function applies its reference step module's
+``OVERFLOWS["f"]`` rules (:class:`refattn.checks.Overflow`) by :func:`check_overflows`, imported
+from the public module (``from refattn.fsat.cross import OVERFLOWS``), never retyped; a composite
+checks the intermediates it computes as the reference's composite does.
+
 Value checks (NaN/Inf, offset ranges, overflow) need the data: :mod:`refattn.checks` skips them for
 tensors on the ``meta`` device and while ``torch.compile`` traces. Eager calls always run them.
 """
@@ -31,6 +36,7 @@ __all__ = [
     "compute_dtype",
     "checked",
     "check_overflow",
+    "check_overflows",
     "host_copy",
     "vjp",
     "layer_input",
@@ -82,6 +88,12 @@ def checked(check: Callable[..., Any]) -> Callable[..., Any]:
 
 
 check_overflow = checked(checks.check_overflow)
+
+
+def check_overflows(results: Any, rules: Sequence[checks.Overflow | None], **arguments: Any) -> None:
+    """The reference's overflow rules of a function (``OVERFLOWS[name]`` of its step module) applied to
+    tensor ``results`` by :func:`check_overflow`: :func:`refattn.checks.check_overflows`, same messages."""
+    checks.check_overflows(results, rules, check=check_overflow, **arguments)
 
 
 def host_copy(x: torch.Tensor) -> Any:

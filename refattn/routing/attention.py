@@ -20,6 +20,7 @@ import numpy as np
 from refattn import checks
 from refattn.checks import as_float64
 
+from .cluster_attention import OVERFLOWS as CLUSTER_OVERFLOWS
 from .cluster_attention import cluster_attention_core, cluster_attention_vjp_core, routed_inputs
 from .combine import combine_core, combine_vjp_core
 from .normalize import normalize_core
@@ -88,18 +89,27 @@ def _members(q: Any, k: Any, centroids: Any, window: int, shared_qk: bool, profi
     return (q_members, q_members) if shared_qk else (q_members, routed(k, "k"))
 
 
+# The overflow checks of out, and of dq, dk, dv (refattn.checks.Overflow); the cores check the routing's
+# intermediates. out is the combination of the cluster outputs, which average rows of v.
+_GRADIENT = "the gradient of the routing attention"
+OVERFLOWS = {
+    "attention": (checks.Overflow("the combination of the cluster outputs", ("v",)),),
+    "attention_vjp": (checks.Overflow(_GRADIENT, ("dout", "v", "q", "k")),
+                      checks.Overflow(_GRADIENT, ("dout", "v", "q", "k")), checks.Overflow(_GRADIENT, ("dout",))),
+}
+
+
 def attention_core(
     q: Any, k: Any, v: Any, centroids: Any, *, window: int, causal: bool = False, shared_qk: bool = False,
     profile: Profile, key_padding_mask: Any = None,
 ) -> Any:
     """:func:`attention` of validated arguments of one floating dtype (``window`` an int), computed
-    and returned in that dtype; raises ``ValueError`` when a step overflows it."""
+    and returned in that dtype; raises ``ValueError`` when the similarities or the cluster outputs
+    overflow it (:func:`attention` checks out, by ``OVERFLOWS``)."""
     q_members, k_members = _members(q, k, centroids, window, shared_qk, profile, key_padding_mask)
     o = cluster_attention_core(q, k, v, q_members, k_members, causal=causal, shared_qk=shared_qk, profile=profile)
-    checks.check_overflow(o, "the cluster attention", q=q, k=k)
-    out = combine_core(o, q_members, q.shape[2], profile=profile)
-    checks.check_overflow(out, "the combination of the cluster outputs", v=v)
-    return out
+    checks.check_overflows(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k)
+    return combine_core(o, q_members, q.shape[2], profile=profile)
 
 
 def attention(
@@ -147,8 +157,10 @@ def attention(
         q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask
     )
     q, k, v, centroids = as_float64(q, k, v, centroids)
-    return attention_core(q, k, v, centroids, window=window, causal=causal, shared_qk=shared_qk, profile=profile,
-                          key_padding_mask=key_padding_mask)
+    out = attention_core(q, k, v, centroids, window=window, causal=causal, shared_qk=shared_qk, profile=profile,
+                         key_padding_mask=key_padding_mask)
+    checks.check_overflows(out, OVERFLOWS["attention"], v=v)
+    return out
 
 
 def check_attention_vjp(
@@ -177,14 +189,6 @@ def attention_vjp_core(
         q, k, v, q_members, k_members, do, causal=causal, shared_qk=shared_qk, profile=profile
     )
     return dq, dk, dv
-
-
-# The overflow checks of dq, dk, dv (refattn.checks.Overflow); the cores check the routing's intermediates.
-_GRADIENT = "the gradient of the routing attention"
-OVERFLOWS = {
-    "attention_vjp": (checks.Overflow(_GRADIENT, ("dout", "v", "q", "k")),
-                      checks.Overflow(_GRADIENT, ("dout", "v", "q", "k")), checks.Overflow(_GRADIENT, ("dout",))),
-}
 
 
 def attention_vjp(

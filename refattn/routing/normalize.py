@@ -47,6 +47,13 @@ def normalize_core(x: Any, *, profile: Profile) -> Any:
     return x / xp.maximum(norm, profile.norm_eps)
 
 
+# x̂ itself is bounded, its moments are not: with |x| near the dtype's largest value tacl's mean overflows (x̂ NaN).
+OVERFLOWS = {
+    "normalize": (checks.Overflow("the normalization", ("x",)),),
+    "normalize_vjp": (checks.Overflow("the gradient of the normalization", ("dx_hat",)),),
+}
+
+
 def normalize(x: Any, *, profile: str = "tacl") -> np.ndarray:
     """Normalize every row of ``x`` over its last axis, as the profile's routing does.
 
@@ -71,7 +78,10 @@ def normalize(x: Any, *, profile: str = "tacl") -> np.ndarray:
         x̂, float64, same shape as x.
     """
     x, profile = check_normalize(x, profile)
-    return normalize_core(as_float64(x), profile=profile)
+    x = as_float64(x)
+    x_hat = normalize_core(x, profile=profile)
+    checks.check_overflows(x_hat, OVERFLOWS["normalize"], x=x)
+    return x_hat
 
 
 def check_normalize_vjp(x: Any, dx_hat: Any, profile: Any = "tacl") -> tuple[Any, Any, Profile]:
@@ -98,9 +108,6 @@ def normalize_vjp_core(x: Any, dx_hat: Any, *, profile: Profile) -> Any:
     y = x / safe
     unit = (dy - y * xp.sum(y * dy, axis=-1, keepdims=True)) / safe
     return xp.where(clamped, dy / profile.norm_eps, unit)
-
-
-OVERFLOWS = {"normalize_vjp": (checks.Overflow("the gradient of the normalization", ("dx_hat",)),)}
 
 
 def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> np.ndarray:

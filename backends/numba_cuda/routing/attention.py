@@ -17,6 +17,7 @@ from refattn.routing.attention import (
     default_num_clusters,
     default_window,
 )
+from refattn.routing.cluster_attention import OVERFLOWS as CLUSTER_OVERFLOWS
 from refattn.routing.profiles import Profile
 
 from ..runtime import Call, intake
@@ -52,9 +53,9 @@ def attention_core(call: Call, q: Any, k: Any, v: Any, centroids: Any, *, window
     """out (B, H, L, Dv) on the device."""
     route, q_hat, k_hat = routed(call, q, k, v, centroids, window, causal, shared_qk, profile, key_padding_mask)
     o, _ = cluster_forward(call, route, *features(call, route, q, k, q_hat, k_hat), v)
-    call.watch(o, "the cluster attention", q=q, k=k)
+    call.watch_rules(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k)
     out = combine_core(call, o, route.q_members, q.shape[2], profile=profile)
-    call.watch(out, "the combination of the cluster outputs", v=v)
+    call.watch_rules(out, OVERFLOWS["attention"], v=v)
     return out
 
 

@@ -43,7 +43,9 @@ def normalize_core(call: Call, x: Any, *, profile: Profile) -> Any:
 def normalize(x: Any, *, profile: str = "tacl") -> Any:
     """:func:`refattn.routing.normalize` on the device."""
     call, (x, profile) = intake(check_normalize, x, profile)
-    return call.out(normalize_core(call, x, profile=profile))
+    x_hat = normalize_core(call, x, profile=profile)
+    call.watch_rules(x_hat, OVERFLOWS["normalize"], x=x)
+    return call.out(x_hat)
 
 
 def normalize_vjp_core(call: Call, x: Any, dx_hat: Any, *, profile: Profile, base: Any = None) -> Any:

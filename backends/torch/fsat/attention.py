@@ -22,8 +22,10 @@ import torch
 
 from refattn import checks
 from refattn.fsat import FSATGrads
+from refattn.fsat.attention import OVERFLOWS
+from refattn.fsat.sparse_attention import OVERFLOWS as SPARSE_OVERFLOWS
 
-from ..tensors import check_overflow, checked, compute_dtype, same_dtype, tensors
+from ..tensors import check_overflow, check_overflows, checked, compute_dtype, same_dtype, tensors
 from .cross import Cross, cross_core, has_pairs, unmasked
 from .estimate import estimate_core, estimate_of_cross
 from .select import select_core
@@ -127,7 +129,7 @@ def attention_with_offsets(q: Any, k: Any, v: Any, w: Any, top_k: int, *, causal
     offsets, bias = plan(q, k, w, top_k, causal, mask, noise, cross_q, cross_k)
     qc, kc = q.to(cd), k.to(cd)
     out, lse = SparseAttention.apply(qc, kc, v.to(cd), offsets, bias, unmasked(mask), causal)
-    check_overflow(lse, "the sparse attention", allow_neg_inf=True, q=qc, k=kc)
+    check_overflows((out, lse), SPARSE_OVERFLOWS["sparse_attention"], q=qc, k=kc)
     return out.to(q.dtype), offsets
 
 
@@ -160,14 +162,9 @@ def attention_vjp(q: Any, k: Any, v: Any, w: Any, top_k: int, dout: Any, *, caus
         out, lse, probs = sparse_attention_forward(qc, kc, vc, offsets, bias.detach(), causal, unmasked(mask))
         dq, dk, dv, dbias = sparse_attention_backward(qc, kc, vc, offsets, probs, lse, out, doutc, None, True)
     dw, *grads_cross = torch.autograd.grad(bias, [w_leaf, *(x for x in cross_leaves if x is not None)], dbias)
-    where = "the gradient of the attention"
-    check_overflow(dq, where, dout=doutc, v=vc, k=kc)
-    check_overflow(dk, where, dout=doutc, v=vc, q=qc)
-    check_overflow(dv, where, dout=doutc)
-    check_overflow(dw, where, dout=doutc, v=vc, q=qc, k=kc)
+    check_overflows((dq, dk, dv, dw, *grads_cross), OVERFLOWS["attention_vjp"], q=qc, k=kc, v=vc, w=w_leaf,
+                    dout=doutc, cross_q=cross_leaves[0], cross_k=cross_leaves[1])
     if cross_q is None:
         return FSATGrads(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.to(w.dtype), None, None)
-    check_overflow(grads_cross[0], where, dout=doutc, v=vc, w=w_leaf, cross_k=cross_leaves[1])
-    check_overflow(grads_cross[1], where, dout=doutc, v=vc, w=w_leaf, cross_q=cross_leaves[0])
     return FSATGrads(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.to(w.dtype),
                      grads_cross[0].to(cross_q.dtype), grads_cross[1].to(cross_k.dtype))

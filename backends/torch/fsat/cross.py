@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from refattn import checks
-from refattn.fsat.cross import next_fast_len
+from refattn.fsat.cross import OVERFLOWS, next_fast_len
 
-from ..tensors import check_overflow, checked, compute_dtype, same_dtype, tensors
+from ..tensors import check_overflows, checked, compute_dtype, same_dtype, tensors
 
 __all__ = [
     "pair_counts",
@@ -189,7 +189,7 @@ def cross(a: Any, b: Any, *, key_padding_mask: Any = None) -> torch.Tensor:
     cd = compute_dtype(a.dtype)
     ac, bc = a.to(cd), b.to(cd)
     c = Cross.apply(ac, bc, unmasked(mask))
-    check_overflow(c, "the cross", a=ac, b=bc)
+    check_overflows(c, OVERFLOWS["cross"], a=ac, b=bc)
     return c.to(a.dtype)
 
 
@@ -210,6 +210,5 @@ def cross_vjp(a: Any, b: Any, dc: Any, *, key_padding_mask: Any = None) -> tuple
     ac, bc, dcc = a.to(cd), b.to(cd), dc.to(cd)
     with torch.no_grad():
         da, db = cross_vjp_core(ac, bc, dcc, unmasked(mask))
-    check_overflow(da, "the gradient of the cross", b=bc, dc=dcc)
-    check_overflow(db, "the gradient of the cross", a=ac, dc=dcc)
+    check_overflows((da, db), OVERFLOWS["cross_vjp"], a=ac, b=bc, dc=dcc)
     return da.to(a.dtype), db.to(a.dtype)

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from refattn import checks
+from refattn.fsat.estimate import OVERFLOWS
 
-from ..tensors import check_overflow, checked, compute_dtype, tensors
+from ..tensors import check_overflows, checked, compute_dtype, tensors
 from .cross import fft_length, has_pairs, inverse_counts, spectrum, unmasked, zero_padded
 
 __all__ = [
@@ -175,7 +176,7 @@ def estimate(c: Any, w: Any, *, key_padding_mask: Any = None) -> torch.Tensor:
     cd = compute_dtype(c.dtype)
     cc, wc = c.to(cd), w.to(cd)
     s = estimate_core(cc, wc, has_pairs((c.shape[2] + 1) // 2, unmasked(mask), c.device))
-    check_overflow(s, "the estimate", allow_neg_inf=True, c=cc, w=wc)
+    check_overflows(s, OVERFLOWS["estimate"], c=cc, w=wc)
     return s.to(c.dtype)
 
 
@@ -205,6 +206,5 @@ def estimate_vjp(c: Any, w: Any, ds: Any, *, key_padding_mask: Any = None) -> tu
     cc, wc, dsc = c.to(cd), w.to(cd), ds.to(cd)
     with torch.no_grad():
         dc, dw = estimate_vjp_core(cc, wc, dsc, has_pairs((c.shape[2] + 1) // 2, unmasked(mask), c.device))
-    check_overflow(dc, "the gradient of the estimate", ds=dsc, w=wc)
-    check_overflow(dw, "the gradient of the estimate", ds=dsc, c=cc)
+    check_overflows((dc, dw), OVERFLOWS["estimate_vjp"], c=cc, w=wc, ds=dsc)
     return dc.to(c.dtype), dw.to(w.dtype)

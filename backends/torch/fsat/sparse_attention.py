@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from refattn import checks
+from refattn.fsat.sparse_attention import OVERFLOWS
 
-from ..tensors import check_overflow, checked, compute_dtype, host_copy, same_dtype, tensors
+from ..tensors import check_overflows, checked, compute_dtype, host_copy, same_dtype, tensors
 from .cross import unmasked
 
 __all__ = [
@@ -354,7 +355,7 @@ def sparse_attention(q: Any, k: Any, v: Any, offsets: Any, bias: Any = None, *, 
     qc, kc = q.to(cd), k.to(cd)
     out, lse = SparseAttention.apply(qc, kc, v.to(cd), offsets, None if bias is None else bias.to(cd), unmasked(mask),
                                      causal)
-    check_overflow(lse, "the sparse attention", allow_neg_inf=True, q=qc, k=kc)
+    check_overflows((out, lse), OVERFLOWS["sparse_attention"], q=qc, k=kc)
     return out.to(q.dtype), lse.to(q.dtype)
 
 
@@ -385,10 +386,5 @@ def sparse_attention_vjp(q: Any, k: Any, v: Any, offsets: Any, bias: Any, dout: 
         dq, dk, dv, dbias = sparse_attention_backward(
             qc, kc, vc, offsets, probs, lse, out, doutc, None if dlse is None else dlse.to(cd), bias is not None
         )
-    where = "the gradient of the sparse attention"
-    check_overflow(dq, where, dout=doutc, v=vc, k=kc)
-    check_overflow(dk, where, dout=doutc, v=vc, q=qc)
-    check_overflow(dv, where, dout=doutc)
-    if dbias is not None:
-        check_overflow(dbias, where, dout=doutc, v=vc)
+    check_overflows((dq, dk, dv, dbias), OVERFLOWS["sparse_attention_vjp"], q=qc, k=kc, v=vc, dout=doutc)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype)

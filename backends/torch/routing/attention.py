@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from refattn import checks
-from refattn.routing.attention import default_num_clusters, default_window
+from refattn.routing.attention import OVERFLOWS, default_num_clusters, default_window
+from refattn.routing.cluster_attention import OVERFLOWS as CLUSTER_OVERFLOWS
 from refattn.routing.profiles import Profile
 
-from ..tensors import check_overflow, checked, compute_dtype, tensors, vjp
+from ..tensors import check_overflow, check_overflows, checked, compute_dtype, tensors, vjp
 from .cluster_attention import attend, logit_scale, routed_inputs, unmasked, unmasked_attention
 from .combine import combine_core
 from .indexing import member_counts
@@ -77,9 +78,15 @@ def routed(x: torch.Tensor, centroids: torch.Tensor, window: int, mask: torch.Te
 
 
 def attention_core(q, k, v, centroids, window: int, causal: bool, shared_qk: bool, profile: Profile,
-                   mask: torch.Tensor | None) -> torch.Tensor:
-    """The pipeline on compute-dtype tensors (no checks); differentiable in q, k, v; ``ValueError`` when
-    a similarity, the cluster attention or the combination overflows."""
+                   mask: torch.Tensor | None, *, check_outputs: bool = True) -> torch.Tensor:
+    """The pipeline on compute-dtype tensors (no argument checks); differentiable in q, k, v; ``ValueError``
+    when a similarity overflows and, with ``check_outputs`` (the forward's), the cluster attention or the
+    combination. The gradient checks its results instead, as the reference's does (:func:`attention_vjp`)."""
+
+    def check_cluster_outputs(o: torch.Tensor) -> None:
+        if check_outputs:
+            check_overflows(o, CLUSTER_OVERFLOWS["cluster_attention"], q=q, k=k)
+
     if profile.logits_use_normalized:  # the normalized tokens are the logits' features
         f_q = normalize_core(q, profile)
         f_k = f_q if shared_qk else normalize_core(k, profile)
@@ -95,12 +102,13 @@ def attention_core(q, k, v, centroids, window: int, causal: bool, shared_qk: boo
     if unmasked(q_members, k_members, causal, shared_qk, profile):  # attention and combination in one
         divisor = (member_counts(q_members, q.shape[2], q.dtype) + profile.combine_eps).unsqueeze(-1)
         out = unmasked_attention(f_q, f_k, v, q_members, k_members, logit_scale(profile, q.shape[-1]), divisor,
-                                 lambda o: check_overflow(o, "the cluster attention", q=q, k=k))
+                                 check_cluster_outputs)
     else:
         o = attend(f_q, f_k, v, q_members, k_members, causal, shared_qk, profile)
-        check_overflow(o, "the cluster attention", q=q, k=k)
+        check_cluster_outputs(o)
         out = combine_core(o, q_members, q.shape[2], profile)
-    check_overflow(out, "the combination of the cluster outputs", v=v)
+    if check_outputs:
+        check_overflows(out, OVERFLOWS["attention"], v=v)
     return out
 
 
@@ -138,13 +146,11 @@ def attention_vjp(q: Any, k: Any, v: Any, centroids: Any, dout: Any, *, window: 
     means = centroids.to(cd)
     qc, kc, vc, doutc = q.to(cd), None if k is None else k.to(cd), v.to(cd), dout.to(cd)
     if shared_qk:
-        dq, dv = vjp(lambda a, c: attention_core(a, None, c, means, window, causal, True, profile, mask), [qc, vc],
-                     [doutc])
+        dq, dv = vjp(lambda a, c: attention_core(a, None, c, means, window, causal, True, profile, mask,
+                                                 check_outputs=False), [qc, vc], [doutc])
         dk = None
     else:
-        dq, dk, dv = vjp(lambda a, b, c: attention_core(a, b, c, means, window, causal, False, profile, mask),
-                         [qc, kc, vc], [doutc])
-    where = "the gradient of the routing attention"
-    check_overflow((dq, dk), where, dout=doutc, v=vc, q=qc, k=kc)
-    check_overflow(dv, where, dout=doutc)
+        dq, dk, dv = vjp(lambda a, b, c: attention_core(a, b, c, means, window, causal, False, profile, mask,
+                                                        check_outputs=False), [qc, kc, vc], [doutc])
+    check_overflows((dq, dk, dv), OVERFLOWS["attention_vjp"], q=qc, k=kc, v=vc, dout=doutc)
     return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), dv.to(v.dtype)

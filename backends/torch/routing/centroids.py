@@ -23,9 +23,10 @@ import torch
 
 from refattn import checks
 from refattn.routing import CentroidState
+from refattn.routing.centroids import OVERFLOWS
 from refattn.routing.profiles import Profile, get_profile
 
-from ..tensors import check_overflow, checked, compute_dtype, tensors
+from ..tensors import check_overflow, check_overflows, checked, compute_dtype, tensors
 from .indexing import add_rows
 from .normalize import normalize_core
 from .similarity import check_similarity, similarity_core
@@ -207,7 +208,8 @@ def apply_centroid_statistics(state: CentroidState, statistics: Sequence[tuple[t
     cd = compute_dtype(state.means.dtype, pairs[0][1].dtype)
     pairs = tuple((c.to(cd), s.to(cd)) for c, s in pairs)
     new = apply_core(state, pairs, profile, decay)
-    check_overflow(new, "the centroid update", statistics=torch.stack([s for _, s in pairs]))
+    (update,) = OVERFLOWS["update_centroids"]  # update_centroids' rule, its statistics given here instead of q̂, k̂
+    check_overflow(new, update.where, statistics=torch.stack([s for _, s in pairs]))
     return new
 
 
@@ -219,5 +221,5 @@ def update_centroids(state: CentroidState, q_hat: Any, k_hat: Any = None, *, pro
     decay = checks.real_number(decay, "decay", low=0.0, high=1.0)
     statistics = centroid_statistics(state, q_hat, k_hat, key_padding_mask=key_padding_mask)
     new = apply_core(check_state(state), statistics, profile, decay)
-    check_overflow(new, "the centroid update", q_hat=q_hat, k_hat=k_hat)
+    check_overflows(new, OVERFLOWS["update_centroids"], q_hat=q_hat, k_hat=k_hat)
     return new

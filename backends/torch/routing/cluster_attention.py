@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from refattn import checks
+from refattn.routing.cluster_attention import OVERFLOWS
 from refattn.routing.profiles import Profile, check_configuration, get_profile
 
-from ..tensors import check_overflow, checked, compute_dtype, host_copy, same_dtype, tensors, vjp
+from ..tensors import check_overflows, checked, compute_dtype, host_copy, same_dtype, tensors, vjp
 from .indexing import add_rows_into, all_slots_filled, flat_rows, gather
 from .normalize import normalize_core
 
@@ -253,7 +254,7 @@ def cluster_attention(q: Any, k: Any, v: Any, q_members: Any, k_members: Any, *,
     cd = compute_dtype(q.dtype)
     qc, kc = q.to(cd), None if k is None else k.to(cd)
     o = cluster_attention_core(qc, kc, v.to(cd), qm, km, causal, shared_qk, profile)
-    check_overflow(o, "the cluster attention", q=qc, k=kc)
+    check_overflows(o, OVERFLOWS["cluster_attention"], q=qc, k=kc)
     return o.to(q.dtype)
 
 
@@ -282,7 +283,5 @@ def cluster_attention_vjp(q: Any, k: Any, v: Any, q_members: Any, k_members: Any
     else:
         dq, dk, dv = vjp(lambda a, b, c: cluster_attention_core(a, b, c, qm, km, causal, False, profile),
                          [qc, kc, vc], [doc])
-    where = "the gradient of the cluster attention"
-    check_overflow((dq, dk), where, do=doc, v=vc, q=qc, k=kc)
-    check_overflow(dv, where, do=doc)
+    check_overflows((dq, dk, dv), OVERFLOWS["cluster_attention_vjp"], q=qc, k=kc, v=vc, do=doc)
     return dq.to(q.dtype), None if dk is None else dk.to(k.dtype), dv.to(v.dtype)

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from refattn import checks
+from refattn.routing.combine import OVERFLOWS
 from refattn.routing.profiles import Profile, get_profile
 
-from ..tensors import check_overflow, checked, compute_dtype, tensors
+from ..tensors import check_overflows, checked, compute_dtype, tensors
 from .cluster_attention import check_members
 from .indexing import gather, member_counts, scatter_add
 
@@ -45,7 +46,7 @@ def combine(o: Any, q_members: Any, length: int, *, profile: str = "tacl") -> to
     o, q_members, length, profile = check_combine(o, q_members, length, profile)
     oc = o.to(compute_dtype(o.dtype))
     out = combine_core(oc, q_members, length, profile)
-    check_overflow(out, "the combination of the cluster outputs", o=oc)
+    check_overflows(out, OVERFLOWS["combine"], o=oc)
     return out.to(o.dtype)
 
 

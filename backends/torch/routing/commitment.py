@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from refattn import checks
+from refattn.routing.commitment import OVERFLOWS
 
-from ..tensors import check_overflow, checked, compute_dtype
+from ..tensors import check_overflows, checked, compute_dtype
 from .centroids import assign_core, check_assign
 
 __all__ = ["commitment_loss", "commitment_loss_vjp", "check_commitment_loss", "check_commitment_loss_vjp",
@@ -56,7 +57,7 @@ def commitment_loss(x_hat: Any, centroids: Any, *, beta: float = 1e-4, key_paddi
     cd = compute_dtype(x_hat.dtype, centroids.dtype)
     xc, mc = x_hat.to(cd), centroids.to(cd)
     loss = commitment_loss_core(xc, mc, mask, beta)
-    check_overflow(loss, "the commitment loss", x_hat=xc, centroids=mc)
+    check_overflows(loss, OVERFLOWS["commitment_loss"], x_hat=xc, centroids=mc)
     return loss
 
 
@@ -89,5 +90,5 @@ def commitment_loss_vjp(x_hat: Any, centroids: Any, dloss: Any = 1.0, *, beta: f
     cd = compute_dtype(x_hat.dtype, centroids.dtype)
     xc, mc = x_hat.to(cd), centroids.to(cd)
     dx_hat = commitment_loss_vjp_core(xc, mc, dloss, mask, beta)
-    check_overflow(dx_hat, "the gradient of the commitment loss", x_hat=xc, centroids=mc)
+    check_overflows(dx_hat, OVERFLOWS["commitment_loss_vjp"], x_hat=xc, centroids=mc)
     return dx_hat.to(x_hat.dtype)

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from refattn import checks
+from refattn.routing.local_attention import OVERFLOWS
 
-from ..tensors import check_overflow, checked, compute_dtype, same_dtype, tensors, vjp
+from ..tensors import check_overflows, checked, compute_dtype, same_dtype, tensors, vjp
 from .cluster_attention import masked_softmax
 
 __all__ = ["local_attention", "local_attention_vjp", "check_local_attention", "check_local_attention_vjp",
@@ -75,7 +76,7 @@ def local_attention(q: Any, k: Any, v: Any, block: int, *, causal: bool = False,
     cd = compute_dtype(q.dtype)
     qc, kc = q.to(cd), k.to(cd)
     out = local_attention_core(qc, kc, v.to(cd), block, causal, mask)
-    check_overflow(out, "the local attention", q=qc, k=kc)
+    check_overflows(out, OVERFLOWS["local_attention"], q=qc, k=kc)
     return out.to(q.dtype)
 
 
@@ -97,8 +98,5 @@ def local_attention_vjp(q: Any, k: Any, v: Any, block: int, dout: Any, *, causal
     cd = compute_dtype(q.dtype)
     qc, kc, vc, doutc = q.to(cd), k.to(cd), v.to(cd), dout.to(cd)
     dq, dk, dv = vjp(lambda a, b, c: local_attention_core(a, b, c, block, causal, mask), [qc, kc, vc], [doutc])
-    where = "the gradient of the local attention"
-    check_overflow(dq, where, dout=doutc, v=vc, k=kc)
-    check_overflow(dk, where, dout=doutc, v=vc, q=qc)
-    check_overflow(dv, where, dout=doutc)
+    check_overflows((dq, dk, dv), OVERFLOWS["local_attention_vjp"], q=qc, k=kc, v=vc, dout=doutc)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from refattn import checks
+from refattn.routing.normalize import OVERFLOWS
 from refattn.routing.profiles import Profile, get_profile
 
-from ..tensors import check_overflow, checked, compute_dtype, tensors, vjp
+from ..tensors import check_overflows, checked, compute_dtype, tensors, vjp
 
 __all__ = ["normalize", "normalize_vjp", "check_normalize", "check_normalize_vjp", "normalize_core"]
 
@@ -49,7 +50,7 @@ def normalize(x: Any, *, profile: str = "tacl") -> torch.Tensor:
     x, profile = check_normalize(x, profile)
     xc = x.to(compute_dtype(x.dtype))
     x_hat = normalize_core(xc, profile)
-    check_overflow(x_hat, "the normalization", x=xc)
+    check_overflows(x_hat, OVERFLOWS["normalize"], x=xc)
     return x_hat.to(x.dtype)
 
 
@@ -69,5 +70,5 @@ def normalize_vjp(x: Any, dx_hat: Any, *, profile: str = "tacl") -> torch.Tensor
     cd = compute_dtype(x.dtype)
     dy = dx_hat.to(cd)
     (dx,) = vjp(lambda a: normalize_core(a, profile), [x.to(cd)], [dy])
-    check_overflow(dx, "the gradient of the normalization", dx_hat=dy)
+    check_overflows(dx, OVERFLOWS["normalize_vjp"], dx_hat=dy)
     return dx.to(x.dtype)

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from refattn import checks
+from refattn.routing.similarity import OVERFLOWS
 
-from ..tensors import check_overflow, checked, compute_dtype, tensors
+from ..tensors import check_overflows, checked, compute_dtype, tensors
 
 __all__ = ["similarity", "similarity_vjp", "check_similarity", "check_similarity_vjp", "similarity_core"]
 
@@ -37,7 +38,7 @@ def similarity(x_hat: Any, centroids: Any) -> torch.Tensor:
     cd = compute_dtype(x_hat.dtype, centroids.dtype)
     xc, mc = x_hat.to(cd), centroids.to(cd)
     scores = similarity_core(xc, mc)
-    check_overflow(scores, "the similarity", x_hat=xc, centroids=mc)
+    check_overflows(scores, OVERFLOWS["similarity"], x_hat=xc, centroids=mc)
     return scores.to(x_hat.dtype)
 
 
@@ -58,6 +59,5 @@ def similarity_vjp(x_hat: Any, centroids: Any, ds: Any) -> tuple[torch.Tensor, t
     dsc, xc, mc = ds.to(cd), x_hat.to(cd), centroids.to(cd)
     dx_hat = torch.matmul(dsc, mc.unsqueeze(0))
     dcentroids = torch.matmul(dsc.transpose(-1, -2), xc).sum(dim=0)
-    check_overflow(dx_hat, "the gradient of the similarity", ds=dsc, centroids=mc)
-    check_overflow(dcentroids, "the gradient of the similarity", ds=dsc, x_hat=xc)
+    check_overflows((dx_hat, dcentroids), OVERFLOWS["similarity_vjp"], x_hat=xc, centroids=mc, ds=dsc)
     return dx_hat.to(x_hat.dtype), dcentroids.to(centroids.dtype)
