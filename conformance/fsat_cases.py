@@ -511,7 +511,7 @@ def _overflowed_dq(x: Inputs, naive: Callable[[Inputs], tuple[np.ndarray, np.nda
 def _naive_sparse(x: Inputs) -> tuple[np.ndarray, np.ndarray]:
     """The oracle's (out, lse) of ``sparse_attention`` on the overflow inputs."""
     with np.errstate(over="ignore", invalid="ignore"):  # q . k overflows on purpose
-        return oracle.sparse_attention(x["q"], x["k"], x["v"], x["offsets"], None, False, x["mask"])
+        return oracle.sparse_attention(x["q"], x["k"], x["v"], x["offsets"], x["bias"], False, x["mask"])
 
 
 def _naive_attention(x: Inputs) -> tuple[np.ndarray, np.ndarray]:
@@ -544,6 +544,13 @@ def _overflow_checks() -> Iterator[Check]:
     x = _overflow_inputs("neg_inf", False)
     yield Check("fsat", "sparse_attention", _label(OVERFLOW_SHAPE, padded=True) + " logits -inf", "float64", x,
                 part="extreme", call=lambda ns, x: _sparse_forward(ns, x, False), oracle=_naive_sparse,
+                oracle_kind="naive O(L^2)")
+    # The +inf logit on a removed offset (bias -inf) is no pair: no overflow, the row attends to the others.
+    x = _overflow_inputs("inf", False)
+    x["bias"] = np.zeros(x["offsets"].shape)
+    x["bias"][..., OVERFLOW_OFFSETS.index(0)] = -np.inf
+    yield Check("fsat", "sparse_attention", _label(OVERFLOW_SHAPE, padded=True) + " logits +inf, bias -inf there",
+                "float64", x, part="extreme", call=lambda ns, x: _sparse_forward(ns, x, False), oracle=_naive_sparse,
                 oracle_kind="naive O(L^2)")
 
 

@@ -135,7 +135,8 @@ def sparse_attention(q, k, v, offsets, bias=None, causal=False, key_padding_mask
             if causal:
                 allowed &= tau <= 0
             allowed &= real[bb][:, None] & real[bb][None, :]
-            logits = np.where(allowed, logits + bias_grid, -math.inf)
+            allowed &= bias_grid != -math.inf  # a bias of -inf removes its offset
+            logits = np.where(allowed, logits + np.where(allowed, bias_grid, 0.0), -math.inf)
             for i in range(length):
                 row = logits[i]
                 if np.all(row == -math.inf):

@@ -103,11 +103,13 @@ def _forward(q: Any, k: Any, v: Any, offsets: Any, bias: Any, causal: bool, mask
         shift = offsets[:, :, m]
         valid[..., m] = _valid_pairs(q.shape, shift, causal, mask)
         z = xp.einsum("bhld,bhld->bhl", q, _shifted(k, shift, fill=False)) * scale
-        if bias is not None:
-            z = z + bias[:, :, m, None]
+        if bias is not None:  # a bias of -inf removes its offset, whatever q . k is (spec: bias_m > -inf)
+            removed = bias[:, :, m, None] == -np.inf
+            valid[..., m] &= ~removed
+            z = z + xp.where(removed, 0.0, bias[:, :, m, None])
         logits[..., m] = xp.where(valid[..., m], z, -np.inf)
-    # A bias of -inf may mask a valid pair too: such a pair gets weight 0 like an invalid one. (+inf
-    # and NaN, from an overflow of q . k, stay in and make lse NaN, which the callers report.)
+    # q . k overflowing to -inf gives its pair weight 0 like an invalid one; +inf and NaN stay in and make
+    # lse NaN, which the callers report.
     valid &= logits != -np.inf
     peak = logits.max(axis=-1)
     has_key = peak != -np.inf

@@ -268,9 +268,11 @@ def sparse_attention_forward(q, k, v, offsets, bias, causal, unpadded):
     length, dim = q.shape[2], q.shape[3]
     pairs = shifts(offsets, length)
     logits = shifted_dots(pairs, q, k).mul_(1.0 / math.sqrt(dim))
-    if bias is not None:
-        logits += bias[:, :, None, :]
-    logits.masked_fill_(valid_pairs(offsets, length, causal, unpadded).logical_not_(), float("-inf"))
+    invalid = valid_pairs(offsets, length, causal, unpadded).logical_not_()
+    if bias is not None:  # a bias of -inf removes its offset, whatever q . k is (not inf - inf = NaN)
+        logits += bias[:, :, None, :].masked_fill(bias[:, :, None, :] == float("-inf"), 0.0)
+        invalid |= (bias == float("-inf"))[:, :, None, :]
+    logits.masked_fill_(invalid, float("-inf"))
     lse = row_logsumexp(logits)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = logits.sub_(safe[..., None]).exp_()  # 0 at invalid pairs; rows without a key are all 0
