@@ -270,8 +270,9 @@ def sparse_attention_forward(q, k, v, offsets, bias, causal, unpadded):
     logits = shifted_dots(pairs, q, k).mul_(1.0 / math.sqrt(dim))
     invalid = valid_pairs(offsets, length, causal, unpadded).logical_not_()
     if bias is not None:  # a bias of -inf removes its offset, whatever q . k is (not inf - inf = NaN)
-        logits += bias[:, :, None, :].masked_fill(bias[:, :, None, :] == float("-inf"), 0.0)
-        invalid |= (bias == float("-inf"))[:, :, None, :]
+        removed = (bias == float("-inf"))[:, :, None, :]
+        logits += bias[:, :, None, :].masked_fill(removed, 0.0)
+        invalid |= removed
     logits.masked_fill_(invalid, float("-inf"))
     lse = row_logsumexp(logits)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
