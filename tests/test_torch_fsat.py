@@ -813,16 +813,41 @@ def test_cuda_matches_reference():
             assert_grads(explicit, expected, GRADIENT[dtype])
 
 
+@pytest.mark.parametrize(("batch", "length", "itemsize", "sizes"), [
+    (1, 16384, 4, [64]),  # 64 spectra of 16,385 complex64 entries: 8 MiB
+    (1, 65536, 4, [22, 22, 20]),  # 31 rows per 16 MiB: three blocks, of equal size
+    (1, 2**20, 4, [64]),  # one 8 MiB row per 16 MiB, fewer than 16: one block
+    (16, 1024, 4, [64]),  # the forward's B = 16 at L = 1,024: 8.0 MiB
+    (16, 1024, 8, [32, 32]),  # in float64: 16.0 MiB and 16 KiB
+])
+def test_feature_blocks_at_real_sizes(batch, length, itemsize, sizes):
+    """The spectrum blocks of Dc = 64 features at the benchmark's shapes: within 16 MiB where blocks of at least
+    16 features fit, of equal size; else one."""
+    estimate_module = importlib.import_module("refattn.backends.torch.fsat.estimate")
+    blocks = estimate_module.feature_blocks(batch, length, 64, itemsize)
+    assert [block.stop - block.start for block in blocks] == sizes
+    assert blocks[0].start == 0 and blocks[-1].stop == 64
+    assert all(left.stop == right.start for left, right in zip(blocks, blocks[1:], strict=False))
+
+
+@pytest.mark.parametrize("blocks", ["one", "several"])
 @pytest.mark.parametrize("kind", ["none", "random", "full-row"])
 @pytest.mark.parametrize("lags", ["selected", "all"])
 @pytest.mark.parametrize("shape", [(2, 3, 37, 5, 5), (2, 2, 200, 4, 4)])
-def test_estimate_of_cross_gradient_in_w(shape, lags, kind, monkeypatch):
-    """dw of the spectrum path (``estimate_of_cross``, the cross never formed) against the reference's
-    estimate_vjp of the formed cross: with ds nonzero at a few offsets per (batch, head), as
+def test_estimate_of_cross_gradient_in_w(shape, lags, kind, blocks, monkeypatch):
+    """s and dw of the spectrum path (``estimate_of_cross``, the cross never formed) against the reference's
+    estimate and estimate_vjp of the formed cross: with ds nonzero at a few offsets per (batch, head), as
     ``attention``'s bias s[offsets] gives (the cross summed at those lags), and with ds dense (the
-    spectra recomputed). Each case checks that the path it means ran."""
+    spectra recomputed). Each case checks that the path it means ran. ``several``: the spectra in blocks
+    of two features (the last one shorter for Dc = 5), as they go at long L."""
     estimate_module = importlib.import_module("refattn.backends.torch.fsat.estimate")
     batch, heads, length, features, _ = shape
+    if blocks == "several":
+        spectrum_row_bytes = batch * (estimate_module.fft_length(length) // 2 + 1) * 16  # complex128
+        monkeypatch.setattr(estimate_module, "SPECTRUM_BYTES", 2 * spectrum_row_bytes + 1)
+        monkeypatch.setattr(estimate_module, "MIN_BLOCK_FEATURES", 1)
+        blocks = estimate_module.feature_blocks(batch, length, features, 8)
+        assert [len(range(features)[block]) for block in blocks] == {5: [2, 2, 1], 4: [2, 2]}[features]
     rng = np.random.default_rng(sum(shape) + len(lags) + len(kind))
     mask = make_mask(rng, batch, length, kind)
     a, b = rng.standard_normal((2, batch, heads, length, features))
@@ -844,5 +869,6 @@ def test_estimate_of_cross_gradient_in_w(shape, lags, kind, monkeypatch):
     (dw,) = torch.autograd.grad(s, tw, torch.where(torch.isfinite(s), T(ds), torch.zeros(()).double()))
     assert ran == ["cross_at_lags" if lags == "selected" else "spectrum_vjp"]
     c = ref.cross(a, b, key_padding_mask=mask)
+    assert_close(s.detach(), ref.estimate(c, w, key_padding_mask=mask), FORWARD["float64"], "s")
     _, expected = ref.estimate_vjp(c, w, ds, key_padding_mask=mask)
     assert_close(dw, expected, GRADIENT["float64"], "dw")

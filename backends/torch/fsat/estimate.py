@@ -3,8 +3,8 @@
 Differs from the reference: besides ``estimate`` of a given cross, :func:`estimate_of_cross` scores
 the cross of a and b without forming it: the inverse FFT is linear, so the w-weighted sum of the Dc
 spectra needs one inverse transform per (batch, head) instead of Dc. ``attention`` plans with it.
-The spectra of one head exist at a time (:class:`WeightedCross`): those of all heads are as large
-as the cross, the largest tensor FSAT would otherwise hold.
+The spectra of one block of a head's features exist at a time (:class:`WeightedCross`): those of all
+heads are as large as the cross, the largest tensor FSAT would otherwise hold.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ __all__ = [
     "estimate_vjp_core",
     "estimate_of_cross",
     "scores",
-    "head_spectra",
+    "feature_blocks",
+    "spectrum_blocks",
+    "spectrum_dtype",
     "WeightedCross",
     "cross_at_lags",
     "spectrum_vjp",
@@ -46,42 +48,74 @@ def scores(dots: torch.Tensor, features: int, pairs: torch.Tensor | None) -> tor
     return torch.where(pairs, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
 
 
+def spectrum_dtype(a: torch.Tensor) -> torch.dtype:
+    """The complex dtype of a's spectra (complex64 for float32, complex128 for float64)."""
+    return torch.promote_types(a.dtype, torch.complex64)
+
+
 def estimate_core(c: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
     """s (B, H, 2L - 1) of c and w of one compute dtype; ``pairs`` from :func:`.cross.has_pairs`."""
     return scores(torch.einsum("bhtd,hd->bht", c, w), c.shape[3], pairs)
 
 
-def head_spectra(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None):
-    """Yield :func:`.cross.spectrum` of (a, b) head by head: (B, 1, Dc, N // 2 + 1) complex, padded rows zeroed.
+SPECTRUM_BYTES = 2**24
+"""The largest block of spectra (B, 1, features, N // 2 + 1) :func:`spectrum_blocks` holds at once, where blocks
+of :data:`MIN_BLOCK_FEATURES` fit in it: 16 MiB. Below glibc's largest dynamic mmap threshold (32 MiB), a freed
+block's memory is reused from the heap for the next one; a larger block is mapped afresh and page-faulted in
+every time (one head's 64 spectra at L = 65,536 are 32 MiB: their faults took a third of the transforms' time)."""
+MIN_BLOCK_FEATURES = 16
+"""The fewest features a block of several transforms: each block reads the head's rows of a and b again, with a
+stride. Where fewer fit in :data:`SPECTRUM_BYTES` a head's features go in one block (at L = 1,048,576, blocks
+of eight took 1.15x as long as one block per head, median of 3 interleaved pairs; one row at a time, the
+transforms took twice as long)."""
 
-    The heads share one padded-rows buffer (:func:`.cross.padded_rows`): its padding is zeroed, and its
+
+def feature_blocks(batch: int, length: int, features: int, itemsize: int) -> list[slice]:
+    """The blocks of features whose spectra :func:`spectrum_blocks` computes together: as few as keep each
+    (B, 1, features, N // 2 + 1) block within :data:`SPECTRUM_BYTES`, of equal size (22, 22, 20 rather than 31,
+    31, 2), if :data:`MIN_BLOCK_FEATURES` fit; else all in one. ``itemsize``: that of a and b."""
+    fitting = SPECTRUM_BYTES // (batch * (fft_length(length) // 2 + 1) * 2 * itemsize)
+    count = -(-features // fitting) if fitting >= MIN_BLOCK_FEATURES else 1
+    size = -(-features // count)
+    return [slice(first, min(features, first + size)) for first in range(0, features, size)]
+
+
+def spectrum_blocks(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None):
+    """Yield (head, features, :func:`.cross.spectrum` of those features of (a, b)): (B, 1, len(features),
+    N // 2 + 1) complex, padded rows zeroed, head by head and block of features (:func:`feature_blocks`) by block.
+
+    The blocks share one padded-rows buffer (:func:`.cross.padded_rows`): its padding is zeroed, and its
     pages faulted in, once."""
     batch, heads, length, features = a.shape
-    rows = a.new_empty(batch, 1, features, fft_length(length))
+    blocks = feature_blocks(batch, length, features, a.element_size())
+    rows = a.new_empty(batch, 1, blocks[0].stop, fft_length(length))
     rows[..., length:].zero_()
     for head in range(heads):
-        part = slice(head, head + 1)
-        yield spectrum(zero_padded(a[:, part], unpadded), zero_padded(b[:, part], unpadded), length, rows)
+        for block in blocks:
+            part = (slice(None), slice(head, head + 1), slice(None), block)
+            yield head, block, spectrum(zero_padded(a[part], unpadded), zero_padded(b[part], unpadded), length,
+                                        rows[:, :, : block.stop - block.start])
 
 
 class WeightedCross(torch.autograd.Function):
     """numerator (B, H, 2L - 1) = sum_d w[h, d] cross(a, b)[b, h, :, d] (unnormalised: before 1 / n_tau),
     one inverse FFT of the w-weighted spectrum per (batch, head); differentiable in w only.
 
-    One head's spectra exist at a time (:func:`head_spectra`); each head goes through the (batched)
-    matmul the whole (B, H) batch would: same products, same sums. The backward needs the cross at
+    One block of a head's spectra exists at a time (:func:`spectrum_blocks`); the w-weighted sum adds the
+    blocks' matmuls, each over the features of its block. The backward needs the cross at
     the offsets where dnumerator is nonzero: in ``attention`` only the K selected ones (the bias is
     s[offsets]), so it sums them directly from a and b (:func:`cross_at_lags`), a few passes over b
-    instead of recomputing every spectrum; a dense dnumerator recomputes the spectra head by head.
+    instead of recomputing every spectrum; a dense dnumerator recomputes the spectra block by block.
     """
 
     @staticmethod
     def forward(ctx, w, a, b, unpadded):  # type: ignore[override]
         ctx.save_for_backward(a, b, unpadded)
         ctx.has_mask = unpadded is not None
-        mixed = torch.cat([torch.matmul(w[head : head + 1, None, :].to(product.dtype), product)
-                           for head, product in enumerate(head_spectra(a, b, unpadded))], dim=1)
-        length = a.shape[2]
+        batch, heads, length, _ = a.shape
+        mixed = a.new_zeros(batch, heads, 1, fft_length(length) // 2 + 1, dtype=spectrum_dtype(a))
+        for head, block, product in spectrum_blocks(a, b, unpadded):
+            mixed[:, head : head + 1] += torch.matmul(w[head : head + 1, None, block].to(product.dtype), product)
         return torch.fft.irfft(mixed[:, :, 0], n=fft_length(length), dim=-1)[..., : 2 * length - 1]
 
     @staticmethod
@@ -133,15 +167,17 @@ def cross_at_lags(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | Non
 
 def spectrum_vjp(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None,
                  dnumerator: torch.Tensor) -> torch.Tensor:
-    """dw (H, Dc) of a dense dnumerator: through the inverse FFT's adjoint, then the spectra recomputed head by head."""
-    batch, heads, length, _ = a.shape
+    """dw (H, Dc) of a dense dnumerator: through the inverse FFT's adjoint, then the spectra recomputed block by
+    block."""
+    batch, heads, length, features = a.shape
     with torch.enable_grad():
-        mixed = torch.zeros(batch, heads, fft_length(length) // 2 + 1, dtype=torch.promote_types(a.dtype,
-                            torch.complex64), device=a.device, requires_grad=True)
+        mixed = torch.zeros(batch, heads, fft_length(length) // 2 + 1, dtype=spectrum_dtype(a), device=a.device,
+                            requires_grad=True)
         numerator = torch.fft.irfft(mixed, n=fft_length(length), dim=-1)[..., : 2 * length - 1]
         (dmixed,) = torch.autograd.grad(numerator, mixed, dnumerator)
-    per_batch = torch.cat([torch.matmul(dmixed[:, head : head + 1, None, :], product.mH)
-                           for head, product in enumerate(head_spectra(a, b, unpadded))], dim=1)  # (B, H, 1, Dc)
+    per_batch = a.new_empty(batch, heads, 1, features, dtype=mixed.dtype)
+    for head, block, product in spectrum_blocks(a, b, unpadded):
+        per_batch[:, head : head + 1, :, block] = torch.matmul(dmixed[:, head : head + 1, None, :], product.mH)
     return per_batch.sum(dim=0)[:, 0].real
 
 
