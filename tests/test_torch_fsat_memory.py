@@ -5,7 +5,7 @@ The peak is the running sum of the CPU allocator's events during one call (``tor
 allocated before it: the inputs are excluded. Everything FSAT holds is O(L) per (batch, head), so
 at lengths that are powers of two (FFT length 2L) the ratio to the bound does not depend on L: at
 L = 2,048 it is the ratio at L = 16,384, 65,536 and 1,048,576 (fwd+bwd 1.078, with or without padding;
-forward 1.28; `refattn bench --targets` measured 1.078 at 16,384, 65,536 and 1,048,576).
+forward 1.282; `refattn bench --targets` measured 1.078 at 16,384, 65,536 and 1,048,576).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def test_forward_and_backward_peak_is_within_one_and_a_half_times_what_they_must
           f"ratio {peak / needed:.3f}")
     assert q.grad is not None and w.grad is not None and torch.isfinite(w.grad).all()
     assert peak <= 1.5 * needed
+    # What the code holds today, 1.078: one more (B, H, L, K) float32 tensor at the peak would add 0.059.
+    assert peak <= 1.08 * needed
 
 
 def test_forward_peak_is_within_one_and_a_half_outputs():
@@ -70,3 +72,8 @@ def test_forward_peak_is_within_one_and_a_half_outputs():
     output = FLOAT32 * BATCH * HEADS * LENGTH * DIM
     print(f"forward L={LENGTH}: peak above the inputs {peak} B, output {output} B, ratio {peak / output:.3f}")
     assert peak <= 1.5 * output
+    # At the peak (out allocated): the (B, H, L, K) probabilities, lse and its finite copy (B, H, L), and the
+    # (B, H, K) offsets and bias; nothing else of size O(L). Keeping the (B, H, L, K) mask of invalid pairs
+    # alive until then made it 256 KiB more here (1.344 outputs; 256 MiB at L = 2,097,152).
+    rows = BATCH * HEADS * LENGTH
+    assert peak <= output + FLOAT32 * (rows * TOP_K + 2 * rows) + 4096

@@ -274,6 +274,7 @@ def sparse_attention_forward(q, k, v, offsets, bias, causal, unpadded):
         logits += bias[:, :, None, :].masked_fill(removed, 0.0)
         invalid |= removed
     logits.masked_fill_(invalid, float("-inf"))
+    del invalid  # a (B, H, L, K) mask: freed before out is allocated, not part of the peak
     lse = row_logsumexp(logits)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = logits.sub_(safe[..., None]).exp_()  # 0 at invalid pairs; rows without a key are all 0
