@@ -174,13 +174,12 @@ def shifted_dots(pairs: list[SlicedShift | GatheredShift], x: torch.Tensor, y: t
         if product is None:
             product = x.new_empty(stop - start, x.shape[3])
         block = dots[b, h, start:stop]
+        if any(first > start or end < stop for first, end, _ in spans):
+            block.zero_()  # rows without a partner: one contiguous fill, not up to 2K strided column ones
         for m, (first, end, tau) in enumerate(spans):
             low, high = max(start, first), min(stop, end)
             if low >= high:
-                block[:, m].zero_()
                 continue
-            block[: low - start, m].zero_()
-            block[high - start :, m].zero_()  # rows without a partner
             chunk = product[: high - low]
             torch.mul(x[b, h, low:high], y[b, h, low + tau : high + tau], out=chunk)
             torch.sum(chunk, dim=-1, out=block[low - start : high - start, m])
