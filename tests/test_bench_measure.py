@@ -213,3 +213,15 @@ def test_the_address_space_limit_stays_off_where_cuda_contexts_may_exist(monkeyp
     before = resource.getrlimit(resource.RLIMIT_AS)
     with measure.address_space_limit(2**20):
         assert resource.getrlimit(resource.RLIMIT_AS) == before
+
+
+def test_interleaved_times_alternate_the_calls_after_one_untimed_call_each() -> None:
+    """a, b untimed, then (a, b) per pair; each side's seconds are its own calls' clock differences."""
+    order: list[str] = []
+    ticks = iter(range(100))
+    times = measure.interleaved_times([lambda: order.append("a"), lambda: order.append("b")], 3,
+                                      clock=lambda: float(next(ticks)) ** 2)
+    assert order == ["a", "b"] * 4
+    assert times == [[1.0, 9.0, 17.0], [5.0, 13.0, 21.0]]  # clock 0, 1, 4, 9, ...: a 0 to 1, b 4 to 9, a 16 to 25
+    with pytest.raises(ValueError, match="pairs: expected an integer >= 1, got 0"):
+        measure.interleaved_times([lambda: None], 0)

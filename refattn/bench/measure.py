@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 PROFILER_NOISE = (
@@ -73,6 +73,25 @@ def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
         total += elapsed
         if max_seconds is not None and total >= max_seconds:
             break
+    return times
+
+
+def interleaved_times(calls: Sequence[Callable[[], Any]], pairs: int,
+                      clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Seconds of each of ``calls`` over ``pairs`` rounds that call each once, in order (a, b, a, b, ...: the
+    sides see the same load), after one untimed call of each (caches, lazy initialisation, the allocator's
+    first pages); a garbage collection before every timed call. The rule of the performance targets."""
+    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+        raise ValueError(f"pairs: expected an integer >= 1, got {pairs!r}")
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(pairs):
+        for call, collected in zip(calls, times, strict=True):
+            gc.collect()
+            start = clock()
+            call()
+            collected.append(clock() - start)
     return times
 
 

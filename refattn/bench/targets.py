@@ -196,13 +196,6 @@ def case_builder(device: str) -> Builder:
     return build
 
 
-def _timed(fn: Callable[[], Any], clock: Callable[[], float]) -> float:
-    gc.collect()
-    start = clock()
-    fn()
-    return clock() - start
-
-
 def _summary(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -245,12 +238,7 @@ def measure_target(target: Target, build: Builder, repeats: int = MIN_REPEATS,
 
 def _measure_times(built: list[cases.Case], sides: list[dict[str, Any]], repeats: int,
                    clock: Callable[[], float]) -> None:
-    for case in built:  # one untimed call each: caches, lazy initialisation, the allocator's first pages
-        case.fn()
-    times: list[list[float]] = [[] for _ in built]
-    for _ in range(repeats):
-        for case, collected in zip(built, times, strict=True):
-            collected.append(_timed(case.fn, clock))
+    times = measure.interleaved_times([case.fn for case in built], repeats, clock)
     for side, collected in zip(sides, times, strict=True):
         side["times_s"] = collected
         side.update({f"{key}_s": value for key, value in _summary(collected).items()})
