@@ -64,10 +64,10 @@ of :data:`MIN_BLOCK_FEATURES` fit in it: 16 MiB. Below glibc's largest dynamic m
 block's memory is reused from the heap for the next one; a larger block is mapped afresh and page-faulted in
 every time (one head's 64 spectra at L = 65,536 are 32 MiB: their faults took a third of the transforms' time)."""
 MIN_BLOCK_FEATURES = 16
-"""The fewest features a block of several transforms: each block reads the head's rows of a and b again, with a
-stride. Where fewer fit in :data:`SPECTRUM_BYTES` a head's features go in one block (at L = 1,048,576, blocks
-of eight took 1.15x as long as one block per head, median of 3 interleaved pairs; one row at a time, the
-transforms took twice as long)."""
+"""The fewest features per block when a head's features go in several: each block reads the head's rows of a
+and b again, with a stride. Where fewer fit in :data:`SPECTRUM_BYTES` a head's features go in one block (at
+L = 1,048,576, blocks of eight took 1.15x as long as one block per head, median of 3 interleaved pairs; one
+row at a time, the transforms took twice as long)."""
 
 
 def feature_blocks(batch: int, length: int, features: int, itemsize: int) -> list[slice]:
