@@ -49,6 +49,14 @@ PROFILER_NOISE = (
 """Lines torch's profiler writes to stderr on every session (native code, so no Python switch silences them)."""
 
 
+def timed_call(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of one call of ``fn`` by ``clock``, after a garbage collection (so that none falls inside it)."""
+    gc.collect()
+    start = clock()
+    fn()
+    return clock() - start
+
+
 def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
                max_seconds: float | None = None) -> list[float]:
     """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed ones.
@@ -65,10 +73,7 @@ def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
     times: list[float] = []
     total = 0.0
     for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
+        elapsed = timed_call(fn)
         times.append(elapsed)
         total += elapsed
         if max_seconds is not None and total >= max_seconds:
@@ -88,10 +93,7 @@ def interleaved_times(calls: Sequence[Callable[[], Any]], pairs: int,
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(pairs):
         for call, collected in zip(calls, times, strict=True):
-            gc.collect()
-            start = clock()
-            call()
-            collected.append(clock() - start)
+            collected.append(timed_call(call, clock))
     return times
 
 
