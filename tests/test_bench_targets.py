@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from refattn.bench import cases, models, targets
+from refattn.bench import cases, measure, models, targets
 
 SHAPE = cases.Shape(batch=1, heads=2, length=8, dim=4, top_k=2)
 
@@ -86,6 +86,21 @@ def test_time_ratio_interleaves_and_judges_the_median_of_the_pair_ratios() -> No
     assert record["range"] == [4.5, 21.0] and record["pairs"] == 7
     assert record["verdict"] == "met"
     assert record["load_average_before"] is not None and record["load_average_after"] is not None
+    assert record["cpu_stolen"] is None or 0.0 <= record["cpu_stolen"] <= 1.0
+
+
+def test_stolen_share_of_cpu_ticks():
+    """Steal over all ticks between two readings of /proc/stat's counters (user, nice, system, idle, iowait,
+    irq, softirq, steal), and the line that reports it."""
+    before, after = [100, 0, 10, 500, 0, 0, 0, 20], [150, 0, 20, 530, 0, 0, 0, 50]  # 30 of 120 ticks stolen
+    assert measure.stolen_share(before, after) == 0.25
+    assert measure.stolen_share(None, after) is None and measure.stolen_share(before, before) is None
+    ticks = measure.cpu_ticks()
+    assert ticks is None or (len(ticks) == 8 and all(t >= 0 for t in ticks))
+    record = targets.measure_target(_target("memory ratio", 1.0, at_most=True),
+                                    fake_builder({}, FakeClock(), [], peaks={"slow": 10, "fast": 20}))
+    record["cpu_stolen"] = 0.25
+    assert "CPU time stolen by the hypervisor: 25%" in targets.format_record(record)
 
 
 @pytest.mark.parametrize(("threshold", "at_most", "verdict"), [

@@ -271,6 +271,28 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu_ticks() -> list[int] | None:
+    """The machine's CPU time counters since boot, in ticks: user, nice, system, idle, iowait, irq, softirq
+    and steal (the "cpu" line of /proc/stat); None where there is none."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as handle:
+            fields = handle.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    return [int(value) for value in fields[1:9]]
+
+
+def stolen_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of CPU time between two :func:`cpu_ticks` readings that the hypervisor gave to other
+    machines (steal over all ticks): a virtual machine's timings are slower by about 1 / (1 - share)."""
+    if before is None or after is None:
+        return None
+    deltas = [late - early for early, late in zip(before, after, strict=True)]
+    return deltas[7] / sum(deltas) if sum(deltas) > 0 else None
+
+
 def machine_info() -> dict[str, Any]:
     """Date, CPU, cores, memory, load, Python/NumPy/torch versions and threads, CUDA device when present."""
     import numpy as np

@@ -5,8 +5,9 @@ process, interleaved (a, b, a, b, ... after one untimed call of each, so both se
 for at least :data:`MIN_REPEATS` pairs; each side's median and range are reported, and the ratio's
 median and range over the per-pair ratios; a target is **met** only when that median meets the
 threshold. Memory is allocator-exact (:func:`refattn.bench.measure.peak_torch_cpu` on the CPU), so
-one call per side measures it. The machine, date, load average before and after every target, and
-torch's threads are recorded next to the numbers.
+one call per side measures it. The machine, date, load average before and after every target, the share
+of CPU time the hypervisor stole while it ran (a virtual machine's noisy neighbours), and torch's threads
+are recorded next to the numbers.
 
 Kinds of target (:class:`Target`.kind):
 
@@ -209,6 +210,7 @@ def measure_target(target: Target, build: Builder, repeats: int = MIN_REPEATS,
                               "comparison": "<=" if target.at_most else ">=", "value_label": target.value_label,
                               "load_average_before": measure.load_average(),
                               "memory_available_bytes": measure.available_bytes()}
+    ticks = measure.cpu_ticks()
     try:
         built = [build(side) for side in target.sides]
         sides = [{"label": side.label(), **case.info} for side, case in zip(target.sides, built, strict=True)]
@@ -233,6 +235,7 @@ def measure_target(target: Target, build: Builder, repeats: int = MIN_REPEATS,
         _judge(target, record)
     gc.collect()
     record["load_average_after"] = measure.load_average()
+    record["cpu_stolen"] = measure.stolen_share(ticks, measure.cpu_ticks())
     return record
 
 
@@ -331,7 +334,9 @@ def format_record(record: dict[str, Any]) -> str:
     else:
         lines.append(f"  {record['value_label']}: {record['value'] / 2**30:.2f} GiB; target {threshold} -> "
                      f"{record['verdict']}")
-    lines.append(f"  load average {record['load_average_before']} before, {record['load_average_after']} after")
+    stolen = record.get("cpu_stolen")
+    lines.append(f"  load average {record['load_average_before']} before, {record['load_average_after']} after"
+                 + ("" if stolen is None else f"; CPU time stolen by the hypervisor: {stolen:.0%}"))
     return "\n".join(lines)
 
 
