@@ -14,6 +14,8 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("torch", reason="the torch backend needs torch (pip install 'refattn[torch]')")
 
@@ -54,6 +56,11 @@ def N(t):
         return None
     t = t.detach().cpu()
     return (t.double() if t.is_floating_point() else t.long()).numpy()
+
+
+def route_module():
+    """The module refattn.backends.torch.routing.route (the name F.route is the function)."""
+    return importlib.import_module("refattn.backends.torch.routing.route")
 
 
 def close(actual, expected, tol, what=""):
@@ -275,13 +282,47 @@ def test_route_fast_path_and_tie_rule_agree():
     np.testing.assert_array_equal(N(F.route(T(inside), 4)), ref.route(inside, 4))
 
 
+@pytest.mark.parametrize("length,window,size", [(11, 4, 1), (16, 4, 2), (64, 4, 4), (4096, 64, 8), (96, 3, 4)])
+def test_group_size(length, window, size):
+    assert route_module().group_size(length, window) == size
+
+
+@settings(max_examples=80, deadline=None)
+@given(log_length=st.integers(0, 9), window_exponent=st.floats(0.0, 1.0), levels=st.integers(0, 6),
+       seed=st.integers(0, 2**32 - 1))
+def test_top_window_by_groups(log_length, window_exponent, levels, seed):
+    """The selection over groups against one ``torch.topk`` over the row, on rows of few distinct values
+    (ties at the threshold, inside the kept groups and outside; ``levels`` 0: continuous) and padded
+    tokens: the same threshold, "unique" exactly when a row has W scores >= it, then the same positions;
+    and routes as the reference."""
+    length = 2**log_length * (3 if seed % 2 else 1)  # powers of two take the grouped path, some thirds too
+    window = max(1, int(length**window_exponent))  # small windows (the grouped path) as often as large
+    rng = np.random.default_rng(seed)
+    scores = (rng.integers(0, levels, size=(3, length)) if levels else rng.standard_normal((3, length)))
+    scores = scores.astype(np.float32)
+    size = route_module().group_size(length, window)
+    if size > 1:
+        s = torch.tensor(scores)
+        s[1, torch.from_numpy(rng.random(length) < 0.5)] = float("-inf")  # padded tokens, as route_rows masks them
+        positions, threshold, unique = route_module().top_window_by_groups(s, window, size)
+        top = torch.topk(s, window, dim=-1)
+        assert torch.equal(threshold, top.values[:, -1:])
+        assert bool(unique) == bool(torch.count_nonzero(s >= threshold) == 3 * window)
+        if unique:
+            assert torch.equal(positions.sort().values, top.indices.sort().values)
+        event(f"grouped path, unique {bool(unique)}")
+    similarities = scores.T[None, None].astype(np.float64)  # (B, H, L, C) = (1, 1, L, 3)
+    for mask in (None, rng.random((1, length)) < 0.3):
+        np.testing.assert_array_equal(N(F.route(T(similarities), window, key_padding_mask=T(mask))),
+                                      ref.route(similarities, window, key_padding_mask=mask))
+
+
 def test_route_chunks_equal_one_pass(monkeypatch):
     rng = np.random.default_rng(4)
     s = rng.integers(-3, 4, size=(2, 2, 17, 9)).astype(np.float64)
     mask = rng.random((2, 17)) < 0.3
     whole = F.route(T(s), 5, key_padding_mask=T(mask))
-    route_module = importlib.import_module("refattn.backends.torch.routing.route")  # F.route is the function
-    monkeypatch.setattr(route_module, "CHUNK_ELEMENTS", 2 * 2 * 17 * 2)  # chunks of 2 centroids
+    monkeypatch.setattr(route_module(), "CHUNK_ELEMENTS", 2 * 2 * 17 * 2)  # chunks of 2 centroids
     assert torch.equal(F.route(T(s), 5, key_padding_mask=T(mask)), whole)
     np.testing.assert_array_equal(N(whole), ref.route(s, 5, key_padding_mask=mask))
 
