@@ -173,16 +173,15 @@ def shifted_dots(pairs: list[SlicedShift | GatheredShift], x: torch.Tensor, y: t
     for b, h, start, stop, spans in sliced_chunks(pairs, x.shape, x.shape[3], CHUNK_ELEMENTS):
         if product is None:
             product = x.new_empty(stop - start, x.shape[3])
-        block = dots[b, h, start:stop]
+        x_bh, y_bh, block = x[b, h], y[b, h], dots[b, h, start:stop].T  # block: (K, rows), a view
         if any(first > start or end < stop for first, end, _ in spans):
             block.zero_()  # rows without a partner: one contiguous fill, not up to 2K strided column ones
         for m, (first, end, tau) in enumerate(spans):
             low, high = max(start, first), min(stop, end)
-            if low >= high:
-                continue
-            chunk = product[: high - low]
-            torch.mul(x[b, h, low:high], y[b, h, low + tau : high + tau], out=chunk)
-            torch.sum(chunk, dim=-1, out=block[low - start : high - start, m])
+            if low < high:  # one (b, h, chunk, offset) costs a few small ops: views taken once per chunk
+                chunk = product[: high - low]
+                torch.mul(x_bh[low:high], y_bh[low + tau : high + tau], out=chunk)
+                torch.sum(chunk, dim=-1, out=block[m, low - start : high - start])
     return dots
 
 
@@ -229,6 +228,7 @@ def _weighted_sum(pairs, weight, source, to_partner):
     target = torch.empty(weight.shape[:3] + (source.shape[3],), dtype=source.dtype, device=source.device)
     for b, h, start, stop, spans in sliced_chunks(pairs, target.shape, target.shape[3], SUM_CHUNK_ELEMENTS):
         chunk = target[b, h, start:stop].zero_()
+        columns, source_bh = weight[b, h, :, :, None].transpose(0, 1), source[b, h]  # columns: (K, L, 1), a view
         for m, (first, end, tau) in enumerate(spans):
             if to_partner:  # target row j = i + tau takes weight and source row i
                 low, high = max(start, first + tau), min(stop, end + tau)
@@ -237,8 +237,7 @@ def _weighted_sum(pairs, weight, source, to_partner):
                 low, high = max(start, first), min(stop, end)
                 weight_rows, source_rows = slice(low, high), slice(low + tau, high + tau)
             if low < high:
-                terms = weight[b, h, weight_rows, m, None], source[b, h, source_rows]
-                chunk[low - start : high - start].addcmul_(*terms)
+                chunk[low - start : high - start].addcmul_(columns[m, weight_rows], source_bh[source_rows])
     return target
 
 
