@@ -24,6 +24,7 @@ import torch
 from refattn import get_backend
 from refattn import routing as ref
 from refattn.backends.torch import routing as F
+from refattn.backends.torch.routing.indexing import add_rows_into
 
 
 @pytest.fixture(autouse=True)
@@ -156,6 +157,39 @@ def test_attention_and_autograd_match_reference(shape, profile, causal, shared, 
             close(got, want, GRADIENT[dtype])
     if padded and mask is not None:
         assert float(out.detach()[torch.from_numpy(mask)[:, None].expand(-1, shape[1], -1)].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("per", [1, 3, 10**6])  # clusters per chunk: one, a count that splits pairs, all
+def test_unmasked_attention_in_chunks_of_clusters(per, monkeypatch):
+    """Nothing masked: the fused attention and combination run on a CPU in chunks of clusters; any chunking
+    gives the one-chunk results (each token's rows still added in slot order) and the reference's."""
+    module = importlib.import_module("refattn.backends.torch.routing.cluster_attention")
+    shape = (2, 3, 13, 5, 4, 4, 4)
+    q, k, v, mu, _, dout = problem(shape, "tacl", False, False, False)
+    kw = dict(window=4, profile="tacl")
+
+    members = [ref.route(np.einsum("bhld,hcd->bhlc", ref.normalize(x), mu), 4) for x in (q, k)]
+    do = np.random.default_rng(1).standard_normal(members[0].shape + (4,))
+
+    def run():
+        leaves = [T(x).requires_grad_() for x in (q, k, v)]
+        out = F.attention(*leaves, T(mu), **kw)  # attention and combination in one
+        o = F.cluster_attention(*leaves, *map(T, members), profile="tacl")  # the attention alone
+        return (out, *torch.autograd.grad(out, leaves, T(dout)), o, *torch.autograd.grad(o, leaves, T(do)))
+
+    whole = run()
+    adds = []
+    monkeypatch.setattr(module, "CHUNK_WEIGHTS", per * 4 * 4)
+    monkeypatch.setattr(module, "add_rows_into", lambda *args: adds.append(1) or add_rows_into(*args))
+    chunked = run()
+    assert len(adds) == 7 * -(-2 * 3 * 4 // per)  # out, dv, dq, dk, then dv, dq, dk: once per chunk each
+    for got, one_chunk in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(got, one_chunk, rtol=1e-14, atol=1e-15)
+    expected = (ref.attention(q, k, v, mu, **kw), *ref.attention_vjp(q, k, v, mu, dout, **kw),
+                ref.cluster_attention(q, k, v, *members, profile="tacl"),
+                *ref.cluster_attention_vjp(q, k, v, *members, do, profile="tacl"))
+    for index, (got, want) in enumerate(zip(chunked, expected, strict=True)):
+        close(got, want, GRADIENT["float64"] if index % 4 else FORWARD["float64"], f"result {index}")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -1,7 +1,7 @@
 """Routing step 4 on tensors (reference: :mod:`refattn.routing.cluster_attention`).
 
 Differs from the reference: all clusters at once, as one batched matmul for the (B, H, C, Wq, Wk)
-logits (on a CPU, in chunks of (batch, head) pairs when nothing is masked); when nothing is masked
+logits (on a CPU, in chunks of clusters when nothing is masked); when nothing is masked
 (no causal, no self logit, no empty slot) one autograd function (:class:`UnmaskedAttention`, also
 the combination for ``attention``) gathers, attends and, in its hand-written backward, reuses the
 saved probabilities and scatters the three gradients, with no mask, no copy of the scaled queries
@@ -97,7 +97,7 @@ def features(q: torch.Tensor, k: torch.Tensor | None, profile: Profile,
     return f_q, f_k
 
 
-CHUNK_WEIGHTS = 1 << 22  # attention weights (B * H * C * Wq * Wk entries) per chunk of (batch, head) pairs
+CHUNK_WEIGHTS = 1 << 19  # attention weights (clusters * Wq * Wk entries) per chunk of clusters: 2 MiB in float32
 
 
 class UnmaskedAttention(torch.autograd.Function):
@@ -110,9 +110,10 @@ class UnmaskedAttention(torch.autograd.Function):
         dv_g = Pᵀ dO,   dS = P ∘ (dO v_gᵀ - rowsum(P ∘ dO v_gᵀ)),   dq_g = dS k_g,   dk_g = dSᵀ (scale · q_g)
 
     then dq = scale · Σ dq_g, dk = Σ dk_g, dv = Σ dv_g summed into the token rows: autograd's operations
-    through the gathers, matmuls, softmax and combination. On a CPU, computed in chunks of (batch, head)
-    pairs, whose rows are their own, so that the temporaries stay small enough for the allocator to reuse
-    (a fresh block of 32 MiB or more costs a page fault per 4 KiB touched); ``check(o)`` sees each chunk;
+    through the gathers, matmuls, softmax and combination. On a CPU, computed in chunks of clusters of at
+    most :data:`CHUNK_WEIGHTS` weights, whose temporaries stay in the caches and in blocks the allocator
+    reuses (a fresh block of 32 MiB or more costs a page fault per 4 KiB touched); the chunks add their
+    rows in slot order, so each token's terms are summed in the order of one pass; ``check(o)`` sees each chunk;
     the gathered rows and probabilities are kept for the backward only when ``keep`` (grad mode and an
     input that requires grad).
     """
@@ -120,13 +121,14 @@ class UnmaskedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f_q, f_k, v, q_rows, k_rows, shape, scale, divisor, check, keep):  # type: ignore[override]
         pairs, clusters, window_q, window_k = shape
-        per = max(1, CHUNK_WEIGHTS // (clusters * window_q * window_k)) if f_q.device.type == "cpu" else pairs
+        total = pairs * clusters
+        per = max(1, CHUNK_WEIGHTS // (window_q * window_k)) if f_q.device.type == "cpu" else total
         out = None if divisor is None else torch.zeros(f_q.shape[0], v.shape[1], dtype=v.dtype, device=v.device)
         parts, saved = [], []
-        for first in range(0, pairs, per):
-            n = min(per, pairs - first) * clusters
-            qr = q_rows[first * clusters * window_q:][: n * window_q]
-            kr = k_rows[first * clusters * window_k:][: n * window_k]
+        for first in range(0, total, per):
+            n = min(per, total - first)
+            qr = q_rows[first * window_q : (first + n) * window_q]
+            kr = k_rows[first * window_k : (first + n) * window_k]
             gq = f_q.index_select(0, qr).view(n, window_q, -1)
             if scale != 1.0:
                 gq.mul_(scale)  # scaling the gathered rows: the same products as gathering scaled rows
@@ -153,13 +155,13 @@ class UnmaskedAttention(torch.autograd.Function):
         q_rows, k_rows, divisor, *saved = ctx.saved_tensors
         pairs, clusters, window_q, window_k = ctx.shape
         dq, dk, dv = (torch.zeros(ctx.total_rows, x.shape[-1], dtype=x.dtype, device=x.device) for x in saved[:3])
-        for index, first in enumerate(range(0, pairs, ctx.per)):
+        for index, first in enumerate(range(0, pairs * clusters, ctx.per)):
             gq, gk, gv, weights = saved[4 * index : 4 * index + 4]
             n = gq.shape[0]
-            qr = q_rows[first * clusters * window_q:][: n * window_q]
-            kr = k_rows[first * clusters * window_k:][: n * window_k]
+            qr = q_rows[first * window_q : (first + n) * window_q]
+            kr = k_rows[first * window_k : (first + n) * window_k]
             if divisor is None:
-                do = grad[first * clusters:][:n]
+                do = grad[first : first + n]
             else:  # the combination's backward: dout / divisor at the members' rows
                 do = grad.index_select(0, qr).div_(divisor.index_select(0, qr)).view(n, window_q, -1)
             add_rows_into(dv, kr, torch.bmm(weights.transpose(1, 2), do).view(n * window_k, -1))
