@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import statistics
 from dataclasses import dataclass
@@ -268,7 +269,8 @@ def test_a_real_target_at_tiny_shapes() -> None:
                        at_most=False),
         targets.Target("tiny-memory", "tiny", "memory / retained", (tiny("fsat", "fwdbwd"),), 1e9, at_most=True),
     ]
-    ratio, memory = targets.run(chosen, build=targets.case_builder("cpu"), log=lambda _: None)
+    ratio, memory = targets.run(chosen, device="cpu", log=lambda _: None)  # each in a fresh process
+    assert len({ratio["process"], memory["process"], os.getpid()}) == 3
     assert ratio["verdict"] == "met" and len(ratio["ratios"]) == 7
     assert all(t > 0 for side in ratio["sides"] for t in side["times_s"])
     assert memory["verdict"] == "met" and memory["sides"][0]["peak_bytes"] > 0

@@ -366,8 +366,7 @@ def run(arguments: argparse.Namespace) -> int:
 
         device = arguments.device or "cpu"
         chosen = [t for t in targets.for_device(device) if not arguments.target or t.name in arguments.target]
-        records = targets.run(chosen, repeats=arguments.repeats or targets.MIN_REPEATS,
-                              build=targets.case_builder(device))
+        records = targets.run(chosen, repeats=arguments.repeats or targets.MIN_REPEATS, device=device)
         payload["targets"] = records
         print()
         print(targets.table(records))
