@@ -41,11 +41,9 @@ def one_topk(scores, window, padded):
 
 def shifted_dots_views_per_offset(pairs, x, y):
     """shifted_dots before the views were taken once per chunk (sliced shifts only: the benchmark's case)."""
-    dots = torch.empty(x.shape[:3] + (len(pairs),), dtype=x.dtype, device=x.device)
-    product = None
+    rows = min(x.shape[2], max(1, sparse.CHUNK_ELEMENTS // x.shape[3]))  # the first chunk's rows, as before
+    dots, product = x.new_empty(x.shape[:3] + (len(pairs),)), x.new_empty(rows, x.shape[3])
     for b, h, start, stop, spans in sparse.sliced_chunks(pairs, x.shape, x.shape[3], sparse.CHUNK_ELEMENTS):
-        if product is None:
-            product = x.new_empty(stop - start, x.shape[3])
         block = dots[b, h, start:stop]
         if any(first > start or end < stop for first, end, _ in spans):
             block.zero_()
