@@ -2,9 +2,8 @@
 
 The rule (the project's standard for performance claims): the sides of a target are measured in one
 process, a fresh one per target (what ran before does not shape it: a process that had run FSAT at a
-million tokens then ran routing at L = 4,096 1.7x slower), interleaved (a, b, a, b, ... after one untimed call of
-each, so both see the same load),
-for at least :data:`MIN_REPEATS` pairs; each side's median and range are reported, and the ratio's
+million tokens then ran routing at L = 4,096 1.7x slower), interleaved (a, b, a, b, ... after one
+untimed call of each, so both see the same load), for at least :data:`MIN_REPEATS` pairs; each side's median and range are reported, and the ratio's
 median and range over the per-pair ratios; a target is **met** only when that median meets the
 threshold. Memory is allocator-exact (:func:`refattn.bench.measure.peak_torch_cpu` on the CPU), so
 one call per side measures it. The machine, date, load average before and after every target, the share
@@ -290,35 +289,34 @@ def run(targets: Sequence[Target], *, repeats: int = MIN_REPEATS, build: Builder
     """Measure ``targets`` one after another, each under the memory guard; print each as it ends.
 
     Without ``build``, each target runs in a fresh process (spawned) on the cases of :func:`case_builder`
-    for ``device``, so that its figures do not depend on what ran before it: in one process, after FSAT at
-    L = 1,048,576, routing at L = 4,096 took 134 ms instead of 78 (lucidrains 206 instead of 148). With
-    ``build`` (e.g. fake cases), every target runs in this process.
+    for ``device`` (the rule above); with ``build`` (e.g. fake cases), every target runs in this process.
     """
     check_repeats(repeats)
     records = []
     for target in targets:
         log(f"[{target.name}] {target.claim}")
         if build is None:
-            record = _in_fresh_process(target, device, repeats)
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                record = pool.submit(_measure_in_fresh_process, target, device, repeats).result()
         else:
-            with measure.address_space_limit(measure.available_bytes()):
-                record = measure_target(target, build, repeats, clock)
+            record = _measure_guarded(target, build, repeats, clock)
         log(format_record(record))
         records.append(record)
     return records
 
 
-def _in_fresh_process(target: Target, device: str, repeats: int) -> dict[str, Any]:
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(measure_guarded, target, device, repeats).result()
-
-
-def measure_guarded(target: Target, device: str, repeats: int = MIN_REPEATS) -> dict[str, Any]:
-    """:func:`measure_target` on the cases of :func:`case_builder` for ``device``, under the memory guard; the
-    record says which process measured it (``process``: its id)."""
+def _measure_guarded(target: Target, build: Builder, repeats: int,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """:func:`measure_target` under the memory guard."""
     with measure.address_space_limit(measure.available_bytes()):
-        return {**measure_target(target, case_builder(device), repeats), "process": os.getpid()}
+        return measure_target(target, build, repeats, clock)
+
+
+def _measure_in_fresh_process(target: Target, device: str, repeats: int) -> dict[str, Any]:
+    """The guarded measurement on the cases of :func:`case_builder` for ``device``; the record says which
+    process measured it (``process``: its id)."""
+    return {**_measure_guarded(target, case_builder(device), repeats), "process": os.getpid()}
 
 
 def _seconds(value: float) -> str:
