@@ -1,14 +1,14 @@
 """The performance targets and the rule that judges them (``refattn bench --targets``).
 
-The rule (the project's standard for performance claims): the sides of a target are measured in one
-process, a fresh one per target (what ran before does not shape it: a process that had run FSAT at a
-million tokens then ran routing at L = 4,096 1.7x slower), interleaved (a, b, a, b, ... after one
-untimed call of each, so both see the same load), for at least :data:`MIN_REPEATS` pairs; each side's median and range are reported, and the ratio's
-median and range over the per-pair ratios; a target is **met** only when that median meets the
-threshold. Memory is allocator-exact (:func:`refattn.bench.measure.peak_torch_cpu` on the CPU), so
-one call per side measures it. The machine, date, load average before and after every target, the share
-of CPU time the hypervisor stole while it ran (a virtual machine's noisy neighbours), and torch's threads
-are recorded next to the numbers.
+The rule (the project's standard for performance claims): the sides of a target are measured in one process,
+a fresh one per target (what ran before does not shape it: a process that had run FSAT at a million tokens
+then ran routing at L = 4,096 1.7x slower), interleaved (a, b, a, b, ... after one untimed call of each, so
+both see the same load), for at least :data:`MIN_REPEATS` pairs; each side's median and range are reported,
+and the ratio's median and range over the per-pair ratios; a target is **met** only when that median meets
+the threshold. Memory is allocator-exact (:func:`refattn.bench.measure.peak_torch_cpu` on the CPU), so one
+call per side measures it. The machine, date, load average before and after every target, the share of CPU
+time the hypervisor stole while it ran (a virtual machine's noisy neighbours), and torch's threads are
+recorded next to the numbers.
 
 Kinds of target (:class:`Target`.kind):
 
