@@ -32,7 +32,6 @@ SIMULATED = """
 import json
 import sys
 import threading
-import traceback
 from collections import defaultdict
 
 import numpy as np
@@ -63,12 +62,13 @@ def record(space, array, flat, kind):
     root = root_of(array)
     base = root.__array_interface__["data"][0]
     offset = array.__array_interface__["data"][0] - base + flat
-    counters = local.__dict__.setdefault("counters", defaultdict(int))
+    if not hasattr(local, "counters"):  # per thread, once: its block, warp and lane, and its access counters
+        local.counters, local.place = defaultdict(int), (tuple(thread.blockIdx), thread.thread_id // 32)
     key = (space, base, kind)
-    records.append((current["kernel"], current["launch"], space, base, f"{root.dtype}{list(root.shape)}", kind,
-                    tuple(thread.blockIdx), thread.thread_id // 32, counters[key], offset, array.itemsize,
-                    thread.thread_id % 32))
-    counters[key] += 1
+    # the array's label is formatted in score(): a dtype's str is slow, and every access of every thread lands here
+    records.append((current["kernel"], current["launch"], space, base, (root.dtype, root.shape), kind,
+                    *local.place, local.counters[key], offset, array.itemsize, thread.thread_id % 32))
+    local.counters[key] += 1
 
 
 def byte_offset(array, index):
@@ -91,7 +91,8 @@ lock = threading.Lock()
 
 def shared_array(self, shape, dtype, alignment=None):
     # the simulator's (as the runtime installs it: one array per block and caller line), recording
-    caller = traceback.extract_stack(sys._getframe())[-2][0:2]
+    frame = sys._getframe(1)
+    caller = (frame.f_code.co_filename, frame.f_lineno)
     with lock:
         if caller not in self._allocations:
             self._allocations[caller] = np.empty(shape, numpy_support.as_dtype(dtype))
@@ -129,8 +130,9 @@ runtime.Call.run = run
 
 def score(selected):
     # worst and total (cost, ideal) per (kernel, space, array) over the selected records' requests
-    requests = defaultdict(set)
-    for kernel, launch, space, base, label, kind, block, warp, ordinal, offset, itemsize, thread in selected:
+    requests, labels = defaultdict(set), {}
+    for kernel, launch, space, base, array, kind, block, warp, ordinal, offset, itemsize, thread in selected:
+        label = labels.get(array) or labels.setdefault(array, f"{array[0]}{list(array[1])}")
         requests[(kernel, space, label, kind, launch, base, block, warp, ordinal)].add((offset, itemsize, thread))
     table = {}
     for (kernel, space, label, kind, *_), accesses in requests.items():
@@ -171,7 +173,8 @@ for dtype in (np.float32, np.float64):
     results[np.dtype(dtype).name] = score(records)
 
 # the old tile layout, tile[tid * 32 + c] read by 32 threads at once: the measure must call it 32-way
-old = [("old_tile_k", 0, "shared", 0, "float32[1024]", "read", (0, 0, 0), 0, c, 4 * (tid * 32 + c), 4, tid)
+tile = (np.dtype(np.float32), (1024,))
+old = [("old_tile_k", 0, "shared", 0, tile, "read", (0, 0, 0), 0, c, 4 * (tid * 32 + c), 4, tid)
        for tid in range(32) for c in range(32)]
 results["old layout"] = score(old)
 print("SCORES " + json.dumps(results))

@@ -13,9 +13,12 @@ kernel fails to compile or its shared memory differs.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 SHARED = re.compile(r"^\s*(?:\.visible\s+)?\.shared\s+\.align\s+\d+\s+\.b8\s+\S+\[(\d+)\];", re.MULTILINE)
 
@@ -26,12 +29,20 @@ def shared_bytes(ptx: str) -> int:
 
 
 def check(capabilities: tuple[tuple[int, int], ...] = ((8, 0), (9, 0)),
-          dtypes: tuple[str, ...] = ("float32", "float64")) -> list[tuple[str, str, str, str | None]]:
-    """(kernel, dtype, sm, error or None) for every kernel, dtype and compute capability."""
+          dtypes: tuple[str, ...] = ("float32", "float64"),
+          workers: int | None = None) -> list[tuple[str, str, str, str | None]]:
+    """(kernel, dtype, sm, error or None) for every kernel, dtype and compute capability, each dtype compiled
+    by its own process when there are ``workers`` (default: as many as dtypes and CPUs allow) > 1; a
+    compilation is single-threaded Python and takes seconds."""
     from numba import config, cuda
 
     if config.ENABLE_CUDASIM:
         raise RuntimeError("the PTX check needs the real numba.cuda: unset NUMBA_ENABLE_CUDASIM")
+    workers = workers or min(len(dtypes), os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = pool.map(check, [capabilities] * len(dtypes), [(dtype,) for dtype in dtypes], [1] * len(dtypes))
+            return [result for part in parts for result in part]
     from refattn.backends.numba_cuda import kernels
 
     results = []

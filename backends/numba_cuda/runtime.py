@@ -22,7 +22,6 @@ import inspect
 import math
 import sys
 import threading
-import traceback
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -79,7 +78,8 @@ def prepare_simulator() -> None:
         if shape == 0:  # dynamic shared memory: one buffer
             count = self._dynshared_size // dtype.itemsize
             return np.frombuffer(self._dynshared.data, dtype=dtype, count=count)
-        caller = traceback.extract_stack(sys._getframe())[-2][0:2]
+        frame = sys._getframe(1)  # the caller's line keys the array, as in the simulator's own method
+        caller = (frame.f_code.co_filename, frame.f_lineno)
         with lock:
             found = self._allocations.get(caller)
             if found is None:
