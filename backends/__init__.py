@@ -59,12 +59,14 @@ class Strategy:
     ``name`` says which path (e.g. ``"gathered"``); ``functions`` are the ``"algorithm.function"``
     names of spec/interface.md whose computation it changes (a ``*_vjp`` is listed on its own; the
     autograd of a listed function goes with it); ``force()`` returns a context manager inside which
-    the backend takes this path on every device, whatever it would choose by itself.
+    the backend takes this path on every device in ``devices`` (None: every device), whatever it would
+    choose by itself.
     """
 
     name: str
     functions: tuple[str, ...]
     force: Callable[[], AbstractContextManager[Any]]
+    devices: tuple[str, ...] | None = None
 
 
 def _identity(array: Any, *args: Any, **kwargs: Any) -> Any:

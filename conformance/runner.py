@@ -39,9 +39,11 @@ def cases(dtype: str, *, quick: bool = False, algorithms: Iterable[str] = tuple(
                 yield check
 
 
-def strategies_for(backend: Backend, check: checks_module.Check) -> list[Strategy | None]:
-    """The backend's strategies that change a function ``check`` calls, or [None] (its own choice)."""
-    return [strategy for strategy in backend.strategies if check.calls & set(strategy.functions)] or [None]
+def strategies_for(backend: Backend, check: checks_module.Check, device: str | None = None) -> list[Strategy | None]:
+    """The backend's strategies on ``device`` (None: any) that change a function ``check`` calls, or [None]
+    (its own choice)."""
+    return [strategy for strategy in backend.strategies if check.calls & set(strategy.functions) and (
+        device is None or strategy.devices is None or device in strategy.devices)] or [None]
 
 
 def _skipped(name: str, reason: str, algorithms: Iterable[str], dtype: str = "*",
@@ -77,7 +79,7 @@ def check_loaded(backend: Backend, *, quick: bool = False, algorithms: Iterable[
                 continue
             for check in cases(dtype, quick=quick, algorithms=implemented, functions=functions, parts=parts,
                                calling=calling):
-                for strategy in strategies_for(backend, check):
+                for strategy in strategies_for(backend, check, device):
                     results.append(checks_module.run(check, backend, reference, device=device, strategy=strategy))
                     if stop_at_first_failure and results[-1].status == "fail":
                         return results

@@ -15,7 +15,7 @@ def _variants(name: str, check: checks.Check) -> list[tuple[str | None, backends
     except (ImportError, TypeError):
         return [(None, None)]
     devices = backend.capabilities.devices or (None,)
-    return [(device, strategy) for device in devices for strategy in runner.strategies_for(backend, check)]
+    return [(device, strategy) for device in devices for strategy in runner.strategies_for(backend, check, device)]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

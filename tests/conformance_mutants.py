@@ -300,7 +300,7 @@ def gathered_shifts_pair_backwards() -> Backend:
     def sparse_attention_vjp(q, k, v, offsets, bias, dout, **options):
         return t.fsat.sparse_attention_vjp(q, k, v, flipped(offsets), bias, dout, **options)
 
-    strategies = tuple(Strategy(s.name, s.functions, lambda s=s: force(s)) for s in t.strategies)
+    strategies = tuple(Strategy(s.name, s.functions, lambda s=s: force(s), s.devices) for s in t.strategies)
     mutant = wrapper(t, "gathered_shifts_pair_backwards", fsat__sparse_attention=sparse_attention,
                      fsat__sparse_attention_vjp=sparse_attention_vjp)
     return dataclasses.replace(mutant, strategies=strategies)

@@ -46,7 +46,7 @@ def test_the_unmutated_torch_wrapper_passes_the_quick_grid() -> None:
     backend = mutants.unmutated()[0]
     rows = runner.check_loaded(backend, quick=True)
     assert Counter(row.status for row in rows) == {"pass": len(rows)}, [row for row in rows if row.status != "pass"][:3]
-    assert {row.strategy for row in rows if row.function == "sparse_attention"} == {"sliced", "gathered"}
+    assert {row.strategy for row in rows if row.function == "sparse_attention"} == {"fused", "sliced", "gathered"}
 
 
 def test_the_unmutated_two_device_wrapper_passes_on_both_devices() -> None:

@@ -206,21 +206,23 @@ def test_parts_not_selected_are_reported_as_skipped() -> None:
 
 
 def test_every_device_and_strategy_is_run_and_reported() -> None:
-    """A backend with two devices and two strategies of cross: each cross check runs four times."""
+    """A backend with two devices, two strategies of cross and one that exists on the second device only: each
+    cross check runs five times."""
     forced = []
 
-    def strategy(name):
-        return Strategy(name, ("fsat.cross",), lambda: _recording(forced, name))
+    def strategy(name, devices=None):
+        return Strategy(name, ("fsat.cross",), lambda: _recording(forced, name), devices)
 
     backend = Backend(name="two", fsat=refattn.fsat, routing=refattn.routing,
                       capabilities=Capabilities(dtypes=("float64",), devices=("cpu", "cpu:1")),
-                      strategies=(strategy("a"), strategy("b")))
+                      strategies=(strategy("a"), strategy("b"), strategy("c", devices=("cpu:1",))))
     rows = runner.check_loaded(backend, quick=True, dtypes=("float64",), functions=("cross", "estimate"))
     crosses = [row for row in rows if row.function == "cross"]
-    assert len(crosses) == 4 * len({row.case for row in crosses})
-    assert {(row.device, row.strategy) for row in crosses} == {(d, s) for d in ("cpu", "cpu:1") for s in "ab"}
+    assert len(crosses) == 5 * len({row.case for row in crosses})
+    assert {(row.device, row.strategy) for row in crosses} == {(d, s) for d in ("cpu", "cpu:1") for s in "ab"} | {
+        ("cpu:1", "c")}
     assert {(row.device, row.strategy) for row in rows if row.function == "estimate"} == {("cpu", "-"), ("cpu:1", "-")}
-    assert forced.count("a") == forced.count("b") == len(crosses) // 2
+    assert forced.count("a") == forced.count("b") == 2 * forced.count("c") == 2 * len(crosses) // 5
     table = io.StringIO()
     report.print_table(rows, table)
     assert re.search(r"fsat\.cross +float64 +cpu:1 +b ", table.getvalue())

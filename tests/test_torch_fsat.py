@@ -19,10 +19,12 @@ torch = pytest.importorskip("torch")
 from refattn import checks  # noqa: E402
 from refattn import fsat as ref  # noqa: E402
 from refattn.backends.torch import fsat as F  # noqa: E402
+from refattn.backends.torch import kernels  # noqa: E402
 from refattn.backends.torch.fsat.sparse_attention import (  # noqa: E402
     GatheredShift,
     SlicedShift,
-    forced_shifts,
+    forced_path,
+    path_for,
     shifts,
 )
 from refattn.conformance.tolerances import FORWARD, GRADIENT  # noqa: E402
@@ -242,14 +244,14 @@ SPARSE_CASES = [  # (L, D, Dv, K)
 ]
 
 
-@pytest.mark.parametrize("shift", ["sliced", "gathered"])
+@pytest.mark.parametrize("path", ["fused", "sliced", "gathered"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kind", ["none", "random", "full-row"])
 @pytest.mark.parametrize("bias_kind", ["none", "finite", "with-inf"])
 @pytest.mark.parametrize("case", SPARSE_CASES)
-def test_sparse_attention_and_vjp(case, bias_kind, kind, causal, shift):
-    """Both ways of pairing rows with their shifted partners: slices (CPU) and row gathers (GPU), each forced."""
-    with forced_shifts(shift):
+def test_sparse_attention_and_vjp(case, bias_kind, kind, causal, path):
+    """Every path, each forced: the fused CPU kernels, slices (CPU without g++) and row gathers (GPU)."""
+    with forced_path(path):
         _check_sparse_attention_and_vjp(case, bias_kind, kind, causal)
 
 
@@ -285,18 +287,74 @@ def _check_sparse_attention_and_vjp(case, bias_kind, kind, causal):
     assert_grads(list(grads) + ([None] if bias is None else []), expected, GRADIENT["float64"])
 
 
-def test_forced_shifts_choose_the_pairing_on_any_device():
-    offsets = torch.tensor([[[-1, 0, 2]]])
-    assert {type(shift) for shift in shifts(offsets, 4)} == {SlicedShift}  # a CPU's own choice
-    with forced_shifts("gathered"):
-        assert {type(shift) for shift in shifts(offsets, 4)} == {GatheredShift}
-        with forced_shifts("sliced"):
-            assert {type(shift) for shift in shifts(offsets, 4)} == {SlicedShift}
-        assert {type(shift) for shift in shifts(offsets, 4)} == {GatheredShift}
-    assert {type(shift) for shift in shifts(offsets, 4)} == {SlicedShift}
-    with pytest.raises(ValueError, match="kind: expected one of 'sliced', 'gathered', got 'slices'"):
-        with forced_shifts("slices"):
+def test_forced_path_chooses_the_computation_on_any_device():
+    offsets, x = torch.tensor([[[-1, 0, 2]]]), torch.zeros(1, 1, 4, 2)
+    assert path_for(x) == "fused"  # a CPU's own choice where g++ builds the kernels
+    assert {type(shift) for shift in shifts(offsets, 4, "sliced")} == {SlicedShift}
+    assert {type(shift) for shift in shifts(offsets, 4, "gathered")} == {GatheredShift}
+    with forced_path("gathered"):
+        assert path_for(x) == "gathered"
+        with forced_path("sliced"):
+            assert path_for(x) == "sliced"
+        assert path_for(x) == "gathered"
+    assert path_for(x) == "fused"
+    with pytest.raises(ValueError, match="kind: expected one of 'fused', 'sliced', 'gathered', got 'slices'"):
+        with forced_path("slices"):
             pass
+    expected = "the fused path cannot run: its kernels take float32 or float64 CPU tensors, got torch.float16 on cpu"
+    with forced_path("fused"), pytest.raises(RuntimeError, match=expected):
+        path_for(x.half())
+
+
+def _fused_run(q, k, v, offsets, bias, mask, dout, dlse):
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, bias)]
+    with forced_path("fused"):
+        out, lse = F.sparse_attention(*leaves[:3], offsets, leaves[3], key_padding_mask=mask)
+        grads = torch.autograd.grad((out * dout).sum() + torch.where(torch.isfinite(lse), lse * dlse, 0).sum(), leaves)
+    return [out, lse, *grads]
+
+
+def test_fused_kernels_give_the_same_bits_on_any_number_of_threads():
+    """Each row's results are computed by one thread, in one order: 1 and 2 threads agree bit for bit."""
+    rng = np.random.default_rng(7)
+    batch, heads, length, dim, count = 2, 3, 301, 16, 7
+    q, k, v, dout = (torch.from_numpy(x).float() for x in rng.standard_normal((4, batch, heads, length, dim)))
+    offsets = torch.from_numpy(rng.integers(-length + 1, length, (batch, heads, count)))
+    bias = torch.from_numpy(rng.standard_normal((batch, heads, count))).float()
+    bias[0, 1, 2] = float("-inf")
+    mask = torch.from_numpy(rng.random((batch, length)) < 0.2)
+    dlse = torch.from_numpy(rng.standard_normal((batch, heads, length))).float()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _fused_run(q, k, v, offsets, bias, mask, dout, dlse)
+        torch.set_num_threads(2)
+        two = _fused_run(q, k, v, offsets, bias, mask, dout, dlse)
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(one, two, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_without_a_compiler_the_cpu_path_is_sliced(monkeypatch, tmp_path):
+    """No g++ on PATH (and no build in the cache): the kernels say why, a CPU call pairs rows by slices and
+    gives the fused path's results, and forcing the fused path names the missing compiler."""
+    rng = np.random.default_rng(3)
+    q, k, v = (T(x) for x in rng.standard_normal((3, 1, 2, 9, 4)))
+    offsets = torch.tensor([[[0, -2, 3], [1, 8, -8]]])
+    fused, _ = F.sparse_attention(q, k, v, offsets)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("REFATTN_CACHE_DIR", str(tmp_path))
+    kernels._library.cache_clear()
+    try:
+        assert "building the torch backend's CPU kernels needs g++" in kernels.unavailable()
+        assert path_for(q) == "sliced"
+        sliced, _ = F.sparse_attention(q, k, v, offsets)
+        torch.testing.assert_close(sliced, fused, rtol=1e-13, atol=1e-15)
+        with forced_path("fused"), pytest.raises(RuntimeError, match="the fused path cannot run: .*needs g.. "):
+            F.sparse_attention(q, k, v, offsets)
+    finally:
+        kernels._library.cache_clear()
 
 
 def test_sparse_attention_saves_no_l_by_k_by_d_tensor():

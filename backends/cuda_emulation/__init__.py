@@ -34,19 +34,17 @@ not bit for bit. Atomics, ``__syncwarp``, cooperative groups, textures and strea
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from refattn.backends import native
 
 __all__ = [
     "ENVIRONMENT_VARIABLE",
@@ -63,7 +61,9 @@ __all__ = [
 
 ENVIRONMENT_VARIABLE = "REFATTN_CUDA_EMULATION"
 HEADER = Path(__file__).with_name("cuda_emulation.h")
-COMPILER = "g++"
+CACHE_KIND = "cuda-emulation"
+PURPOSE = "the CUDA C emulation"
+CompileError = native.CompileError  # g++ missing, or it rejected the source (the message holds its log)
 OPTIMIZED_FLAGS = ("-O2",)
 SANITIZED_FLAGS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                    "-fno-sanitize-recover=all")
@@ -74,10 +74,6 @@ MAX_BLOCK = (1024, 1024, 64)
 MAX_THREADS_PER_BLOCK = 1024
 SHARED_MEMORY_DEFAULT = 48 * 1024  # dynamic shared memory without an opt-in (static is capped at the same)
 SHARED_MEMORY_OPT_IN = 227 * 1024  # the most max_dynamic_shared_size_bytes may be raised to
-
-
-class CompileError(RuntimeError):
-    """g++ rejected the source (the message holds its log)."""
 
 
 class LaunchError(ValueError):
@@ -99,22 +95,7 @@ def enabled() -> bool:
 def cache_directory() -> Path:
     """Where builds are kept: $REFATTN_CACHE_DIR/cuda-emulation, else $XDG_CACHE_HOME/refattn/cuda-emulation,
     else ~/.cache/refattn/cuda-emulation."""
-    if os.environ.get("REFATTN_CACHE_DIR"):
-        return Path(os.environ["REFATTN_CACHE_DIR"]) / "cuda-emulation"
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "refattn" / "cuda-emulation"
-
-
-def _compiler() -> str:
-    path = shutil.which(COMPILER)
-    if path is None:
-        raise CompileError(f"the CUDA C emulation needs {COMPILER} (12 or later, for C++20) on PATH; none found")
-    return path
-
-
-@functools.cache
-def _compiler_identity(path: str) -> str:
-    return subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+    return native.cache_directory(CACHE_KIND)
 
 
 def sanitizer_loaded() -> bool:
@@ -127,7 +108,7 @@ def sanitizer_environment() -> dict[str, str]:
     """Environment variables for a Python process that runs sanitized builds: the ASan runtime
     preloaded (it must come first), then libstdc++ (ASan intercepts C++ throws only if it is loaded
     at start-up; Python does not link it), Python's own leaks not reported, UBSan reports with stacks."""
-    runtimes = [subprocess.run([_compiler(), f"-print-file-name={name}"], capture_output=True, text=True,
+    runtimes = [subprocess.run([native.compiler(PURPOSE), f"-print-file-name={name}"], capture_output=True, text=True,
                                check=True).stdout.strip() for name in ("libasan.so", "libstdc++.so")]
     return {"LD_PRELOAD": ":".join(runtimes), "ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
 
@@ -162,23 +143,9 @@ def _translate(code: str, filename: str, names: Sequence[str]) -> str:
 
 
 def _build(source: str, flags: Sequence[str]) -> Path:
-    """The shared library of ``source``, compiled once per content and flags."""
-    compiler = _compiler()
-    key = hashlib.sha256("\0".join([HEADER.read_text(), source, *flags, _compiler_identity(compiler)]).encode())
-    folder = cache_directory()
-    target = folder / f"{key.hexdigest()[:32]}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        cpp, library = Path(scratch) / "kernels.cpp", Path(scratch) / "kernels.so"
-        cpp.write_text(source)
-        command = [compiler, "-std=c++20", "-shared", "-fPIC", "-pthread", *flags, str(cpp), "-o", str(library)]
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
-        if result.returncode != 0:
-            raise CompileError(f"g++ could not compile the emulated kernels:\n{result.stderr}")
-        os.replace(library, target)  # atomic: concurrent builders of one key leave one complete file
-    return target
+    """The shared library of ``source``, compiled once per content (the header's included) and flags."""
+    return native.build(source, ("-std=c++20", "-pthread", *flags), kind=CACHE_KIND, purpose=PURPOSE,
+                        includes=(HEADER,))
 
 
 _LAUNCH_LOCK = threading.Lock()  # the header's gridDim and blockDim are process-wide

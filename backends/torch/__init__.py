@@ -21,7 +21,7 @@ import torch
 
 from refattn.backends import Backend, Capabilities, Strategy
 from refattn.backends.torch import fsat, routing
-from refattn.backends.torch.fsat.sparse_attention import SHIFT_KINDS, forced_shifts
+from refattn.backends.torch.fsat.sparse_attention import forced_path
 from refattn.backends.torch.layers import FSATAttention, RoutingAttention
 from refattn.backends.torch.tensors import vjp
 
@@ -55,10 +55,12 @@ def _dtype_of(tensor: Any) -> str:
     return np.asarray(tensor).dtype.name
 
 
-# The FSAT sparse attention pairs row i with row i + tau by slices on a CPU and by a row gather on a
-# GPU (fsat/sparse_attention.py); both are checked on whatever device is present.
-_SHIFTED = ("fsat.sparse_attention", "fsat.sparse_attention_vjp", "fsat.attention", "fsat.attention_vjp")
-STRATEGIES = tuple(Strategy(kind, _SHIFTED, functools.partial(forced_shifts, kind)) for kind in SHIFT_KINDS)
+# The FSAT sparse attention runs fused on a CPU (C++ kernels), by slices where they cannot be built and by a
+# row gather on a GPU (fsat/sparse_attention.py); the shift paths are checked on whatever device is present,
+# the fused one on the CPU.
+_SPARSE = ("fsat.sparse_attention", "fsat.sparse_attention_vjp", "fsat.attention", "fsat.attention_vjp")
+STRATEGIES = (Strategy("fused", _SPARSE, functools.partial(forced_path, "fused"), devices=("cpu",)),
+              *(Strategy(kind, _SPARSE, functools.partial(forced_path, kind)) for kind in ("sliced", "gathered")))
 
 
 def backend() -> Backend:

@@ -5,10 +5,11 @@ Differs from the reference:
 - ``sparse_attention`` is a ``torch.autograd.Function`` whose backward is the explicit VJP
   (:func:`sparse_attention_backward`); the forward saves q, k, v, offsets, out, lse and the
   (B, H, L, K) probabilities, O(B H L (K + D)), so the backward recomputes nothing.
-- Row i is paired with row i + tau by one of two shifts: contiguous slices per (batch, head, chunk of
-  rows), all K offsets per chunk, on a CPU (:class:`SlicedShift`), a row gather and ``index_add_``
-  over (B * H * L, F) on a GPU (:class:`GatheredShift`); :func:`forced_shifts` takes either on any device (the backend's
-  conformance strategies). No (B, H, L, K, D) tensor is built.
+- Three paths compute it (:data:`PATHS`). On a CPU the fused kernels of :mod:`..kernels` take each row's
+  K pairs, softmax and output in one pass (``"fused"``); without g++, contiguous slices per (batch, head,
+  chunk of rows), all K offsets per chunk (:class:`SlicedShift`, ``"sliced"``). On a GPU a row gather and
+  ``index_add_`` over (B * H * L, F) (:class:`GatheredShift`, ``"gathered"``). :func:`forced_path` takes
+  one on any device where it exists (the backend's conformance strategies). No (B, H, L, K, D) tensor is built.
 - The offsets' values are checked by :func:`refattn.checks.offsets_array` on a host copy.
 """
 
@@ -24,6 +25,7 @@ import torch
 from refattn import checks
 from refattn.fsat.sparse_attention import OVERFLOWS
 
+from .. import kernels
 from ..tensors import check_overflows, checked, compute_dtype, host_copy, same_dtype, tensors
 from .cross import unmasked
 
@@ -39,7 +41,9 @@ __all__ = [
     "SlicedShift",
     "GatheredShift",
     "SHIFT_KINDS",
-    "forced_shifts",
+    "PATHS",
+    "forced_path",
+    "path_for",
     "shifts",
     "shifted_dots",
     "shifted_sum",
@@ -118,28 +122,43 @@ class GatheredShift:
 
 
 SHIFT_KINDS = {"sliced": SlicedShift, "gathered": GatheredShift}
-_forced_shift_kind: str | None = None
+PATHS = ("fused", *SHIFT_KINDS)
+_forced_path: str | None = None
 
 
 @contextlib.contextmanager
-def forced_shifts(kind: str) -> Iterator[None]:
-    """Inside the block, pair rows by ``kind`` ("sliced" or "gathered") shifts on every device.
+def forced_path(kind: str) -> Iterator[None]:
+    """Inside the block, compute the sparse attention by ``kind`` (one of :data:`PATHS`) on every device where
+    it exists ("fused": CPU tensors, with g++).
 
-    The conformance suite checks both paths this way (the backend's ``strategies``); outside, the
+    The conformance suite checks every path this way (the backend's ``strategies``); outside, the
     choice is by device. A process-wide setting: backward passes run inside the block follow it too.
     """
-    global _forced_shift_kind
-    checks.one_of(kind, "kind", tuple(SHIFT_KINDS))
-    previous, _forced_shift_kind = _forced_shift_kind, kind
+    global _forced_path
+    checks.one_of(kind, "kind", PATHS)
+    previous, _forced_path = _forced_path, kind
     try:
         yield
     finally:
-        _forced_shift_kind = previous
+        _forced_path = previous
 
 
-def shifts(offsets: torch.Tensor, length: int) -> list[SlicedShift | GatheredShift]:
-    """One shift per selected offset m: sliced on a CPU and gathered elsewhere, unless forced."""
-    kind = _forced_shift_kind or ("sliced" if offsets.device.type == "cpu" else "gathered")
+def path_for(x: torch.Tensor) -> str:
+    """The path for tensors of x's device and dtype: the forced one, else fused on a CPU (sliced where the
+    kernels cannot be built), gathered elsewhere."""
+    if _forced_path == "fused" and not kernels.available(x):
+        reason = kernels.unavailable() or f"its kernels take float32 or float64 CPU tensors, got {x.dtype} on " \
+            f"{x.device}"
+        raise RuntimeError(f"the fused path cannot run: {reason}")
+    if _forced_path is not None:
+        return _forced_path
+    if x.device.type == "cpu":
+        return "fused" if kernels.available(x) else "sliced"
+    return "gathered"
+
+
+def shifts(offsets: torch.Tensor, length: int, kind: str) -> list[SlicedShift | GatheredShift]:
+    """One shift of ``kind`` ("sliced" or "gathered") per selected offset m."""
     return [SHIFT_KINDS[kind](offsets[:, :, m], length) for m in range(offsets.shape[2])]
 
 
@@ -258,13 +277,17 @@ def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_attention_forward(q, k, v, offsets, bias, causal, unpadded):
-    """(out, lse, probs) of tensors of one compute dtype, probs (B, H, L, K) the softmax weights.
+    """(out, lse, probs) of tensors of one compute dtype, probs (B, H, L, K) the softmax weights, by the
+    path :func:`path_for` chooses.
 
     The (B, H, L, K) logits are built offset by offset; no (B, H, L, K, D) tensor exists. The
     probabilities overwrite the logits: one (B, H, L, K) tensor lives when out is allocated.
     """
+    path = path_for(q)
+    if path == "fused":
+        return kernels.sparse_forward(q, k, v, offsets, bias, causal, unpadded)
     length, dim = q.shape[2], q.shape[3]
-    pairs = shifts(offsets, length)
+    pairs = shifts(offsets, length, path)
     logits = shifted_dots(pairs, q, k).mul_(1.0 / math.sqrt(dim))
     invalid = valid_pairs(offsets, length, causal, unpadded).logical_not_()
     if bias is not None:  # a bias of -inf removes its offset, whatever q . k is (not inf - inf = NaN)
@@ -280,11 +303,14 @@ def sparse_attention_forward(q, k, v, offsets, bias, causal, unpadded):
 
 
 def sparse_attention_backward(q, k, v, offsets, probs, lse, out, dout, dlse, has_bias):
-    """(dq, dk, dv, dbias) of tensors of one compute dtype, from the forward's probabilities; the
-    scatter to key j = i + tau_m is :meth:`SlicedShift.add_to_partner`."""
+    """(dq, dk, dv, dbias) of tensors of one compute dtype, from the forward's probabilities, by the path
+    :func:`path_for` chooses; on the shift paths the scatter to key j = i + tau_m is ``add_to_partner``."""
+    path = path_for(q)
+    if path == "fused":
+        return kernels.sparse_backward(q, k, v, offsets, probs, lse, out, dout, dlse, has_bias)
     length, dim = q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(dim)
-    pairs = shifts(offsets, length)
+    pairs = shifts(offsets, length, path)
     row_term = row_dots(dout, out)
     if dlse is not None:
         row_term -= torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
