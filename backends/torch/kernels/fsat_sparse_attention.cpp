@@ -1,7 +1,8 @@
 // FSAT's sparse attention (spec/fsat.md step 3) fused on the CPU: row i of each (batch, head) meets the
 // rows i + tau_m of its K selected offsets, its logits, softmax and output computed while the row is in
 // cache. The sums are those of the torch backend's sliced path (backends/torch/fsat/sparse_attention.py),
-// term for term and in the same order of offsets; only the order inside a dot product differs (rounding).
+// term for term and in the same order of offsets; the order inside a dot product differs, and the weights
+// are exp(logit - max) / sum, one exp per pair, where the sliced path takes exp(logit - lse): equal to rounding.
 //
 // Arrays are C-contiguous: q, k (B, H, L, D), v, out, dout (B, H, L, Dv), offsets (B, H, K) int64,
 // bias (B, H, K) or null, unpadded (B, L) bytes (1 = a real token) or null, lse (B, H, L), probs and
@@ -83,12 +84,17 @@ void forward(const T* q, const T* k, const T* v, const int64_t* offsets, const T
                 continue;
             }
             T total = 0;
-            for (int64_t m = 0; m < s.count; ++m) total += std::exp(p[m] - top);
-            const T log_sum = std::isinf(top) ? top : top + std::log(total);  // +inf logits: lse +inf, as logsumexp
-            lse[row] = log_sum;
-            const T safe = std::isfinite(log_sum) ? log_sum : T(0);
+            if (std::isfinite(top)) {  // one exp per pair: p = exp(logit - top) / total = exp(logit - lse)
+                for (int64_t m = 0; m < s.count; ++m) total += (p[m] = std::exp(p[m] - top));
+                lse[row] = top + std::log(total);
+                const T inverse = T(1) / total;
+                for (int64_t m = 0; m < s.count; ++m) p[m] *= inverse;
+            } else {  // +inf or NaN logits: lse +inf or NaN, as logsumexp, and p = exp(logit), as the sliced path
+                for (int64_t m = 0; m < s.count; ++m) total += std::exp(p[m] - top);
+                lse[row] = std::isinf(top) ? top : top + std::log(total);
+                for (int64_t m = 0; m < s.count; ++m) p[m] = std::exp(p[m]);
+            }
             for (int64_t m = 0; m < s.count; ++m) {
-                p[m] = std::exp(p[m] - safe);
                 const int64_t j = i + tau[m];
                 if (j >= 0 && j < s.length) add_scaled(o, p[m], v + (bh * s.length + j) * s.dim_v, s.dim_v);
             }
