@@ -98,32 +98,6 @@ def test_a_case_that_cannot_fit_is_skipped_before_anything_is_allocated() -> Non
         cases.build_case("numpy", "fsat", "fwd", "float32", shape, memory_available=8 * 2**30)
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc: Linux only")
-def test_freed_heap_memory_is_given_back_before_the_next_case_is_sized() -> None:
-    """128 MiB of 64 KiB blocks freed stay in the process (glibc keeps blocks below its mmap threshold) until
-    release_freed_memory, which the sweep calls before it reads the memory available for a case."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    blocks = [libc.malloc(1 << 16) for _ in range(2048)]
-    for block in blocks:
-        ctypes.memset(block, 1, 1 << 16)  # resident
-    keeper = libc.malloc(1 << 16)  # above the blocks: the heap's top cannot simply shrink
-    for block in blocks:
-        libc.free(block)
-    held = _resident_bytes()
-    measure.release_freed_memory()
-    assert held - _resident_bytes() > 100 * 2**20
-    libc.free(keeper)
-
-
 def test_inputs_are_drawn_in_the_dtype_they_are_used_in() -> None:
     shape = cases.Shape(batch=1, heads=2, length=16, dim=4, top_k=2)
     case = cases.build_case("numpy", "fsat", "fwd", "float32", shape)

@@ -19,8 +19,7 @@ it (so the inputs are excluded), measured in a separate, untimed call:
 - CuPy: the default memory pool's ``total_bytes`` after ``free_all_blocks`` (the pool's high-water
   mark of the call, rounded to its blocks).
 
-Guards for long sequences: :func:`available_bytes` (the kernel's MemAvailable, after
-:func:`release_freed_memory`), and
+Guards for long sequences: :func:`available_bytes` (the kernel's MemAvailable), and
 :func:`address_space_limit`, which caps the process's address space while a case runs so that a
 case that outgrows the memory fails with ``MemoryError`` / torch's "can't allocate memory" instead
 of swapping or waking the OOM killer.
@@ -29,7 +28,6 @@ of swapping or waking the OOM killer.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import gc
 import glob
@@ -208,19 +206,6 @@ def _proc_bytes(path: str, field: str) -> int | None:
 def available_bytes() -> int | None:
     """The memory the kernel can give without swapping (``MemAvailable``), None where it does not say."""
     return _proc_bytes("/proc/meminfo", "MemAvailable")
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and give the C heap's free pages back to the kernel (glibc's ``malloc_trim``), so that
-    :func:`available_bytes` counts what earlier calls freed. glibc keeps freed blocks below its mmap threshold
-    (up to 32 MiB each) in the process: 4.6 GiB after one routing call at L = 262,144 here. Elsewhere only
-    the garbage collection."""
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
 
 
 def _address_space() -> int | None:

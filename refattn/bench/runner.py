@@ -128,9 +128,7 @@ def _progress(items: list[Any], enabled: bool) -> Any:
 
 
 def _budget(memory_budget: float | None) -> int | None:
-    """Bytes a case may use: what is available now, what earlier cases freed included, capped by
-    ``memory_budget`` (GiB)."""
-    measure.release_freed_memory()
+    """Bytes a case may use: what is available now, capped by ``memory_budget`` (GiB)."""
     available = measure.available_bytes()
     if memory_budget is None:
         return available
