@@ -389,6 +389,19 @@ def test_without_a_compiler_the_cpu_path_is_sliced(monkeypatch, tmp_path):
         kernels._library.cache_clear()
 
 
+def test_an_unwritable_cache_leaves_the_cpu_on_the_sliced_path(monkeypatch, tmp_path):
+    """A cache folder that cannot be created: the kernels say where and why, and CPU calls pair rows by slices."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("REFATTN_CACHE_DIR", str(blocker))
+    kernels._library.cache_clear()
+    try:
+        assert f"cannot be built or loaded in {blocker / 'torch-cpu'}" in kernels.unavailable()
+        assert path_for(torch.zeros(1, 1, 2, 2)) == "sliced"
+    finally:
+        kernels._library.cache_clear()
+
+
 def test_sparse_attention_saves_no_l_by_k_by_d_tensor():
     """Forward + backward of attention: every tensor autograd saves is at most (B, H, L, max(D, Dv)),
     (B, H, L, K) (the probabilities) or (B, H, 2L - 1, Dc) big: nothing of size L x K x D is kept."""

@@ -22,6 +22,7 @@ from refattn.backends import native
 __all__ = ["SOURCE", "available", "unavailable", "sparse_forward", "sparse_backward"]
 
 SOURCE = Path(__file__).with_name("fsat_sparse_attention.cpp")
+CACHE_KIND = "torch-cpu"  # the builds' folder under native.cache_directory
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-pthread")
 _SUFFIXES = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -30,14 +31,17 @@ _SUFFIXES = {torch.float32: "float32", torch.float64: "float64"}
 def _library() -> ctypes.CDLL | str:
     """The loaded library, or why it cannot be built here."""
     try:
-        path = native.build(SOURCE.read_text(), FLAGS, kind="torch-cpu", purpose="the torch backend's CPU kernels")
+        path = native.build(SOURCE.read_text(), FLAGS, kind=CACHE_KIND, purpose="the torch backend's CPU kernels")
+        return ctypes.CDLL(str(path))
     except native.CompileError as error:
         return str(error)
-    return ctypes.CDLL(str(path))
+    except OSError as error:  # an unwritable cache folder, a library the loader rejects
+        folder = native.cache_directory(CACHE_KIND)
+        return f"the torch backend's CPU kernels cannot be built or loaded in {folder}: {error}"
 
 
 def unavailable() -> str | None:
-    """Why the CPU kernels cannot run here (no g++, or a failed build), or None."""
+    """Why the CPU kernels cannot run here (no g++, a failed build, an unwritable cache), or None."""
     library = _library()
     return library if isinstance(library, str) else None
 
