@@ -21,7 +21,7 @@ import torch
 
 from refattn.backends import Backend, Capabilities, Strategy
 from refattn.backends.torch import fsat, routing
-from refattn.backends.torch.fsat.sparse_attention import forced_path
+from refattn.backends.torch.fsat.sparse_attention import SHIFT_KINDS, forced_path
 from refattn.backends.torch.layers import FSATAttention, RoutingAttention
 from refattn.backends.torch.tensors import vjp
 
@@ -60,7 +60,7 @@ def _dtype_of(tensor: Any) -> str:
 # the fused one on the CPU.
 _SPARSE = ("fsat.sparse_attention", "fsat.sparse_attention_vjp", "fsat.attention", "fsat.attention_vjp")
 STRATEGIES = (Strategy("fused", _SPARSE, functools.partial(forced_path, "fused"), devices=("cpu",)),
-              *(Strategy(kind, _SPARSE, functools.partial(forced_path, kind)) for kind in ("sliced", "gathered")))
+              *(Strategy(kind, _SPARSE, functools.partial(forced_path, kind)) for kind in SHIFT_KINDS))
 
 
 def backend() -> Backend:

@@ -46,10 +46,9 @@ def unavailable() -> str | None:
     return library if isinstance(library, str) else None
 
 
-def available(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels can take these tensors: on the CPU, float32 or float64, and built here."""
-    present = [x for x in tensors if x is not None]
-    return all(x.device.type == "cpu" for x in present) and present[0].dtype in _SUFFIXES and unavailable() is None
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels can take tensors like ``x``: on the CPU, float32 or float64, and built here."""
+    return x.device.type == "cpu" and x.dtype in _SUFFIXES and unavailable() is None
 
 
 def _pointer(x: torch.Tensor | None) -> ctypes.c_void_p:
@@ -65,6 +64,14 @@ def _shape(q: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor) -> ctypes.Ar
     return (ctypes.c_int64 * 6)(*q.shape, v.shape[3], offsets.shape[2])
 
 
+def _scale(q: torch.Tensor) -> ctypes.c_double:
+    return ctypes.c_double(1.0 / math.sqrt(q.shape[3]))
+
+
+def _threads() -> ctypes.c_int:
+    return ctypes.c_int(torch.get_num_threads())
+
+
 def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
                    causal: bool, unpadded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, probs) of :func:`~refattn.backends.torch.fsat.sparse_attention.sparse_attention_forward`."""
@@ -74,8 +81,7 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
     out = q.new_empty(v.shape)
     lse, probs = q.new_empty(q.shape[:3]), q.new_empty(q.shape[:3] + offsets.shape[2:])
     _call("fsat_sparse_forward", q.dtype, *map(_pointer, (q, k, v, offsets, bias, mask)), _shape(q, v, offsets),
-          ctypes.c_int(causal), ctypes.c_double(1.0 / math.sqrt(q.shape[3])),
-          *map(_pointer, (out, lse, probs)), ctypes.c_int(torch.get_num_threads()))
+          ctypes.c_int(causal), _scale(q), *map(_pointer, (out, lse, probs)), _threads())
     return out, lse, probs
 
 
@@ -85,8 +91,7 @@ def sparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: 
     """(dq, dk, dv, dbias) of :func:`~refattn.backends.torch.fsat.sparse_attention.sparse_attention_backward`."""
     q, k, v, offsets, probs, lse, out, dout = (x.contiguous() for x in (q, k, v, offsets, probs, lse, out, dout))
     dlse = None if dlse is None else dlse.contiguous()
-    shape, scale, threads = _shape(q, v, offsets), ctypes.c_double(1.0 / math.sqrt(q.shape[3])), ctypes.c_int(
-        torch.get_num_threads())
+    shape, scale, threads = _shape(q, v, offsets), _scale(q), _threads()
     dz, dq, dk, dv = torch.empty_like(probs), torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _call("fsat_sparse_backward_query", q.dtype, *map(_pointer, (k, v, offsets, probs, lse, out, dout, dlse)), shape,
           scale, *map(_pointer, (dz, dq)), threads)
