@@ -58,7 +58,8 @@ def _identity(path: str) -> str:
 
 def build(source: str, flags: Sequence[str], *, kind: str, purpose: str, includes: Sequence[Path] = ()) -> Path:
     """The shared library of the C++ ``source`` compiled with ``flags`` (besides -shared -fPIC), built once and
-    kept in ``cache_directory(kind)``; ``includes``: the files it includes, whose text is part of the key.
+    kept in ``cache_directory(kind)``; ``includes``: the files it includes, copied beside it (``#include "name.h"``
+    finds them) and part of the key.
     ``CompileError`` with g++'s log (``purpose`` says what was built)."""
     path = compiler(purpose)
     texts = [Path(name).read_text() for name in includes]
@@ -71,6 +72,8 @@ def build(source: str, flags: Sequence[str], *, kind: str, purpose: str, include
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         cpp, library = Path(scratch) / "source.cpp", Path(scratch) / "library.so"
         cpp.write_text(source)
+        for name, text in zip(includes, texts, strict=True):
+            (Path(scratch) / Path(name).name).write_text(text)
         command = [path, "-shared", "-fPIC", *flags, str(cpp), "-o", str(library)]
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
         if result.returncode != 0:

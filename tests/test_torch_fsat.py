@@ -379,7 +379,7 @@ def test_without_a_compiler_the_cpu_path_is_sliced(monkeypatch, tmp_path):
     monkeypatch.setenv("REFATTN_CACHE_DIR", str(tmp_path))
     kernels._library.cache_clear()
     try:
-        assert "building the torch backend's CPU kernels needs g++" in kernels.unavailable()
+        assert "building the torch backend's CPU kernels (fsat_sparse_attention.cpp) needs g++" in kernels.unavailable()
         assert path_for(q) == "sliced"
         sliced, _ = F.sparse_attention(q, k, v, offsets)
         torch.testing.assert_close(sliced, fused, rtol=1e-13, atol=1e-15)

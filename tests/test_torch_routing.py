@@ -23,6 +23,7 @@ import torch
 
 from refattn import get_backend
 from refattn import routing as ref
+from refattn.backends.torch import kernels
 from refattn.backends.torch import routing as F
 from refattn.backends.torch.routing.indexing import add_rows_into
 
@@ -351,6 +352,73 @@ def test_top_window_by_groups(log_length, window_exponent, levels, seed):
                                       ref.route(similarities, window, key_padding_mask=mask))
 
 
+@settings(max_examples=120, deadline=None)
+@given(length=st.integers(1, 700), window_exponent=st.floats(0.0, 1.0), levels=st.integers(0, 5),
+       padding=st.sampled_from([0.0, 0.2, 0.9]), dtype=st.sampled_from(["float32", "float64"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_route_kernel_against_the_reference(length, window_exponent, levels, padding, dtype, seed):
+    """routing_route.cpp (the CPU's route) against the reference's partition rule: rows of few distinct values
+    (``levels`` 0: continuous), so ties at the threshold, inside the top W and among the block maxima;
+    signed zeros, which are equal; padded tokens, also whole rows and fewer than W unpadded; lengths that
+    the 4W groups do not divide; any W in [1, L]."""
+    window = max(1, int(length**window_exponent))
+    rng = np.random.default_rng(seed)
+    shape = (2, 2, length, 3)  # (B, H, L, C)
+    s = rng.integers(-levels, levels + 1, size=shape) * 0.5 if levels else rng.standard_normal(shape)
+    s = np.where(s == 0, rng.choice([0.0, -0.0], size=shape), s).astype(dtype)
+    mask = rng.random((2, length)) < padding if padding else None
+    if mask is not None:
+        mask[1, : rng.integers(0, length + 1)] = True
+    members = kernels.route_rows(T(s, dtype).transpose(-1, -2), window, T(mask))
+    event(f"levels {min(levels, 1)}, W {'= L' if window == length else '< L'}, padding {padding}")
+    np.testing.assert_array_equal(N(members), ref.route(s.astype(np.float64), window, key_padding_mask=mask))
+
+
+def test_route_kernel_leaves_rows_with_nan_to_torch():
+    """A NaN at an unpadded position (which the public functions reject before routing): the kernel
+    reports it and routing takes torch's path; NaN at padded positions is ignored."""
+    s = torch.arange(24, dtype=torch.float64).reshape(1, 1, 2, 12)
+    nan_row = s.clone()
+    nan_row[0, 0, 1, 5] = float("nan")
+    assert kernels.route_rows(nan_row, 3, None) is None
+    padded = torch.zeros(1, 12, dtype=torch.bool)
+    padded[0, 5] = True
+    assert kernels.route_rows(nan_row, 3, padded).tolist() == [[[[9, 10, 11], [9, 10, 11]]]]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_route_kernel_results_do_not_depend_on_threads(threads):
+    rng = np.random.default_rng(8)
+    s = T(rng.integers(0, 3, size=(2, 4, 64, 257)).astype(np.float32), "float32")
+    torch.set_num_threads(threads)
+    np.testing.assert_array_equal(N(kernels.route_rows(s, 40, None)), ref.route(N(s).swapaxes(-1, -2), 40))
+
+
+def test_routing_without_a_compiler_takes_torch_operations(monkeypatch, tmp_path):
+    """No g++ (and no build in the cache): routing's CPU calls take torch's top-k and index_add_ with the
+    same results, and forcing the kernels says why they cannot run."""
+    q, k, v, mu, _, dout = problem((1, 2, 24, 4, 4, 3, 6), "lucidrains", False, False, False, "float64")
+    leaves = [T(x).requires_grad_() for x in (q, k, v)]
+
+    def run() -> list:
+        out = F.attention(*leaves, T(mu), window=6, profile="lucidrains")
+        return [out, *torch.autograd.grad(out, leaves, T(dout))]
+
+    with_kernels = run()
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("REFATTN_CACHE_DIR", str(tmp_path))
+    kernels._library.cache_clear()
+    try:
+        assert "needs g++" in kernels.unavailable()
+        for got, expected in zip(run(), with_kernels, strict=True):
+            assert torch.equal(got, expected)
+        with kernels.forced(True), pytest.raises(RuntimeError, match="the CPU kernels were required but cannot "
+                                                                      "run: .*needs g.. "):
+            run()
+    finally:
+        kernels._library.cache_clear()
+
+
 def test_route_chunks_equal_one_pass(monkeypatch):
     rng = np.random.default_rng(4)
     s = rng.integers(-3, 4, size=(2, 2, 17, 9)).astype(np.float64)
@@ -361,20 +429,24 @@ def test_route_chunks_equal_one_pass(monkeypatch):
     np.testing.assert_array_equal(N(whole), ref.route(s, 5, key_padding_mask=mask))
 
 
+@pytest.mark.parametrize("use_kernels", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_scatter_adds_each_row_in_order(threads):
+def test_scatter_adds_each_row_in_order(threads, use_kernels):
     """The scatters of the gradients and of the combination add each token's rows in slot order, as the
     reference's loop does: bitwise, with terms whose float32 sum depends on the order, with one or two
-    threads (on a CPU, ``index_add_`` sorts the rows; the sort must be stable)."""
+    threads (on a CPU, ``index_add_`` sorts the rows, and the sort must be stable; the kernel splits the
+    token rows between the threads, and a row at the seam must be added once)."""
     indexing = importlib.import_module("refattn.backends.torch.routing.indexing")
     rng = np.random.default_rng(5)
-    rows = torch.from_numpy(rng.integers(0, 37, size=5000))
-    values = torch.from_numpy(rng.choice([1e8, 1.0, -1e8, 3.0, 0.5], size=(5000, 3)).astype(np.float32))
-    expected = torch.zeros(37, 3)
-    for i in range(len(rows)):
-        expected[rows[i]] += values[i]
-    torch.set_num_threads(threads)
-    assert torch.equal(indexing.add_rows(37, rows, values), expected)
+    for total, count in ((37, 5000), (4099, 30000)):  # 4,099 rows: two threads' ranges in the kernel
+        rows = rng.integers(0, total, size=count)
+        values = rng.choice([1e8, 1.0, -1e8, 3.0, 0.5], size=(count, 3)).astype(np.float32)
+        expected = np.zeros((total, 3), np.float32)
+        np.add.at(expected, rows, values)  # unbuffered: in the order of the values, in float32
+        torch.set_num_threads(threads)
+        with kernels.forced(use_kernels):
+            got = indexing.add_rows(total, torch.from_numpy(rows), torch.from_numpy(values))
+        np.testing.assert_array_equal(got.numpy(), expected)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

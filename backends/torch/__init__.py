@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from refattn.backends import Backend, Capabilities, Strategy
-from refattn.backends.torch import fsat, routing
+from refattn.backends.torch import fsat, kernels, routing
 from refattn.backends.torch.fsat.sparse_attention import SHIFT_KINDS, forced_path
 from refattn.backends.torch.layers import FSATAttention, RoutingAttention
 from refattn.backends.torch.tensors import vjp
@@ -59,8 +59,15 @@ def _dtype_of(tensor: Any) -> str:
 # row gather on a GPU (fsat/sparse_attention.py); the shift paths are checked on whatever device is present,
 # the fused one on the CPU.
 _SPARSE = ("fsat.sparse_attention", "fsat.sparse_attention_vjp", "fsat.attention", "fsat.attention_vjp")
+# Routing selects its members and adds cluster rows into token rows by C++ kernels on a CPU (routing_route.cpp,
+# routing_indexing.cpp) and by torch operations elsewhere: both are checked on the CPU.
+_ROUTED = tuple(f"routing.{name}" for name in (
+    "route", "cluster_attention", "cluster_attention_vjp", "combine", "combine_vjp", "attention", "attention_vjp",
+    "update_centroids"))
 STRATEGIES = (Strategy("fused", _SPARSE, functools.partial(forced_path, "fused"), devices=("cpu",)),
-              *(Strategy(kind, _SPARSE, functools.partial(forced_path, kind)) for kind in SHIFT_KINDS))
+              *(Strategy(kind, _SPARSE, functools.partial(forced_path, kind)) for kind in SHIFT_KINDS),
+              Strategy("cpu-kernels", _ROUTED, functools.partial(kernels.forced, True), devices=("cpu",)),
+              Strategy("torch-ops", _ROUTED, functools.partial(kernels.forced, False)))
 
 
 def backend() -> Backend:

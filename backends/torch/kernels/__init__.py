@@ -1,63 +1,101 @@
-"""The torch backend's CPU kernels (fsat_sparse_attention.cpp): FSAT's sparse attention fused, one pass per
-row, built with g++ on first use (:mod:`refattn.backends.native`) and called through ctypes on the data
-of contiguous CPU tensors.
+"""The torch backend's CPU kernels, one C++ file per operation, built with g++ on first use
+(:mod:`refattn.backends.native`) and called through ctypes on the data of contiguous CPU tensors:
 
-Where g++ is missing or fails, :func:`unavailable` says why and the backend pairs rows by slices instead
-(:class:`~refattn.backends.torch.fsat.sparse_attention.SlicedShift`). The kernels run on
-``torch.get_num_threads()`` threads of their own.
+- ``fsat_sparse_attention.cpp``: FSAT's sparse attention fused, one pass per row;
+- ``routing_route.cpp``: routing's top-W selection per centroid, exact with its tie rule in two passes over a row;
+- ``routing_indexing.cpp``: routing's scatter of cluster rows into token rows, in slot order;
+- ``parallel.h``: the split of rows over threads that they share.
+
+Where g++ is missing or fails, :func:`unavailable` says why and the backend takes its torch operations instead
+(FSAT: :class:`~refattn.backends.torch.fsat.sparse_attention.SlicedShift`; routing: ``torch.topk`` and
+``index_add_``). The kernels run on ``torch.get_num_threads()`` threads of the OpenMP runtime torch has loaded
+(its libgomp), so they share torch's thread pool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from refattn import checks
 from refattn.backends import native
 
-__all__ = ["SOURCE", "available", "unavailable", "sparse_forward", "sparse_backward"]
+__all__ = ["SOURCES", "available", "unavailable", "forced", "sparse_forward", "sparse_backward", "route_rows",
+           "add_rows_into"]
 
-SOURCE = Path(__file__).with_name("fsat_sparse_attention.cpp")
+FOLDER = Path(__file__).parent
+SOURCES = ("fsat_sparse_attention", "routing_route", "routing_indexing")  # FOLDER / f"{source}.cpp", a library each
+HEADERS = (FOLDER / "parallel.h",)
 CACHE_KIND = "torch-cpu"  # the builds' folder under native.cache_directory
-FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-pthread")
+FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp")
 _SUFFIXES = {torch.float32: "float32", torch.float64: "float64"}
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | str:
-    """The loaded library, or why it cannot be built here."""
+def _library(source: str) -> ctypes.CDLL | str:
+    """The loaded library of one of :data:`SOURCES`, or why it cannot be built here."""
+    purpose = f"the torch backend's CPU kernels ({source}.cpp)"
     try:
-        path = native.build(SOURCE.read_text(), FLAGS, kind=CACHE_KIND, purpose="the torch backend's CPU kernels")
+        path = native.build((FOLDER / f"{source}.cpp").read_text(), FLAGS, kind=CACHE_KIND, purpose=purpose,
+                            includes=HEADERS)
         return ctypes.CDLL(str(path))
     except native.CompileError as error:
         return str(error)
     except OSError as error:  # an unwritable cache folder, a library the loader rejects
         folder = native.cache_directory(CACHE_KIND)
-        return f"the torch backend's CPU kernels cannot be built or loaded in {folder}: {error}"
+        return f"{purpose} cannot be built or loaded in {folder}: {error}"
 
 
 def unavailable() -> str | None:
     """Why the CPU kernels cannot run here (no g++, a failed build, an unwritable cache), or None."""
-    library = _library()
-    return library if isinstance(library, str) else None
+    reasons = [library for library in map(_library, SOURCES) if isinstance(library, str)]
+    return reasons[0] if reasons else None
+
+
+_forced: bool | None = None
+
+
+@contextlib.contextmanager
+def forced(use: bool) -> Iterator[None]:
+    """Inside the block the CPU operations that have a kernel take it (``use`` True; ``RuntimeError`` where it
+    cannot be built) or their torch path (False), instead of the kernel wherever it is built. The conformance
+    suite checks both paths this way (the backend's ``strategies``); process-wide, backward passes included."""
+    global _forced
+    previous, _forced = _forced, checks.flag(use, "use")
+    try:
+        yield
+    finally:
+        _forced = previous
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the kernels can take tensors like ``x``: on the CPU, float32 or float64, and built here."""
-    return x.device.type == "cpu" and x.dtype in _SUFFIXES and unavailable() is None
+    """Whether the kernels take tensors like ``x``: on the CPU, float32 or float64, built here, not turned off
+    by :func:`forced`, and not while ``torch.compile`` traces (a ctypes call is opaque to it: the torch path
+    compiles without a graph break)."""
+    if torch.compiler.is_compiling() or _forced is False or x.device.type != "cpu" or x.dtype not in _SUFFIXES:
+        return False
+    reason = unavailable()
+    if reason is not None and _forced:
+        raise RuntimeError(f"the CPU kernels were required but cannot run: {reason}")
+    return reason is None
 
 
 def _pointer(x: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if x is None else x.data_ptr())
 
 
-def _call(name: str, dtype: torch.dtype, *args: Any) -> None:
-    function = getattr(_library(), f"{name}_{_SUFFIXES[dtype]}")
-    function(*args)
+def _entry(source: str, name: str, dtype: torch.dtype, returns: Any = None) -> Any:
+    """The function ``name`` of ``source``'s library for ``dtype``, returning ``returns`` (a ctypes type or None)."""
+    function = getattr(_library(source), f"{name}_{_SUFFIXES[dtype]}")
+    function.restype = returns
+    return function
 
 
 def _shape(q: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor) -> ctypes.Array:
@@ -80,8 +118,9 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
     mask = None if unpadded is None else unpadded.to(torch.uint8).contiguous()
     out = q.new_empty(v.shape)
     lse, probs = q.new_empty(q.shape[:3]), q.new_empty(q.shape[:3] + offsets.shape[2:])
-    _call("fsat_sparse_forward", q.dtype, *map(_pointer, (q, k, v, offsets, bias, mask)), _shape(q, v, offsets),
-          ctypes.c_int(causal), _scale(q), *map(_pointer, (out, lse, probs)), _threads())
+    forward = _entry("fsat_sparse_attention", "fsat_sparse_forward", q.dtype)
+    forward(*map(_pointer, (q, k, v, offsets, bias, mask)), _shape(q, v, offsets), ctypes.c_int(causal), _scale(q),
+            *map(_pointer, (out, lse, probs)), _threads())
     return out, lse, probs
 
 
@@ -93,8 +132,32 @@ def sparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: 
     dlse = None if dlse is None else dlse.contiguous()
     shape, scale, threads = _shape(q, v, offsets), _scale(q), _threads()
     dz, dq, dk, dv = torch.empty_like(probs), torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _call("fsat_sparse_backward_query", q.dtype, *map(_pointer, (k, v, offsets, probs, lse, out, dout, dlse)), shape,
-          scale, *map(_pointer, (dz, dq)), threads)
-    _call("fsat_sparse_backward_key", q.dtype, *map(_pointer, (q, offsets, probs, dout, dz)), shape, scale,
-          *map(_pointer, (dk, dv)), threads)
+    backward_query = _entry("fsat_sparse_attention", "fsat_sparse_backward_query", q.dtype)
+    backward_key = _entry("fsat_sparse_attention", "fsat_sparse_backward_key", q.dtype)
+    backward_query(*map(_pointer, (k, v, offsets, probs, lse, out, dout, dlse)), shape, scale,
+                   *map(_pointer, (dz, dq)), threads)
+    backward_key(*map(_pointer, (q, offsets, probs, dout, dz)), shape, scale, *map(_pointer, (dk, dv)), threads)
     return dq, dk, dv, dz.sum(dim=2) if has_bias else None
+
+
+def route_rows(scores: torch.Tensor, window: int, padded: torch.Tensor | None) -> torch.Tensor | None:
+    """Members (B, H, C, W) int64 of similarities (B, H, C, L) and padding (B, L) bool or None, as
+    :func:`~refattn.backends.torch.routing.route.route_by_centroid`; None when a row holds NaN."""
+    batch, heads, clusters, length = scores.shape
+    scores = scores.contiguous()
+    mask = None if padded is None else padded.to(torch.uint8).contiguous()
+    members = torch.empty(batch, heads, clusters, window, dtype=torch.int64)
+    route = _entry("routing_route", "routing_route", scores.dtype, returns=ctypes.c_int64)
+    failed = route(_pointer(scores), _pointer(mask), *map(ctypes.c_int64, (batch * heads * clusters, length, window,
+                   heads * clusters)), _pointer(members), _threads())
+    return None if failed else members
+
+
+def add_rows_into(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out[rows[i]] += values[i] in place, in the order of i, for contiguous out (N, F), rows (n,) int64 and
+    values (n, F) of out's dtype; returns out."""
+    values, rows = values.contiguous(), rows.contiguous()
+    add_rows = _entry("routing_indexing", "routing_add_rows", out.dtype)
+    add_rows(_pointer(out), _pointer(rows), _pointer(values), *map(ctypes.c_int64, (rows.shape[0], *out.shape)),
+             _threads())
+    return out

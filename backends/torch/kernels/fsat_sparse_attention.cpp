@@ -6,33 +6,23 @@
 //
 // Arrays are C-contiguous: q, k (B, H, L, D), v, out, dout (B, H, L, Dv), offsets (B, H, K) int64,
 // bias (B, H, K) or null, unpadded (B, L) bytes (1 = a real token) or null, lse (B, H, L), probs and
-// dz (B, H, L, K). T is float or double, the compute dtype. Work is split over `threads` std::threads
+// dz (B, H, L, K). T is float or double, the compute dtype. Work is split over `threads` OpenMP threads
 // by rows (queries, or keys in the key pass): each row's results are written by one thread only.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <thread>
-#include <vector>
+
+#include "parallel.h"
 
 namespace {
+
+using refattn::parallel_rows;
 
 struct Shape {
     int64_t batch, heads, length, dim, dim_v, count;
 };
-
-template <typename F>
-void parallel_rows(int64_t rows, int threads, F&& body) {
-    // [start, stop) ranges of rows, one per thread; the caller's thread takes the first.
-    const int64_t used = std::max<int64_t>(1, std::min<int64_t>(threads, rows / 64));
-    const int64_t step = (rows + used - 1) / used;
-    std::vector<std::thread> workers;
-    for (int64_t t = 1; t < used; ++t)
-        workers.emplace_back([&, t] { body(t * step, std::min(rows, (t + 1) * step)); });
-    body(0, std::min(rows, step));
-    for (auto& worker : workers) worker.join();
-}
 
 template <typename T>
 T dot(const T* x, const T* y, int64_t n) {

@@ -1,12 +1,16 @@
 """Routing step 3 on tensors (reference: :mod:`refattn.routing.route`).
 
-Differs from the reference: vectorised over batch, heads and centroids, in chunks of centroids that
-bound the (chunk, L) temporaries. Per centroid the top W similarities and θ, the W-th largest, come
-from ``torch.topk``, over groups of scores where L allows (:func:`top_window_by_groups`); when exactly
-W tokens of every row are >= θ (continuous data), their positions sorted are the members. Otherwise the
-exact tie rule decides (:func:`route_rows_with_ties`): every token above θ and, in position order, as many equal to θ as
-are still needed, located by one ``searchsorted`` on the running count. Under ``torch.compile`` the
-tie rule always decides (the test would read tensor values, a graph break).
+Differs from the reference: on a CPU the selection is a C++ kernel (:func:`~..kernels.route_rows`,
+``routing_route.cpp``): per row, the maxima of groups of scores bound θ, the W-th largest, from
+below; θ is the W-th largest of the few scores above that bound, and the tie rule reads those scores
+in position order. Elsewhere (and without g++, or under ``torch.compile``) it is torch's, vectorised
+over batch, heads and centroids, in chunks of centroids that bound the (chunk, L) temporaries: per
+centroid the top W similarities and θ come from ``torch.topk``, over groups of scores where L allows
+(:func:`top_window_by_groups`); when exactly W tokens of every row are >= θ (continuous data), their
+positions sorted are the members. Otherwise the exact tie rule decides (:func:`route_rows_with_ties`):
+every token above θ and, in position order, as many equal to θ as are still needed, located by one
+``searchsorted`` on the running count. Under ``torch.compile`` the tie rule always decides (the test
+would read tensor values, a graph break).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from refattn import checks
 
+from .. import kernels
 from ..tensors import checked, compute_dtype, tensors
 
 __all__ = ["route", "check_route", "route_core", "route_by_centroid", "route_rows", "route_rows_with_ties",
@@ -98,6 +103,10 @@ def route_by_centroid(scores: torch.Tensor, window: int, mask: torch.Tensor | No
     """members (B, H, C, W) int64 from the similarities laid out (B, H, C, L) (no checks, no gradient)."""
     batch, heads, clusters, length = scores.shape
     scores = scores.detach().contiguous()
+    if kernels.available(scores):
+        members = kernels.route_rows(scores, window, mask)
+        if members is not None:  # else a row holds NaN: torch's rule, whatever it makes of it
+            return members
     padded = None if mask is None else mask[:, None, None, :]
     chunk = max(1, CHUNK_ELEMENTS // max(1, batch * heads * length))
     if chunk >= clusters:
