@@ -9,6 +9,7 @@ float64 row of the tolerance table of spec/interface.md, float32/bfloat16/float1
 from __future__ import annotations
 
 import importlib
+import re
 import warnings
 
 import numpy as np
@@ -368,6 +369,29 @@ def test_fused_kernels_match_the_sliced_path(batch, heads, length, dim, dim_v, c
         torch.testing.assert_close(fused, sliced, rtol=1e-12, atol=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 3), length=st.integers(1, 300), dim=st.integers(1, 12),
+       reverse=st.booleans(), dtype=st.sampled_from(["float32", "float64"]), data=st.data())
+def test_padded_rows_kernel_matches_the_torch_copy(batch, heads, length, dim, reverse, dtype, data):
+    """fsat_cross.cpp's transposing copy against torch's, bit for bit: one head's block of features (a strided
+    view), reversed or not, lengths that its tiles of 64 do not divide, the padding left as it was."""
+    cross = importlib.import_module("refattn.backends.torch.fsat.cross")
+    head = data.draw(st.integers(0, heads - 1))
+    first = data.draw(st.integers(0, dim - 1))
+    last = data.draw(st.integers(first + 1, dim))
+    x = T(np.random.default_rng(length).standard_normal((batch, heads, length, dim)), dtype)
+    part = x[:, head : head + 1, :, first:last]
+    n = cross.fft_length(length) + 3
+    rows = {}
+    for use in (True, False):
+        with kernels.forced(use):
+            out = torch.full((batch, 1, last - first, n), 7.0, dtype=x.dtype)  # "padding" the copy must not touch
+            rows[use] = cross.padded_rows(part, n, reverse=reverse, out=out)
+    assert torch.equal(rows[True], rows[False])
+    expected = part.transpose(2, 3).flip(3) if reverse else part.transpose(2, 3)
+    assert torch.equal(rows[True][..., :length], expected) and bool((rows[True][..., length:] == 7).all())
+
+
 def test_without_a_compiler_the_cpu_path_is_sliced(monkeypatch, tmp_path):
     """No g++ on PATH (and no build in the cache): the kernels say why, a CPU call pairs rows by slices and
     gives the fused path's results, and forcing the fused path names the missing compiler."""
@@ -379,7 +403,8 @@ def test_without_a_compiler_the_cpu_path_is_sliced(monkeypatch, tmp_path):
     monkeypatch.setenv("REFATTN_CACHE_DIR", str(tmp_path))
     kernels._library.cache_clear()
     try:
-        assert "building the torch backend's CPU kernels (fsat_sparse_attention.cpp) needs g++" in kernels.unavailable()
+        missing = r"building the torch backend's CPU kernels \(\w+\.cpp\) needs g\+\+ .*"
+        assert re.fullmatch(missing, kernels.unavailable())
         assert path_for(q) == "sliced"
         sliced, _ = F.sparse_attention(q, k, v, offsets)
         torch.testing.assert_close(sliced, fused, rtol=1e-13, atol=1e-15)

@@ -13,7 +13,9 @@ accumulated in float32 in the softmax, the reductions and the FFT).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch
 
 from refattn.backends import Backend, Capabilities, Strategy
 from refattn.backends.torch import fsat, kernels, routing
-from refattn.backends.torch.fsat.sparse_attention import SHIFT_KINDS, forced_path
+from refattn.backends.torch.fsat.sparse_attention import forced_path
 from refattn.backends.torch.layers import FSATAttention, RoutingAttention
 from refattn.backends.torch.tensors import vjp
 
@@ -57,17 +59,25 @@ def _dtype_of(tensor: Any) -> str:
 
 # The FSAT sparse attention runs fused on a CPU (C++ kernels), by slices where they cannot be built and by a
 # row gather on a GPU (fsat/sparse_attention.py); the shift paths are checked on whatever device is present,
-# the fused one on the CPU.
+# the fused one on the CPU, the sliced one with every CPU kernel off (a machine without g++).
 _SPARSE = ("fsat.sparse_attention", "fsat.sparse_attention_vjp", "fsat.attention", "fsat.attention_vjp")
-# Routing selects its members and adds cluster rows into token rows by C++ kernels on a CPU (routing_route.cpp,
-# routing_indexing.cpp) and by torch operations elsewhere: both are checked on the CPU.
-_ROUTED = tuple(f"routing.{name}" for name in (
+# The other CPU kernels (kernels/): FSAT's FFT operands, routing's selection and scatter; checked on and off.
+_KERNELS = ("fsat.cross", *(f"routing.{name}" for name in (
     "route", "cluster_attention", "cluster_attention_vjp", "combine", "combine_vjp", "attention", "attention_vjp",
-    "update_centroids"))
+    "update_centroids")))
+
+
+@contextlib.contextmanager
+def _sliced_without_kernels() -> Iterator[None]:
+    with forced_path("sliced"), kernels.forced(False):
+        yield
+
+
 STRATEGIES = (Strategy("fused", _SPARSE, functools.partial(forced_path, "fused"), devices=("cpu",)),
-              *(Strategy(kind, _SPARSE, functools.partial(forced_path, kind)) for kind in SHIFT_KINDS),
-              Strategy("cpu-kernels", _ROUTED, functools.partial(kernels.forced, True), devices=("cpu",)),
-              Strategy("torch-ops", _ROUTED, functools.partial(kernels.forced, False)))
+              Strategy("sliced", _SPARSE, _sliced_without_kernels),
+              Strategy("gathered", _SPARSE, functools.partial(forced_path, "gathered")),
+              Strategy("cpu-kernels", _KERNELS, functools.partial(kernels.forced, True), devices=("cpu",)),
+              Strategy("torch-ops", _KERNELS, functools.partial(kernels.forced, False)))
 
 
 def backend() -> Backend:

@@ -16,6 +16,7 @@ import torch
 from refattn import checks
 from refattn.fsat.cross import OVERFLOWS, next_fast_len
 
+from .. import kernels
 from ..tensors import check_overflows, checked, compute_dtype, same_dtype, tensors
 
 __all__ = [
@@ -80,11 +81,24 @@ def padded_rows(x: torch.Tensor, n: int, *, reverse: bool = False, out: torch.Te
     ``reverse``: x reversed along the sequence. ``out``, if given, is such a buffer whose padding is zero
     already (reused: only its first L columns are written).
 
-    The transposing copy goes a chunk of rows at a time (each reversed in cache when ``reverse``): one
-    copy of all L rows strides through memory and takes about twice as long, and a reversed copy of x
-    would be one more pass."""
+    On a CPU one head at a time, the copy is a kernel (``fsat_cross.cpp``) that reads a tile of positions once
+    and writes its rows, reversed or not, from cache. Elsewhere it goes a chunk of rows at a time (each
+    reversed in cache when ``reverse``): one copy of all L rows strides through memory and takes about twice
+    as long, and a reversed copy of x would be one more pass."""
     length = x.shape[2]
     rows = x.new_empty(x.shape[:2] + (x.shape[3], n)) if out is None else out
+    if x.shape[1] == 1 and rows.is_contiguous() and kernels.available(x):  # fsat_cross.cpp: one pass, in cache
+        kernels.padded_rows(x, rows, reverse)
+    else:
+        _copy_rows(x, rows, reverse)
+    if out is None:
+        rows[..., length:].zero_()  # only the padding: zeroing all of it first wrote every row twice
+    return rows
+
+
+def _copy_rows(x: torch.Tensor, rows: torch.Tensor, reverse: bool) -> None:
+    """The transposing copy of :func:`padded_rows` by torch operations, a chunk of rows at a time."""
+    length = x.shape[2]
     for start in range(0, length, TRANSPOSE_CHUNK_ROWS):
         stop = min(length, start + TRANSPOSE_CHUNK_ROWS)
         chunk = x[:, :, start:stop].transpose(2, 3)
@@ -92,9 +106,6 @@ def padded_rows(x: torch.Tensor, n: int, *, reverse: bool = False, out: torch.Te
             rows[..., length - stop : length - start] = chunk.flip(3)
         else:
             rows[..., start:stop] = chunk
-    if out is None:
-        rows[..., length:].zero_()  # only the padding: zeroing all of it first wrote every row twice
-    return rows
 
 
 def spectrum(a: torch.Tensor, b: torch.Tensor, length: int, rows: torch.Tensor | None = None) -> torch.Tensor:

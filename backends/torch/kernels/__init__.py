@@ -1,15 +1,16 @@
 """The torch backend's CPU kernels, one C++ file per operation, built with g++ on first use
-(:mod:`refattn.backends.native`) and called through ctypes on the data of contiguous CPU tensors:
+(:mod:`refattn.backends.native`) and called through ctypes on the data of CPU tensors:
 
+- ``fsat_cross.cpp``: FSAT's FFT operands, a head's features transposed (and reversed) into zero-padded rows;
 - ``fsat_sparse_attention.cpp``: FSAT's sparse attention fused, one pass per row;
-- ``routing_route.cpp``: routing's top-W selection per centroid, exact with its tie rule in two passes over a row;
+- ``routing_route.cpp``: routing's top-W selection per centroid, exact with its tie rule, from a few reads of a row;
 - ``routing_indexing.cpp``: routing's scatter of cluster rows into token rows, in slot order;
 - ``parallel.h``: the split of rows over threads that they share.
 
-Where g++ is missing or fails, :func:`unavailable` says why and the backend takes its torch operations instead
-(FSAT: :class:`~refattn.backends.torch.fsat.sparse_attention.SlicedShift`; routing: ``torch.topk`` and
-``index_add_``). The kernels run on ``torch.get_num_threads()`` threads of the OpenMP runtime torch has loaded
-(its libgomp), so they share torch's thread pool.
+Where g++ is missing or fails, :func:`unavailable` says why and the backend takes its torch operations
+instead (FSAT: copies of slices and :class:`~refattn.backends.torch.fsat.sparse_attention.SlicedShift`;
+routing: ``torch.topk`` and ``index_add_``). The kernels run on ``torch.get_num_threads()`` threads of the
+OpenMP runtime torch has loaded (its libgomp): they share torch's thread pool.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import torch
 from refattn import checks
 from refattn.backends import native
 
-__all__ = ["SOURCES", "available", "unavailable", "forced", "sparse_forward", "sparse_backward", "route_rows",
-           "add_rows_into"]
+__all__ = ["SOURCES", "available", "unavailable", "forced", "padded_rows", "sparse_forward", "sparse_backward",
+           "route_rows", "add_rows_into"]
 
 FOLDER = Path(__file__).parent
-SOURCES = ("fsat_sparse_attention", "routing_route", "routing_indexing")  # FOLDER / f"{source}.cpp", a library each
+SOURCES = ("fsat_cross", "fsat_sparse_attention", "routing_route", "routing_indexing")
+"""The kernels' files, FOLDER / f"{source}.cpp", a library each."""
 HEADERS = (FOLDER / "parallel.h",)
 CACHE_KIND = "torch-cpu"  # the builds' folder under native.cache_directory
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp")
@@ -108,6 +110,19 @@ def _scale(q: torch.Tensor) -> ctypes.c_double:
 
 def _threads() -> ctypes.c_int:
     return ctypes.c_int(torch.get_num_threads())
+
+
+def padded_rows(x: torch.Tensor, rows: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """rows[b, 0, f, :L] = x[b, 0, :, f] (reversed along the sequence if ``reverse``) for x (B, 1, L, F) of any
+    strides and contiguous rows (B, 1, F, N) of x's dtype, as :func:`~refattn.backends.torch.fsat.cross.padded_rows`;
+    returns rows (the padding untouched)."""
+    batch, _, length, features = x.shape
+    shape = (ctypes.c_int64 * 3)(batch, length, features)
+    strides = (ctypes.c_int64 * 3)(x.stride(0), x.stride(2), x.stride(3))
+    transpose = _entry("fsat_cross", "fsat_padded_rows", x.dtype)
+    transpose(_pointer(x), shape, strides, ctypes.c_int(reverse), _pointer(rows), ctypes.c_int64(rows.shape[-1]),
+              _threads())
+    return rows
 
 
 def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
