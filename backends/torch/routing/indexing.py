@@ -39,7 +39,7 @@ def all_slots_filled(*memberships: torch.Tensor) -> bool:
 
 def add_rows_into(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """out[rows[i]] += values[i] in place, in the order of i; returns out."""
-    if kernels.available(out) and out.is_contiguous() and values.dtype == out.dtype:
+    if kernels.available(out) and out.is_contiguous() and values.dtype == out.dtype and rows.dtype == torch.int64:
         return kernels.add_rows_into(out, rows, values)
     if out.device.type == "cpu":
         return out.index_add_(0, rows, values)
