@@ -157,7 +157,8 @@ def sparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: 
 
 def route_rows(scores: torch.Tensor, window: int, padded: torch.Tensor | None) -> torch.Tensor | None:
     """Members (B, H, C, W) int64 of similarities (B, H, C, L) and padding (B, L) bool or None, as
-    :func:`~refattn.backends.torch.routing.route.route_by_centroid`; None when a row holds NaN."""
+    :func:`~refattn.backends.torch.routing.route.route_by_centroid`; None when an unpadded score is NaN or
+    infinite."""
     batch, heads, clusters, length = scores.shape
     scores = scores.contiguous()
     mask = None if padded is None else padded.to(torch.uint8).contiguous()

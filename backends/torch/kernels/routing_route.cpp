@@ -2,17 +2,18 @@
 // positions, ties to the lower position, listed in increasing position; -1 fills the slots of a row with fewer
 // than W unpadded positions. The same members as the reference's partition rule, from a few reads of the row:
 //
-// 1. Block maxima. Cut the row into G blocks of consecutive scores (about 4W of them). A bound M with at least
-//    W block maxima >= M has at least W scores >= M, so theta, the row's W-th largest score, is >= M too:
-//    every score >= theta is a candidate, a score >= M. M comes from the leading 16 bits of the maxima's
-//    order keys (two histograms), a little below their W-th largest, with no sort.
-// 2. Candidates, in position order: the scores >= M of the blocks whose maximum is >= M (about W blocks).
-//    theta is their W-th largest (a partition of about W values); the row takes every candidate > theta,
-//    then candidates = theta in position order while slots remain.
+// 1. Group maxima. Cut the row into G groups (about 4W), group j the positions j, j + G, j + 2G, ... (so the
+//    maxima are elementwise over rows of G scores, in vector registers). A bound M with at least W group
+//    maxima >= M has at least W scores >= M, so theta, the row's W-th largest score, is >= M too: every score
+//    >= theta is a candidate, a score >= M. M is the least maximum whose order key reaches a bound read from
+//    the leading 16 bits of the maxima's keys (two histograms), a little below their W-th largest, with no sort.
+// 2. Candidates, in position order: the scores >= M of the groups whose maximum is >= M (about W groups),
+//    read row by row. theta is their W-th largest (a partition of about W values); the row takes every
+//    candidate > theta, then candidates = theta in position order while slots remain.
 //
 // Arrays are C-contiguous: scores (R, L) with rows of one batch element consecutive (`rows_per_batch` of
-// them), padded (B, L) bytes (1 = padding) or null, members (R, W) int64. A row holding NaN at an unpadded
-// position is left unwritten and counted: the caller decides (its scores were checked finite).
+// them), padded (B, L) bytes (1 = padding) or null, members (R, W) int64. A row holding NaN or +-inf at an
+// unpadded position is left unwritten and counted: the caller decides (its scores were checked finite).
 
 #include <algorithm>
 #include <atomic>

@@ -105,7 +105,7 @@ def route_by_centroid(scores: torch.Tensor, window: int, mask: torch.Tensor | No
     scores = scores.detach().contiguous()
     if kernels.available(scores):
         members = kernels.route_rows(scores, window, mask)
-        if members is not None:  # else a row holds NaN: torch's rule, whatever it makes of it
+        if members is not None:  # else an unpadded score is NaN or infinite: torch's rule, whatever it makes of it
             return members
     padded = None if mask is None else mask[:, None, None, :]
     chunk = max(1, CHUNK_ELEMENTS // max(1, batch * heads * length))
