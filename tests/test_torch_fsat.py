@@ -392,6 +392,74 @@ def test_padded_rows_kernel_matches_the_torch_copy(batch, heads, length, dim, re
     assert torch.equal(rows[True][..., :length], expected) and bool((rows[True][..., length:] == 7).all())
 
 
+def _spectrum_operands(batch, heads, length, features, dtype, seed):
+    """a and b (B, H, L, F) as strided views (positions outermost, features cut from a wider row) and w (H, F)."""
+    rng = np.random.default_rng(seed)
+    wide = T(rng.standard_normal((2, batch, length, heads, features + 3)), dtype)
+    a, b = (x.permute(0, 2, 1, 3)[..., 1 : features + 1] for x in wide)
+    return a, b, T(rng.standard_normal((heads, features)), dtype)
+
+
+@settings(max_examples=80, deadline=None)
+@given(batch=st.integers(1, 2), heads=st.integers(1, 3), length=st.integers(1, 300), features=st.integers(1, 40),
+       dtype=st.sampled_from(["float32", "float64"]), masked=st.booleans(), seed=st.integers(0, 2**16))
+def test_spectrum_kernel_matches_torch_fft(batch, heads, length, features, dtype, masked, seed):
+    """fsat_spectrum.cpp's w-weighted spectrum against torch.fft's (WeightedCross's torch path): strided views,
+    padded rows, several chunks of features (16 in float32, 8 in float64) and a short last one. The bound is
+    rounding relative to sum_d |w_d| |a_d|_1 |b_d|_1, which bounds every bin."""
+    estimate = importlib.import_module("refattn.backends.torch.fsat.estimate")
+    a, b, w = _spectrum_operands(batch, heads, length, features, dtype, seed)
+    unpadded = ~torch.from_numpy(np.random.default_rng(seed).random((batch, length)) < 0.3) if masked else None
+    a, b = (estimate.zero_padded(x, unpadded) for x in (a, b))
+    n = estimate.fft_length(length)
+    got = kernels.weighted_spectrum(a, b, w, n)
+    expected = estimate.weighted_spectrum(w, a, b, None)
+    scale = (w.abs()[None] * a.abs().sum(dim=2) * b.abs().sum(dim=2)).sum(dim=-1, keepdim=True)  # (B, H, 1)
+    difference = (got - expected).abs()
+    error = torch.where(scale > 0, difference / scale, difference)  # every row padded: both must be 0
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert float(error.max()) < {"float32": 1e-5, "float64": 1e-13}[dtype]
+
+
+def test_spectrum_kernel_gives_the_same_bits_on_any_number_of_threads():
+    """Each bin sums its features in the order of d whatever the threads: 1 and 2 threads agree bit for bit."""
+    a, b, w = _spectrum_operands(2, 2, 3000, 37, "float32", 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.weighted_spectrum(a, b, w, 6000)
+        torch.set_num_threads(2)
+        two = kernels.weighted_spectrum(a, b, w, 6000)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_without_mkl_the_spectra_take_torch_fft(monkeypatch):
+    """A torch without MKL: the spectrum kernel says why and WeightedCross takes torch.fft (the same scores to
+    rounding), while the other kernels still run; required, it raises with the reason."""
+    estimate = importlib.import_module("refattn.backends.torch.fsat.estimate")
+    a, b, w = _spectrum_operands(1, 2, 50, 20, "float64", 2)
+    with_mkl = estimate.WeightedCross.apply(w, a, b, None)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    kernels._library.cache_clear()
+    try:
+        reason = kernels.unavailable("fsat_spectrum")
+        assert reason == ("the torch backend's CPU kernels (fsat_spectrum.cpp) needs a torch built with MKL "
+                          "(torch.backends.mkl.is_available() is False)")
+        assert kernels.unavailable() is None and kernels.available(a) and not kernels.available(a, "fsat_spectrum")
+        torch.testing.assert_close(estimate.WeightedCross.apply(w, a, b, None), with_mkl, rtol=1e-12, atol=1e-12)
+        with kernels.forced(True), pytest.raises(RuntimeError, match=re.escape(f"cannot run: {reason}")):
+            kernels.available(a, "fsat_spectrum")
+    finally:
+        kernels._library.cache_clear()
+
+
+def test_kernel_sources_are_checked():
+    with pytest.raises(ValueError, match="source"):
+        kernels.unavailable("fsat_fft")
+
+
 def test_without_a_compiler_the_cpu_path_is_sliced(monkeypatch, tmp_path):
     """No g++ on PATH (and no build in the cache): the kernels say why, a CPU call pairs rows by slices and
     gives the fused path's results, and forcing the fused path names the missing compiler."""

@@ -3,8 +3,10 @@
 Differs from the reference: besides ``estimate`` of a given cross, :func:`estimate_of_cross` scores
 the cross of a and b without forming it: the inverse FFT is linear, so the w-weighted sum of the Dc
 spectra needs one inverse transform per (batch, head) instead of Dc. ``attention`` plans with it.
-The spectra of one block of a head's features exist at a time (:class:`WeightedCross`): those of all
-heads are as large as the cross, the largest tensor FSAT would otherwise hold.
+On a CPU the w-weighted spectrum is a kernel (``fsat_spectrum.cpp``: each row transformed by MKL in cache, a chunk
+of features at a time); elsewhere, or without it, the spectra of one block of a head's features exist at a time
+(:func:`weighted_spectrum`): those of all heads are as large as the cross, the largest tensor FSAT would otherwise
+hold.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from refattn import checks
 from refattn.fsat.estimate import OVERFLOWS
 
+from .. import kernels
 from ..tensors import check_overflows, checked, compute_dtype, tensors
 from .cross import fft_length, has_pairs, inverse_counts, spectrum, unmasked, zero_padded
 
@@ -33,6 +36,7 @@ __all__ = [
     "spectrum_blocks",
     "spectrum_dtype",
     "WeightedCross",
+    "weighted_spectrum",
     "cross_at_lags",
     "spectrum_vjp",
 ]
@@ -101,8 +105,8 @@ class WeightedCross(torch.autograd.Function):
     """numerator (B, H, 2L - 1) = sum_d w[h, d] cross(a, b)[b, h, :, d] (unnormalised: before 1 / n_tau),
     one inverse FFT of the w-weighted spectrum per (batch, head); differentiable in w only.
 
-    One block of a head's spectra exists at a time (:func:`spectrum_blocks`); the w-weighted sum adds the
-    blocks' matmuls, each over the features of its block. The backward needs the cross at
+    The w-weighted spectrum: :func:`~refattn.backends.torch.kernels.weighted_spectrum` on a CPU where the kernel
+    is built, else :func:`weighted_spectrum`. The backward needs the cross at
     the offsets where dnumerator is nonzero: in ``attention`` only the K selected ones (the bias is
     s[offsets]), so it sums them directly from a and b (:func:`cross_at_lags`), a few passes over b
     instead of recomputing every spectrum; a dense dnumerator recomputes the spectra block by block.
@@ -112,11 +116,12 @@ class WeightedCross(torch.autograd.Function):
     def forward(ctx, w, a, b, unpadded):  # type: ignore[override]
         ctx.save_for_backward(a, b, unpadded)
         ctx.has_mask = unpadded is not None
-        batch, heads, length, _ = a.shape
-        mixed = a.new_zeros(batch, heads, 1, fft_length(length) // 2 + 1, dtype=spectrum_dtype(a))
-        for head, block, product in spectrum_blocks(a, b, unpadded):
-            mixed[:, head : head + 1] += torch.matmul(w[head : head + 1, None, block].to(product.dtype), product)
-        return torch.fft.irfft(mixed[:, :, 0], n=fft_length(length), dim=-1)[..., : 2 * length - 1]
+        n = fft_length(a.shape[2])
+        if kernels.available(a, "fsat_spectrum"):  # each row transformed in cache (fsat_spectrum.cpp)
+            mixed = kernels.weighted_spectrum(zero_padded(a, unpadded), zero_padded(b, unpadded), w.detach(), n)
+        else:
+            mixed = weighted_spectrum(w, a, b, unpadded)
+        return torch.fft.irfft(mixed, n=n, dim=-1)[..., : 2 * a.shape[2] - 1]
 
     @staticmethod
     def backward(ctx, dnumerator):  # type: ignore[override]
@@ -127,6 +132,16 @@ class WeightedCross(torch.autograd.Function):
         if lags.sum(dim=-1).max() <= 2 * math.log2(fft_length(a.shape[2])):
             return cross_at_lags(a, b, unpadded, dnumerator, lags), None, None, None
         return spectrum_vjp(a, b, unpadded, dnumerator), None, None, None
+
+
+def weighted_spectrum(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | None) -> torch.Tensor:
+    """mixed (B, H, N // 2 + 1) = sum_d w[h, d] spectrum(a, b)[b, h, d] by ``torch.fft``, block of features by block
+    (:func:`spectrum_blocks`)."""
+    batch, heads, length, _ = a.shape
+    mixed = a.new_zeros(batch, heads, 1, fft_length(length) // 2 + 1, dtype=spectrum_dtype(a))
+    for head, block, product in spectrum_blocks(a, b, unpadded):
+        mixed[:, head : head + 1] += torch.matmul(w[head : head + 1, None, block].to(product.dtype), product)
+    return mixed[:, :, 0]
 
 
 ROWS_PER_CHUNK_ELEMENTS = 2**20  # rows x Dc of the chunk summed at once: 4 MiB in float32

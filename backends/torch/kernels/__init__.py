@@ -2,6 +2,8 @@
 (:mod:`refattn.backends.native`) and called through ctypes on the data of CPU tensors:
 
 - ``fsat_cross.cpp``: FSAT's FFT operands, a head's features transposed (and reversed) into zero-padded rows;
+- ``fsat_spectrum.cpp``: FSAT's w-weighted spectrum, each row transformed in cache by torch's MKL (it links
+  libtorch_cpu); it is optional (:data:`OPTIONAL`): where torch has no MKL, the spectra take ``torch.fft``;
 - ``fsat_sparse_attention.cpp``: FSAT's sparse attention fused, one pass per row;
 - ``routing_route.cpp``: routing's top-W selection per centroid, exact with its tie rule, from a few reads of a row;
 - ``routing_indexing.cpp``: routing's scatter of cluster rows into token rows, in slot order;
@@ -28,25 +30,38 @@ import torch
 from refattn import checks
 from refattn.backends import native
 
-__all__ = ["SOURCES", "available", "unavailable", "forced", "padded_rows", "sparse_forward", "sparse_backward",
-           "route_rows", "add_rows_into"]
+__all__ = ["SOURCES", "OPTIONAL", "available", "unavailable", "forced", "padded_rows", "weighted_spectrum",
+           "sparse_forward", "sparse_backward", "route_rows", "add_rows_into"]
 
 FOLDER = Path(__file__).parent
 SOURCES = ("fsat_cross", "fsat_sparse_attention", "routing_route", "routing_indexing")
-"""The kernels' files, FOLDER / f"{source}.cpp", a library each."""
+"""The kernels' files, FOLDER / f"{source}.cpp", a library each; :func:`available` without a source: all of them."""
+OPTIONAL = ("fsat_spectrum",)
+"""Kernels that need more than g++ (``fsat_spectrum``: torch built with MKL); each is asked for by name, and where
+it cannot run its operation takes the torch path while the other kernels still run."""
 HEADERS = (FOLDER / "parallel.h",)
 CACHE_KIND = "torch-cpu"  # the builds' folder under native.cache_directory
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp")
 _SUFFIXES = {torch.float32: "float32", torch.float64: "float64"}
 
 
+def _links(source: str) -> tuple[str, ...]:
+    """The libraries ``source`` links besides libgomp: libtorch_cpu (its MKL) for ``fsat_spectrum``."""
+    if source != "fsat_spectrum":
+        return ()
+    folder = Path(torch.__file__).parent / "lib"
+    return (f"-L{folder}", "-Wl,--no-as-needed", "-ltorch_cpu", f"-Wl,-rpath,{folder}")  # linked before the source
+
+
 @functools.cache
 def _library(source: str) -> ctypes.CDLL | str:
-    """The loaded library of one of :data:`SOURCES`, or why it cannot be built here."""
+    """The loaded library of one of :data:`SOURCES` or :data:`OPTIONAL`, or why it cannot be built here."""
     purpose = f"the torch backend's CPU kernels ({source}.cpp)"
+    if source == "fsat_spectrum" and not torch.backends.mkl.is_available():
+        return f"{purpose} needs a torch built with MKL (torch.backends.mkl.is_available() is False)"
     try:
-        path = native.build((FOLDER / f"{source}.cpp").read_text(), FLAGS, kind=CACHE_KIND, purpose=purpose,
-                            includes=HEADERS)
+        path = native.build((FOLDER / f"{source}.cpp").read_text(), FLAGS + _links(source), kind=CACHE_KIND,
+                            purpose=purpose, includes=HEADERS)
         return ctypes.CDLL(str(path))
     except native.CompileError as error:
         return str(error)
@@ -55,9 +70,11 @@ def _library(source: str) -> ctypes.CDLL | str:
         return f"{purpose} cannot be built or loaded in {folder}: {error}"
 
 
-def unavailable() -> str | None:
-    """Why the CPU kernels cannot run here (no g++, a failed build, an unwritable cache), or None."""
-    reasons = [library for library in map(_library, SOURCES) if isinstance(library, str)]
+def unavailable(source: str | None = None) -> str | None:
+    """Why the CPU kernels (no ``source``) or the optional one of ``source`` cannot run here (no g++, a failed build,
+    an unwritable cache, no MKL), or None."""
+    sources = SOURCES if source is None else (checks.one_of(source, "source", OPTIONAL),)
+    reasons = [library for library in map(_library, sources) if isinstance(library, str)]
     return reasons[0] if reasons else None
 
 
@@ -77,13 +94,13 @@ def forced(use: bool) -> Iterator[None]:
         _forced = previous
 
 
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernels take tensors like ``x``: on the CPU, float32 or float64, built here, not turned off
-    by :func:`forced`, and not while ``torch.compile`` traces (a ctypes call is opaque to it: the torch path
-    compiles without a graph break)."""
+def available(x: torch.Tensor, source: str | None = None) -> bool:
+    """Whether the kernels (with ``source``: that one of :data:`OPTIONAL`, besides them) take tensors like ``x``: on
+    the CPU, float32 or float64, built here, not turned off by :func:`forced`, and not while ``torch.compile`` traces
+    (a ctypes call is opaque to it: the torch path compiles without a graph break)."""
     if torch.compiler.is_compiling() or _forced is False or x.device.type != "cpu" or x.dtype not in _SUFFIXES:
         return False
-    reason = unavailable()
+    reason = unavailable() or (None if source is None else unavailable(source))
     if reason is not None and _forced:
         raise RuntimeError(f"the CPU kernels were required but cannot run: {reason}")
     return reason is None
@@ -123,6 +140,29 @@ def padded_rows(x: torch.Tensor, rows: torch.Tensor, reverse: bool) -> torch.Ten
     transpose(_pointer(x), shape, strides, ctypes.c_int(reverse), _pointer(rows), ctypes.c_int64(rows.shape[-1]),
               _threads())
     return rows
+
+
+SPECTRUM_CHUNK_BYTES = 64
+"""Features per chunk of :func:`weighted_spectrum`: a cache line of a position's features (16 in float32), so the
+transposing copy reads each line of a and b once."""
+
+
+def weighted_spectrum(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    """mixed (B, H, n // 2 + 1) complex = sum_d w[h, d] rfft(a[b, h, ::-1, d], n) * rfft(b[b, h, :, d], n), summed in
+    the order of d, for a and b (B, H, L, F) of any strides and w (H, F), all of one dtype, n >= 2L - 1: the
+    numerator's spectrum of :class:`~refattn.backends.torch.fsat.estimate.WeightedCross`. ``RuntimeError`` with
+    MKL's status should a transform fail."""
+    batch, heads, length, features = a.shape
+    chunk = min(features, SPECTRUM_CHUNK_BYTES // a.element_size())
+    mixed = torch.empty(batch, heads, n // 2 + 1, dtype=torch.promote_types(a.dtype, torch.complex64))
+    rows = a.new_empty(2 * chunk, n + 2)  # scratch, a torch tensor so that memory measurements count it
+    spectrum = _entry("fsat_spectrum", "fsat_weighted_spectrum", a.dtype, returns=ctypes.c_long)
+    status = spectrum(_pointer(a), _pointer(b), (ctypes.c_int64 * 4)(*a.shape), (ctypes.c_int64 * 4)(*a.stride()),
+                      (ctypes.c_int64 * 4)(*b.stride()), _pointer(w.contiguous()), _pointer(mixed),
+                      ctypes.c_int64(n), _pointer(rows), ctypes.c_int64(chunk), _threads())
+    if status != 0:
+        raise RuntimeError(f"MKL's FFT (DFTI) failed with status {status} at length {n}")
+    return mixed
 
 
 def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
