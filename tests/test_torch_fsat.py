@@ -318,9 +318,10 @@ def _fused_run(q, k, v, offsets, bias, mask, dout, dlse):
 
 
 def test_fused_kernels_give_the_same_bits_on_any_number_of_threads():
-    """Each row's results are computed by one thread, in one order: 1 and 2 threads agree bit for bit."""
+    """Each row's results are computed by one thread, in one order: 1 and 2 threads agree bit for bit (9,006 rows:
+    five blocks of work, the last one short)."""
     rng = np.random.default_rng(7)
-    batch, heads, length, dim, count = 2, 3, 301, 16, 7
+    batch, heads, length, dim, count = 2, 3, 1501, 16, 7
     q, k, v, dout = (torch.from_numpy(x).float() for x in rng.standard_normal((4, batch, heads, length, dim)))
     offsets = torch.from_numpy(rng.integers(-length + 1, length, (batch, heads, count)))
     bias = torch.from_numpy(rng.standard_normal((batch, heads, count))).float()
@@ -453,6 +454,22 @@ def test_without_mkl_the_spectra_take_torch_fft(monkeypatch):
             kernels.available(a, "fsat_spectrum")
     finally:
         kernels._library.cache_clear()
+
+
+def test_spectrum_kernel_takes_rows_up_to_its_bound(monkeypatch):
+    """WeightedCross takes the kernel while N entries of a's dtype fit KERNEL_ROW_BYTES, torch.fft beyond."""
+    estimate = importlib.import_module("refattn.backends.torch.fsat.estimate")
+    calls = []
+    original = kernels.weighted_spectrum
+    monkeypatch.setattr(kernels, "weighted_spectrum", lambda *args: calls.append(args[3]) or original(*args))
+    monkeypatch.setattr(estimate, "KERNEL_ROW_BYTES", 64 * 8)
+    for length in (32, 33):  # N = 64 (512 bytes of float64), then N = 72
+        a, b, w = _spectrum_operands(1, 1, length, 3, "float64", length)
+        with_kernel = estimate.WeightedCross.apply(w, a, b, None)
+        with kernels.forced(False):
+            torch.testing.assert_close(with_kernel, estimate.WeightedCross.apply(w, a, b, None), rtol=1e-12,
+                                       atol=1e-12)
+    assert calls == [64]
 
 
 def test_kernel_sources_are_checked():

@@ -3,10 +3,10 @@
 Differs from the reference: besides ``estimate`` of a given cross, :func:`estimate_of_cross` scores
 the cross of a and b without forming it: the inverse FFT is linear, so the w-weighted sum of the Dc
 spectra needs one inverse transform per (batch, head) instead of Dc. ``attention`` plans with it.
-On a CPU the w-weighted spectrum is a kernel (``fsat_spectrum.cpp``: each row transformed by MKL in cache, a chunk
-of features at a time); elsewhere, or without it, the spectra of one block of a head's features exist at a time
-(:func:`weighted_spectrum`): those of all heads are as large as the cross, the largest tensor FSAT would otherwise
-hold.
+On a CPU, up to rows of :data:`KERNEL_ROW_BYTES`, the w-weighted spectrum is a kernel (``fsat_spectrum.cpp``:
+each row transformed by MKL in cache, a chunk of features at a time). Elsewhere, or without it, the spectra of
+one block of a head's features exist at a time (:func:`weighted_spectrum`): those of all heads are as large as
+the cross, the largest tensor FSAT would otherwise hold.
 """
 
 from __future__ import annotations
@@ -101,15 +101,23 @@ def spectrum_blocks(a: torch.Tensor, b: torch.Tensor, unpadded: torch.Tensor | N
                                         rows[:, :, : block.stop - block.start])
 
 
+KERNEL_ROW_BYTES = 2**19
+"""The longest padded row (N entries of a's dtype) whose spectra the kernel computes (``fsat_spectrum.cpp``: one row
+at a time on each thread, in its cache): 512 KiB. Longer rows no longer fit a core's cache with their transform's
+work, and torch.fft's batched transforms, threaded inside MKL, are as fast or faster (WeightedCross at H = 8,
+Dc = 64, float32, medians of 3 to 5 interleaved rounds on the 2-vCPU Xeon: 350 against 630 ms at N = 2^17,
+1.32 against 1.44 s at 2^18, 4.1 against 4.0 s at 2^19, 18.7 against 13.6 s at 2^21)."""
+
+
 class WeightedCross(torch.autograd.Function):
     """numerator (B, H, 2L - 1) = sum_d w[h, d] cross(a, b)[b, h, :, d] (unnormalised: before 1 / n_tau),
     one inverse FFT of the w-weighted spectrum per (batch, head); differentiable in w only.
 
     The w-weighted spectrum: :func:`~refattn.backends.torch.kernels.weighted_spectrum` on a CPU where the kernel
-    is built, else :func:`weighted_spectrum`. The backward needs the cross at
-    the offsets where dnumerator is nonzero: in ``attention`` only the K selected ones (the bias is
-    s[offsets]), so it sums them directly from a and b (:func:`cross_at_lags`), a few passes over b
-    instead of recomputing every spectrum; a dense dnumerator recomputes the spectra block by block.
+    is built and the padded rows are within :data:`KERNEL_ROW_BYTES`, else :func:`weighted_spectrum`. The
+    backward needs the cross at the offsets where dnumerator is nonzero: in ``attention`` only the K selected
+    ones (the bias is s[offsets]), so it sums them directly from a and b (:func:`cross_at_lags`), a few passes
+    over b instead of recomputing every spectrum; a dense dnumerator recomputes the spectra block by block.
     """
 
     @staticmethod
@@ -117,7 +125,7 @@ class WeightedCross(torch.autograd.Function):
         ctx.save_for_backward(a, b, unpadded)
         ctx.has_mask = unpadded is not None
         n = fft_length(a.shape[2])
-        if kernels.available(a, "fsat_spectrum"):  # each row transformed in cache (fsat_spectrum.cpp)
+        if n * a.element_size() <= KERNEL_ROW_BYTES and kernels.available(a, "fsat_spectrum"):
             mixed = kernels.weighted_spectrum(zero_padded(a, unpadded), zero_padded(b, unpadded), w.detach(), n)
         else:
             mixed = weighted_spectrum(w, a, b, unpadded)

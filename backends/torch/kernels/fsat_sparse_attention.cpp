@@ -7,7 +7,7 @@
 // Arrays are C-contiguous: q, k (B, H, L, D), v, out, dout (B, H, L, Dv), offsets (B, H, K) int64,
 // bias (B, H, K) or null, unpadded (B, L) bytes (1 = a real token) or null, lse (B, H, L), probs and
 // dz (B, H, L, K). T is float or double, the compute dtype. Work is split over `threads` OpenMP threads
-// by rows (queries, or keys in the key pass): each row's results are written by one thread only.
+// by blocks of rows (queries, or keys in the key pass): each row's results are written by one thread only.
 
 #include <algorithm>
 #include <cmath>
@@ -18,7 +18,11 @@
 
 namespace {
 
-using refattn::parallel_rows;
+using refattn::parallel_blocks;
+
+// Rows per block of work: at H = 8, D = 64, 7 to 13 % faster than one range of rows per thread (the three passes
+// at L = 16,384 and 65,536, medians of 10 interleaved rounds), as fast as blocks of 256.
+constexpr int64_t BLOCK = 2048;
 
 struct Shape {
     int64_t batch, heads, length, dim, dim_v, count;
@@ -48,7 +52,7 @@ template <typename T>
 void forward(const T* q, const T* k, const T* v, const int64_t* offsets, const T* bias, const uint8_t* unpadded,
              Shape s, bool causal, T scale, T* out, T* lse, T* probs, int threads) {
     const T neg_inf = -std::numeric_limits<T>::infinity();
-    parallel_rows(s.batch * s.heads * s.length, threads, [&](int64_t start, int64_t stop) {
+    parallel_blocks(s.batch * s.heads * s.length, threads, [&](int64_t start, int64_t stop) {
         for (int64_t row = start; row < stop; ++row) {
             const int64_t bh = row / s.length, i = row % s.length, b = bh / s.heads;
             const int64_t* tau = offsets + bh * s.count;
@@ -89,14 +93,14 @@ void forward(const T* q, const T* k, const T* v, const int64_t* offsets, const T
                 if (j >= 0 && j < s.length) add_scaled(o, p[m], v + (bh * s.length + j) * s.dim_v, s.dim_v);
             }
         }
-    });
+    }, BLOCK);
 }
 
 // dz[i, m] = p[i, m] (dout_i . v_{i + tau_m} - dout_i . out_i + dlse_i) and dq_i = scale sum_m dz[i, m] k_{i + tau_m}.
 template <typename T>
 void backward_query(const T* k, const T* v, const int64_t* offsets, const T* probs, const T* lse, const T* out,
                     const T* dout, const T* dlse, Shape s, T scale, T* dz, T* dq, int threads) {
-    parallel_rows(s.batch * s.heads * s.length, threads, [&](int64_t start, int64_t stop) {
+    parallel_blocks(s.batch * s.heads * s.length, threads, [&](int64_t start, int64_t stop) {
         for (int64_t row = start; row < stop; ++row) {
             const int64_t bh = row / s.length, i = row % s.length;
             const int64_t* tau = offsets + bh * s.count;
@@ -115,14 +119,14 @@ void backward_query(const T* k, const T* v, const int64_t* offsets, const T* pro
             }
             for (int64_t d = 0; d < s.dim; ++d) dq_i[d] *= scale;
         }
-    });
+    }, BLOCK);
 }
 
 // For key j: dk_j = scale sum_m dz[j - tau_m, m] q_{j - tau_m}, dv_j = sum_m p[j - tau_m, m] dout_{j - tau_m}.
 template <typename T>
 void backward_key(const T* q, const int64_t* offsets, const T* probs, const T* dout, const T* dz, Shape s, T scale,
                   T* dk, T* dv, int threads) {
-    parallel_rows(s.batch * s.heads * s.length, threads, [&](int64_t start, int64_t stop) {
+    parallel_blocks(s.batch * s.heads * s.length, threads, [&](int64_t start, int64_t stop) {
         for (int64_t row = start; row < stop; ++row) {
             const int64_t bh = row / s.length, j = row % s.length;
             const int64_t* tau = offsets + bh * s.count;
@@ -139,7 +143,7 @@ void backward_key(const T* q, const int64_t* offsets, const T* probs, const T* d
             }
             for (int64_t d = 0; d < s.dim; ++d) dk_j[d] *= scale;
         }
-    });
+    }, BLOCK);
 }
 
 }  // namespace
