@@ -7,7 +7,8 @@
 - ``fsat_sparse_attention.cpp``: FSAT's sparse attention fused, one pass per row;
 - ``routing_route.cpp``: routing's top-W selection per centroid, exact with its tie rule, from a few reads of a row;
 - ``routing_indexing.cpp``: routing's scatter of cluster rows into token rows, in slot order;
-- ``parallel.h``: the split of rows over threads that they share.
+- ``parallel.h``: the split of rows over threads that they share; ``rows.h``: the transposing copy of a tile of
+  positions that both of FSAT's FFT kernels use.
 
 Where g++ is missing or fails, :func:`unavailable` says why and the backend takes its torch operations
 instead (FSAT: copies of slices and :class:`~refattn.backends.torch.fsat.sparse_attention.SlicedShift`;
@@ -39,7 +40,7 @@ SOURCES = ("fsat_cross", "fsat_sparse_attention", "routing_route", "routing_inde
 OPTIONAL = ("fsat_spectrum",)
 """Kernels that need more than g++ (``fsat_spectrum``: torch built with MKL); each is asked for by name, and where
 it cannot run its operation takes the torch path while the other kernels still run."""
-HEADERS = (FOLDER / "parallel.h",)
+HEADERS = (FOLDER / "parallel.h", FOLDER / "rows.h")
 CACHE_KIND = "torch-cpu"  # the builds' folder under native.cache_directory
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp")
 _SUFFIXES = {torch.float32: "float32", torch.float64: "float64"}

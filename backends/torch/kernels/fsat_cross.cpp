@@ -8,28 +8,20 @@
 #include <cstdint>
 
 #include "parallel.h"
+#include "rows.h"
 
 namespace {
-
-constexpr int64_t TILE = 64;  // positions per tile: 64 rows of x, 16 KiB of float32 at D = 64
 
 template <typename T>
 void padded_rows(const T* x, int64_t batch, int64_t length, int64_t features, int64_t stride_b, int64_t stride_t,
                  int64_t stride_f, bool reverse, T* rows, int64_t n, int threads) {
-    const int64_t tiles = (length + TILE - 1) / TILE;
+    const int64_t tiles = (length + refattn::TILE - 1) / refattn::TILE;
     refattn::parallel_rows(batch * tiles, threads, [&](int64_t start, int64_t stop) {
         for (int64_t r = start; r < stop; ++r) {
-            const int64_t b = r / tiles, first = (r % tiles) * TILE, last = std::min(length, first + TILE);
-            const T* source = x + b * stride_b;
-            for (int64_t f = 0; f < features; ++f) {
-                T* row = rows + (b * features + f) * n;
-                const T* column = source + f * stride_f;
-                if (reverse) {
-                    for (int64_t t = first; t < last; ++t) row[length - 1 - t] = column[t * stride_t];
-                } else {
-                    for (int64_t t = first; t < last; ++t) row[t] = column[t * stride_t];
-                }
-            }
+            const int64_t b = r / tiles, first = (r % tiles) * refattn::TILE;
+            refattn::transpose_tile(x + b * stride_b, stride_t, stride_f, features, first,
+                                    std::min(length, first + refattn::TILE), length, reverse, rows + b * features * n,
+                                    n);
         }
     }, 16);
 }

@@ -17,6 +17,7 @@
 #include <omp.h>
 
 #include "parallel.h"
+#include "rows.h"
 
 extern "C" {  // oneMKL's DFTI C interface (mkl_dfti.h), as exported by libtorch_cpu
 long DftiCreateDescriptor_s_1d(void** handle, int domain, ...);
@@ -33,7 +34,6 @@ namespace {
 constexpr int DFTI_CONJUGATE_EVEN_STORAGE = 10, DFTI_PLACEMENT = 11, DFTI_THREAD_LIMIT = 27;
 constexpr int DFTI_REAL = 33, DFTI_COMPLEX_COMPLEX = 39, DFTI_INPLACE = 43;
 
-constexpr int64_t TILE = 64;            // positions per transposing tile, as in fsat_cross.cpp
 constexpr int64_t BINS_PER_RANGE = 4096;  // the products' work per thread: at least this many bins
 constexpr size_t CACHED_LENGTHS = 4;    // transforms of this many lengths kept committed per precision
 
@@ -92,16 +92,17 @@ class Transforms {
     long status_ = 0;
 };
 
-// rows[j, :L] = x[:, first + j] (reversed when `reverse`) for j < count, the rows `stride` apart.
+// rows[j, :L] = x[:, first + j] (reversed when `reverse`) for j < count, the rows `stride` apart, a tile of positions
+// at a time.
 template <typename T>
 void transpose(const T* x, int64_t length, int64_t stride_t, int64_t stride_f, int64_t first, int64_t count,
                bool reverse, T* rows, int64_t stride, int threads) {
-    const int64_t tiles = (length + TILE - 1) / TILE;
+    const int64_t tiles = (length + refattn::TILE - 1) / refattn::TILE;
     refattn::parallel_rows(tiles, threads, [&](int64_t start, int64_t stop) {
-        for (int64_t t = start * TILE; t < std::min(length, stop * TILE); ++t) {
-            const T* position = x + t * stride_t + first * stride_f;
-            const int64_t column = reverse ? length - 1 - t : t;
-            for (int64_t j = 0; j < count; ++j) rows[j * stride + column] = position[j * stride_f];
+        for (int64_t tile = start; tile < stop; ++tile) {
+            const int64_t begin = tile * refattn::TILE;
+            refattn::transpose_tile(x + first * stride_f, stride_t, stride_f, count, begin,
+                                    std::min(length, begin + refattn::TILE), length, reverse, rows, stride);
         }
     }, 16);
 }
